@@ -1,0 +1,198 @@
+//! Frame header: 24 bytes, little-endian, then the body.
+//!
+//! ```text
+//! 0      4     5      6       8        16       24
+//! | magic | kind | flags | rsvd | id u64 | aux u64 | body ...
+//! ```
+//! The decoder never panics and never trusts a length it did not check:
+//! a frame that fails to decode is a protocol error that kills the sender.
+
+use std::os::fd::OwnedFd;
+
+pub const MAGIC: u32 = 0x4c4f_5049; // "IPOL"
+pub const HEADER_LEN: usize = 24;
+/// The largest frame on the wire. Larger payload parts travel in segments.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Message kinds. Direction in brackets: P = pool supervisor, W = worker,
+/// Z = zygote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// [P→W] per-pool set-up: sys.path, cwd, initializer.
+    Init = 1,
+    /// [W→P] set-up done; tasks may follow.
+    Ready = 2,
+    /// [W→P] set-up failed; body is the pickled error.
+    InitFailed = 3,
+    /// [P→W] a function the following tasks refer to by `aux`.
+    RegisterFn = 4,
+    /// [P→W] run task `id` with function `aux`.
+    Task = 5,
+    /// [W→P] task `id` returned; `aux` = nanoseconds spent.
+    Returned = 6,
+    /// [W→P] task `id` raised; `aux` = nanoseconds spent.
+    Raised = 7,
+    /// [P→Z] fork a worker; fds: channel, stdout, stderr. `id` = request.
+    Fork = 8,
+    /// [Z→P] forked request `id` as pid `aux`; fd: its pidfd.
+    Forked = 9,
+    /// [Z→P] pid `id` exited; `aux` = encoded status.
+    Exited = 10,
+    /// [P→Z] a new pool session; fd: the session socket.
+    Session = 11,
+    /// [Z→P] a fork failed; body = error text.
+    ForkFailed = 12,
+    /// [P→W] finish and exit.
+    Shutdown = 13,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        use Kind::*;
+        Some(match v {
+            1 => Init,
+            2 => Ready,
+            3 => InitFailed,
+            4 => RegisterFn,
+            5 => Task,
+            6 => Returned,
+            7 => Raised,
+            8 => Fork,
+            9 => Forked,
+            10 => Exited,
+            11 => Session,
+            12 => ForkFailed,
+            13 => Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame with the descriptors that travelled with it.
+#[derive(Debug)]
+pub struct Message {
+    pub kind: Kind,
+    pub flags: u8,
+    pub id: u64,
+    pub aux: u64,
+    pub body: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    pub fn new(kind: Kind, id: u64, aux: u64) -> Self {
+        Self {
+            kind,
+            flags: 0,
+            id,
+            aux,
+            body: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    pub fn with_body(mut self, body: Vec<u8>) -> Self {
+        self.body = body;
+        self
+    }
+
+    pub fn with_fds(mut self, fds: Vec<OwnedFd>) -> Self {
+        self.fds = fds;
+        self
+    }
+
+    /// A copy with duplicated descriptors (the same segments, shared).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        let fds = self
+            .fds
+            .iter()
+            .map(|f| rustix::io::fcntl_dupfd_cloexec(f, 0).map_err(std::io::Error::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            kind: self.kind,
+            flags: self.flags,
+            id: self.id,
+            aux: self.aux,
+            body: self.body.clone(),
+            fds,
+        })
+    }
+
+    pub fn header(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        h[4] = self.kind as u8;
+        h[5] = self.flags;
+        h[8..16].copy_from_slice(&self.id.to_le_bytes());
+        h[16..24].copy_from_slice(&self.aux.to_le_bytes());
+        h
+    }
+
+    /// Parses a received frame; `fds` are the descriptors that came with it.
+    pub fn decode(frame: &[u8], fds: Vec<OwnedFd>) -> Result<Self, FrameError> {
+        if frame.len() < HEADER_LEN {
+            return Err(FrameError::Short(frame.len()));
+        }
+        let word = |r: std::ops::Range<usize>| {
+            let mut b = [0u8; 8];
+            b[..r.len()].copy_from_slice(&frame[r]);
+            u64::from_le_bytes(b)
+        };
+        let magic = word(0..4) as u32;
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        let kind = Kind::from_u8(frame[4]).ok_or(FrameError::UnknownKind(frame[4]))?;
+        Ok(Self {
+            kind,
+            flags: frame[5],
+            id: word(8..16),
+            aux: word(16..24),
+            body: frame[HEADER_LEN..].to_vec(),
+            fds,
+        })
+    }
+}
+
+/// Why bytes from a peer are not a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is shorter than the {HEADER_LEN}-byte header")]
+    Short(usize),
+    #[error("bad magic 0x{0:08x}")]
+    BadMagic(u32),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("frame larger than {MAX_FRAME} bytes was truncated")]
+    Truncated,
+    #[error("payload table is inconsistent: {0}")]
+    BadPayload(&'static str),
+    #[error("unexpected {0:?} message")]
+    Unexpected(Kind),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let m = Message::new(Kind::Task, 7, u64::MAX).with_body(b"abc".to_vec());
+        let mut wire = m.header().to_vec();
+        wire.extend_from_slice(&m.body);
+        let d = Message::decode(&wire, Vec::new()).unwrap();
+        assert_eq!((d.kind, d.id, d.aux, d.body.as_slice()), (Kind::Task, 7, u64::MAX, &b"abc"[..]));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert_eq!(Message::decode(b"short", vec![]).unwrap_err(), FrameError::Short(5));
+        let mut wire = Message::new(Kind::Task, 1, 2).header();
+        wire[0] ^= 1;
+        assert!(matches!(Message::decode(&wire, vec![]), Err(FrameError::BadMagic(_))));
+        let mut wire = Message::new(Kind::Task, 1, 2).header();
+        wire[4] = 200;
+        assert_eq!(Message::decode(&wire, vec![]).unwrap_err(), FrameError::UnknownKind(200));
+    }
+}

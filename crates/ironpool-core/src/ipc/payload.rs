@@ -1,0 +1,204 @@
+//! A payload is a list of byte parts: part 0 is the in-band pickle stream,
+//! the others are out-of-band buffers (pickle protocol 5). Small parts ride
+//! inline in the frame; large ones are written once into a memfd segment
+//! whose descriptor travels with the frame.
+//!
+//! Body layout: `u32 n_parts, u32 0`, then per part `u32 where (0 inline,
+//! 1 segment), u32 0, u64 offset, u64 len`, then the inline bytes.
+
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+
+use super::frame::{FrameError, HEADER_LEN, Kind, MAX_FRAME, Message};
+use crate::shm::{Mapping, SegmentWriter, align_up};
+
+const ENTRY: usize = 24;
+const INLINE: u32 = 0;
+const SEGMENT: u32 = 1;
+
+/// Parts below this size stay inline unless the frame is full.
+pub const DEFAULT_SEGMENT_THRESHOLD: usize = 64 * 1024;
+
+/// Where a decoded part lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// A range of the message body.
+    Inline(Range<usize>),
+    /// A range of the segment mapping.
+    Segment(Range<usize>),
+}
+
+/// Builds a message carrying `parts`. Parts of `threshold` bytes or more,
+/// and any part that would overflow the frame, go to one shared segment.
+pub fn encode(
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    parts: &[&[u8]],
+    threshold: usize,
+) -> std::io::Result<Message> {
+    let table_len = 8 + ENTRY * parts.len();
+    if HEADER_LEN + table_len > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "{} out-of-band buffers do not fit one frame",
+            parts.len()
+        )));
+    }
+    let mut room = MAX_FRAME - HEADER_LEN - table_len;
+    let mut entries = Vec::with_capacity(parts.len());
+    let mut inline_len = 0u64;
+    let mut seg_len = 0u64;
+    for p in parts {
+        let len = p.len();
+        if len < threshold && len <= room {
+            room -= len;
+            entries.push((INLINE, inline_len, len as u64));
+            inline_len += len as u64;
+        } else {
+            let off = align_up(seg_len);
+            entries.push((SEGMENT, off, len as u64));
+            seg_len = off + len as u64;
+        }
+    }
+    let mut body = Vec::with_capacity(table_len + inline_len as usize);
+    body.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    for &(loc, off, len) in &entries {
+        body.extend_from_slice(&loc.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&off.to_le_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+    }
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let any_segment = entries.iter().any(|e| e.0 == SEGMENT);
+    let writer = if any_segment {
+        Some(SegmentWriter::new(seg_len.max(1))?)
+    } else {
+        None
+    };
+    for (p, &(loc, off, _)) in parts.iter().zip(&entries) {
+        match (loc, &writer) {
+            (SEGMENT, Some(w)) => w.write_at(off, p)?,
+            _ => body.extend_from_slice(p),
+        }
+    }
+    if let Some(w) = writer {
+        fds.push(w.finish()?);
+    }
+    Ok(Message::new(kind, id, aux).with_body(body).with_fds(fds))
+}
+
+/// Checks the part table of a received payload against the body and the
+/// segment size, and maps the segment. Never trusts a length unchecked.
+pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError> {
+    let body = &msg.body;
+    let read = |at: usize, n: usize| -> Result<u64, FrameError> {
+        let bytes = body.get(at..at + n).ok_or(FrameError::BadPayload("table past end"))?;
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(bytes);
+        Ok(u64::from_le_bytes(b))
+    };
+    let n = read(0, 4)? as usize;
+    let table_end = n
+        .checked_mul(ENTRY)
+        .and_then(|t| t.checked_add(8))
+        .filter(|&t| t <= body.len())
+        .ok_or(FrameError::BadPayload("part count too large"))?;
+    let seg_len = match msg.fds.first() {
+        Some(fd) => {
+            let st = rustix::fs::fstat(fd).map_err(|_| FrameError::BadPayload("segment fstat"))?;
+            Some(st.st_size as u64)
+        }
+        None => None,
+    };
+    let mut parts = Vec::with_capacity(n);
+    let mut inline_at = table_end as u64;
+    for i in 0..n {
+        let at = 8 + i * ENTRY;
+        let loc = read(at, 4)? as u32;
+        let off = read(at + 8, 8)?;
+        let len = read(at + 16, 8)?;
+        match loc {
+            INLINE => {
+                let end = inline_at
+                    .checked_add(len)
+                    .filter(|&e| e <= body.len() as u64)
+                    .ok_or(FrameError::BadPayload("inline part past end"))?;
+                parts.push(Part::Inline(inline_at as usize..end as usize));
+                inline_at = end;
+            }
+            SEGMENT => {
+                let limit = seg_len.ok_or(FrameError::BadPayload("segment part without segment"))?;
+                let end = off
+                    .checked_add(len)
+                    .filter(|&e| e <= limit)
+                    .ok_or(FrameError::BadPayload("segment part past end"))?;
+                parts.push(Part::Segment(off as usize..end as usize));
+            }
+            _ => return Err(FrameError::BadPayload("unknown part location")),
+        }
+    }
+    let mapping = match (msg.fds.first(), seg_len) {
+        (Some(fd), Some(len)) => Some(
+            Mapping::private(fd, len as usize).map_err(|_| FrameError::BadPayload("segment mmap"))?,
+        ),
+        _ => None,
+    };
+    Ok((parts, mapping))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<'a>(msg: &'a Message, map: &'a Option<Mapping>, part: &Part) -> &'a [u8] {
+        match part {
+            Part::Inline(r) => &msg.body[r.clone()],
+            Part::Segment(r) => {
+                let m = map.as_ref().unwrap();
+                // SAFETY: decode checked r against the segment size.
+                unsafe { std::slice::from_raw_parts(m.as_ptr().add(r.start), r.len()) }
+            }
+        }
+    }
+
+    #[test]
+    fn small_parts_inline_large_in_segment() {
+        let big = vec![7u8; 100_000];
+        let msg = encode(Kind::Returned, 1, 0, &[b"head", &big, b""], 64 * 1024).unwrap();
+        assert_eq!(msg.fds.len(), 1);
+        let (parts, map) = decode(&msg).unwrap();
+        assert!(matches!(parts[0], Part::Inline(_)));
+        assert!(matches!(parts[1], Part::Segment(_)));
+        assert_eq!(bytes_of(&msg, &map, &parts[0]), b"head");
+        assert_eq!(bytes_of(&msg, &map, &parts[1]), &big[..]);
+        assert_eq!(bytes_of(&msg, &map, &parts[2]), b"");
+    }
+
+    #[test]
+    fn many_medium_parts_overflow_to_segment() {
+        let p = vec![1u8; 30_000];
+        let msg = encode(Kind::Task, 1, 0, &[&p, &p, &p], 64 * 1024).unwrap();
+        assert!(msg.body.len() + HEADER_LEN <= MAX_FRAME);
+        let (parts, map) = decode(&msg).unwrap();
+        for part in &parts {
+            assert_eq!(bytes_of(&msg, &map, part), &p[..]);
+        }
+    }
+
+    #[test]
+    fn corrupt_tables_are_rejected() {
+        let msg = encode(Kind::Task, 1, 0, &[b"abc"], 64).unwrap();
+        for cut in 0..msg.body.len() {
+            let mut m = Message::new(Kind::Task, 1, 0).with_body(msg.body[..cut].to_vec());
+            m.flags = 0;
+            assert!(decode(&m).is_err() || cut >= msg.body.len());
+        }
+        let mut bad = Message::new(Kind::Task, 1, 0).with_body(msg.body.clone());
+        bad.body[8] = 1; // claims a segment, none attached
+        assert!(decode(&bad).is_err());
+        let mut huge = Message::new(Kind::Task, 1, 0).with_body(msg.body.clone());
+        huge.body[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge).is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! Linux: pidfd, waitid(P_PIDFD), PR_SET_PDEATHSIG, memfd, cgroup v2 quotas.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+
+use crate::task::ExitStatus;
+
+/// A process handle that cannot be confused with a recycled pid.
+#[derive(Debug)]
+pub struct Pidfd {
+    fd: OwnedFd,
+    pid: i32,
+}
+
+impl Pidfd {
+    /// Opens a handle on `pid`. Race-free only while the caller is the parent
+    /// and has not reaped the child yet (a zombie keeps its pid).
+    pub fn open(pid: i32) -> io::Result<Self> {
+        let raw = Pid::from_raw(pid).ok_or_else(|| io::Error::other("pid 0"))?;
+        let fd = rustix::process::pidfd_open(raw, PidfdFlags::empty())?;
+        Ok(Self { fd, pid })
+    }
+
+    /// Adopts a pidfd received from another process (the zygote).
+    pub fn from_fd(fd: OwnedFd, pid: i32) -> Self {
+        Self { fd, pid }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Sends SIGKILL. ESRCH (already gone) is not an error.
+    pub fn kill(&self) -> io::Result<()> {
+        match rustix::process::pidfd_send_signal(&self.fd, Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reaps the child if it has exited. Only valid for our own children.
+    pub fn try_reap(&self) -> io::Result<Option<ExitStatus>> {
+        let status = rustix::process::waitid(
+            WaitId::PidFd(self.fd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        )?;
+        Ok(status.and_then(|s| {
+            if let Some(code) = s.exit_status() {
+                Some(ExitStatus::Code(code))
+            } else {
+                s.terminating_signal().map(ExitStatus::Signal)
+            }
+        }))
+    }
+}
+
+impl AsFd for Pidfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Called in a freshly forked child: die with SIGKILL when the forking thread
+/// of `expected_parent` goes away. Returns false if the parent is already gone
+/// (the race PR_SET_PDEATHSIG cannot close by itself).
+pub fn die_with_parent(expected_parent: i32) -> bool {
+    if rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).is_err() {
+        return false;
+    }
+    rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) == Some(expected_parent)
+}
+
+pub fn current_pid() -> i32 {
+    rustix::process::getpid().as_raw_nonzero().get()
+}
+
+/// Workers to start by default: the CPUs this process may run on, further
+/// capped by a cgroup v2 `cpu.max` quota (containers with `--cpus`).
+pub fn default_workers() -> usize {
+    let affinity = rustix::thread::sched_getaffinity(None)
+        .map(|set| set.count() as usize)
+        .unwrap_or(0);
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = if affinity > 0 { affinity } else { online };
+    let quota = cgroup_cpu_quota().unwrap_or(usize::MAX);
+    cpus.min(quota).max(1)
+}
+
+/// `ceil(quota / period)` from this process's cgroup v2 `cpu.max`, if limited.
+pub fn cgroup_cpu_quota() -> Option<usize> {
+    let cgroup = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    // Walk from our cgroup up to the root: the tightest limit wins.
+    let mut best: Option<usize> = None;
+    let mut path = std::path::PathBuf::from(format!("/sys/fs/cgroup{rel}"));
+    loop {
+        if let Ok(text) = fs::read_to_string(path.join("cpu.max")) {
+            if let Some(n) = parse_cpu_max(&text) {
+                best = Some(best.map_or(n, |b| b.min(n)));
+            }
+        }
+        if !path.pop() || !path.starts_with("/sys/fs/cgroup") {
+            break;
+        }
+    }
+    best
+}
+
+/// Parses `"<quota> <period>"`; `"max ..."` means unlimited.
+pub fn parse_cpu_max(text: &str) -> Option<usize> {
+    let mut parts = text.split_whitespace();
+    let quota: f64 = parts.next()?.parse().ok()?;
+    let period: f64 = parts.next()?.parse().ok()?;
+    if quota <= 0.0 || period <= 0.0 {
+        return None;
+    }
+    Some(((quota / period).ceil() as usize).max(1))
+}
+
+/// Private resident memory of `pid` in bytes (resident minus file-backed and
+/// shared pages, so mapped input segments do not count), from
+/// `/proc/<pid>/statm`: one short read, cheap enough to do after every task.
+pub fn resident_bytes(pid: i32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let mut fields = text.split_whitespace().skip(1);
+    let resident: u64 = fields.next()?.parse().ok()?;
+    let shared: u64 = fields.next()?.parse().ok()?;
+    Some(resident.saturating_sub(shared) * rustix::param::page_size() as u64)
+}
+
+/// An anonymous, sealable shared-memory file. Never a path in /dev/shm, so
+/// nothing is left behind when any holder is SIGKILLed.
+pub fn memfd(name: &str) -> io::Result<OwnedFd> {
+    use rustix::fs::MemfdFlags;
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    match rustix::fs::memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
+        Ok(fd) => Ok(fd),
+        // Kernels before 6.3 do not know MFD_NOEXEC_SEAL.
+        Err(rustix::io::Errno::INVAL) => Ok(rustix::fs::memfd_create(name, flags)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Forbids any further change of size or content.
+pub fn seal_readonly(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::fs::SealFlags;
+    rustix::fs::fcntl_add_seals(
+        fd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )?;
+    Ok(())
+}
+
+/// Number of memfds this process holds open (tests and leak checks).
+pub fn open_memfds() -> usize {
+    let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("/memfd:ironpool"))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_max_parsing() {
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("150000 100000\n"), Some(2));
+        assert_eq!(parse_cpu_max("50000 100000"), Some(1));
+        assert_eq!(parse_cpu_max("garbage"), None);
+    }
+
+    #[test]
+    fn default_workers_is_positive_and_bounded() {
+        let n = default_workers();
+        assert!(n >= 1);
+        assert!(n <= std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+
+    #[test]
+    fn own_rss_is_readable() {
+        assert!(resident_bytes(current_pid()).unwrap() > 0);
+    }
+}
+
+/// Readiness of one registered descriptor.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub token: u64,
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// Level-triggered readiness over many descriptors (epoll).
+#[derive(Debug)]
+pub struct Poller {
+    ep: OwnedFd,
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Self> {
+        use rustix::event::epoll;
+        Ok(Self {
+            ep: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+        })
+    }
+
+    fn flags(write: bool) -> rustix::event::epoll::EventFlags {
+        use rustix::event::epoll::EventFlags;
+        if write {
+            EventFlags::IN | EventFlags::OUT
+        } else {
+            EventFlags::IN
+        }
+    }
+
+    pub fn add(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
+        use rustix::event::epoll;
+        epoll::add(&self.ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+        Ok(())
+    }
+
+    pub fn modify(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
+        use rustix::event::epoll;
+        epoll::modify(&self.ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+        Ok(())
+    }
+
+    pub fn delete(&self, fd: impl AsFd) {
+        let _ = rustix::event::epoll::delete(&self.ep, fd);
+    }
+
+    /// Waits up to `timeout` (forever if `None`); EINTR counts as no events.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> io::Result<Vec<Ready>> {
+        use rustix::event::epoll::{self, EventFlags};
+        let ts = timeout.map(|d| rustix::time::Timespec {
+            tv_sec: d.as_secs() as i64,
+            tv_nsec: d.subsec_nanos() as i64,
+        });
+        let mut events = Vec::with_capacity(64);
+        match epoll::wait(&self.ep, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(events
+            .iter()
+            .map(|e| {
+                let flags = e.flags;
+                let data = e.data;
+                let hup = flags.intersects(EventFlags::HUP | EventFlags::ERR | EventFlags::RDHUP);
+                Ready {
+                    token: data.u64(),
+                    readable: flags.contains(EventFlags::IN) || hup,
+                    writable: flags.contains(EventFlags::OUT) || hup,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Wakes a thread blocked in [`Poller::wait`] (eventfd).
+#[derive(Debug)]
+pub struct Waker {
+    fd: OwnedFd,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Self> {
+        use rustix::event::EventfdFlags;
+        Ok(Self {
+            fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+        })
+    }
+
+    pub fn wake(&self) {
+        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+    }
+
+    pub fn drain(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut b);
+    }
+}
+
+impl AsFd for Waker {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// A pipe whose read end is non-blocking (worker stdout/stderr capture).
+pub fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    rustix::io::ioctl_fionbio(&r, true)?;
+    Ok((r, w))
+}
+
+/// Points this process's stdout and stderr at the given descriptors.
+pub fn redirect_stdio(out: impl AsFd, err: impl AsFd) -> io::Result<()> {
+    rustix::stdio::dup2_stdout(out)?;
+    rustix::stdio::dup2_stderr(err)?;
+    Ok(())
+}

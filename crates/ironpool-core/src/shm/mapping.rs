@@ -1,0 +1,85 @@
+//! A memory mapping of a segment, unmapped when the last owner drops it.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rustix::mm::{MapFlags, ProtFlags};
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Mappings alive in this process (leak tests read this).
+pub fn live_mappings() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// A private copy-on-write view of a sealed segment: readable and writable by
+/// its owner, while the segment itself stays immutable for every other reader.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; it is only unmapped
+// in Drop, which needs unique ownership. Concurrent writes through exported
+// views are the exporter's users' concern, exactly as for a bytearray.
+unsafe impl Send for Mapping {}
+// SAFETY: see Send; &Mapping only hands out raw pointers.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps all `len` bytes of `fd` privately (copy-on-write).
+    pub fn private(fd: impl AsFd, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Ok(Self {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh mapping at an address the kernel chooses cannot alias
+        // any Rust object. The segment is sealed against shrinking, so pages
+        // never vanish under us (no SIGBUS).
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+                fd,
+                0,
+            )?
+        };
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start of the mapping. Valid for `len()` bytes while `self` lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: ptr/len came from a successful mmap and are unmapped once.
+        // Views exported to Python hold an Arc to this value, so none is alive.
+        unsafe {
+            let _ = rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,719 @@
+//! The supervisor thread: one poll loop over the zygote session, every
+//! worker's channel and output pipes, and the nearest deadline.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::output::Capture;
+use super::scheduler::Pending;
+use super::worker::{InFlight, Outgoing, State, Worker};
+use super::{Command, PoolConfig, Shared, WorkerStats, lock};
+use crate::ipc::{Channel, Kind, Message, Recv};
+use crate::platform::{self, Pidfd, Poller};
+use crate::task::{Completion, Crash, ExitStatus, Failure, FnId, KillReason, Outcome, Task};
+use crate::zygote::decode_status;
+
+const WAKER: u64 = 0;
+const SESSION: u64 = 1;
+/// A worker that closed its channel but was not reported dead by then is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+const MEMORY_POLL: Duration = Duration::from_millis(20);
+
+fn token(key: u64, which: u64) -> u64 {
+    (key << 2) | which
+}
+
+pub(super) struct Supervisor {
+    cfg: PoolConfig,
+    shared: Arc<Shared>,
+    poller: Poller,
+    session: Option<Channel>,
+    workers: HashMap<u64, Worker>,
+    pid_to_key: HashMap<i32, u64>,
+    next_key: u64,
+    pending: Pending,
+    fns: HashMap<FnId, Message>,
+    init: Message,
+    shutting_down: bool,
+    start_failures: u32,
+    broken: Option<(Option<Vec<u8>>, Crash)>,
+    respawn_at: Option<Instant>,
+    last_memory_poll: Instant,
+    restarts: Vec<u64>,
+    last_exit: Vec<String>,
+    done: Vec<Completion>,
+    stats_dirty: bool,
+}
+
+impl Supervisor {
+    pub fn new(cfg: PoolConfig, init: Message, session: Channel, shared: Arc<Shared>) -> io::Result<Self> {
+        session.set_nonblocking(true)?;
+        let poller = Poller::new()?;
+        poller.add(&shared.waker, WAKER, false)?;
+        poller.add(&session, SESSION, false)?;
+        lock(&shared.sizer).set_workers(cfg.workers);
+        let slots = cfg.workers;
+        Ok(Self {
+            cfg,
+            shared,
+            poller,
+            session: Some(session),
+            workers: HashMap::new(),
+            pid_to_key: HashMap::new(),
+            next_key: 1,
+            pending: Pending::default(),
+            fns: HashMap::new(),
+            init,
+            shutting_down: false,
+            start_failures: 0,
+            broken: None,
+            respawn_at: None,
+            last_memory_poll: Instant::now(),
+            restarts: vec![0; slots],
+            last_exit: vec![String::new(); slots],
+            done: Vec::new(),
+            stats_dirty: true,
+        })
+    }
+
+    pub fn run(mut self) {
+        self.fill_workers();
+        loop {
+            self.publish();
+            if self.shutting_down && self.workers.is_empty() {
+                break;
+            }
+            let timeout = self.next_timeout();
+            let events = match self.poller.wait(timeout) {
+                Ok(ev) => ev,
+                Err(_) => break,
+            };
+            for ev in events {
+                match ev.token {
+                    WAKER => self.take_commands(),
+                    SESSION => self.on_session(),
+                    t => {
+                        let key = t >> 2;
+                        match t & 3 {
+                            0 => {
+                                if ev.writable {
+                                    self.flush(key);
+                                }
+                                if ev.readable {
+                                    self.on_channel(key);
+                                }
+                            }
+                            1 => self.pump_output(key, false),
+                            _ => self.pump_output(key, true),
+                        }
+                    }
+                }
+            }
+            self.check_timers();
+            self.fill_workers();
+            self.dispatch();
+            self.finish_shutdown();
+        }
+        self.teardown();
+    }
+
+    // ---- commands from callers -------------------------------------------
+
+    fn take_commands(&mut self) {
+        self.shared.waker.drain();
+        let cmds = std::mem::take(&mut *lock(&self.shared.inbox));
+        for cmd in cmds {
+            match cmd {
+                Command::Submit(task) => match &self.broken {
+                    Some((error, crash)) => {
+                        let outcome = Outcome::StartFailed {
+                            error: error.clone(),
+                            crash: crash.clone(),
+                        };
+                        self.complete(task, outcome, Duration::ZERO);
+                    }
+                    None => self.pending.push_back(task),
+                },
+                Command::RegisterFn(id, body) => {
+                    self.fns.insert(id, body);
+                }
+                Command::Cancel(id) => self.pending.cancel(id),
+                Command::CancelPending(reply) => {
+                    let _ = reply.send(self.pending.drain_all());
+                }
+                Command::Shutdown => self.shutting_down = true,
+                Command::Terminate => {
+                    self.shutting_down = true;
+                    drop(self.pending.take_all());
+                    for w in self.workers.values_mut() {
+                        w.kill(KillReason::Shutdown);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- worker lifecycle --------------------------------------------------
+
+    fn active_workers(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|w| matches!(w.state, State::Starting | State::Ready))
+            .count()
+    }
+
+    fn fill_workers(&mut self) {
+        if self.shutting_down || self.broken.is_some() || self.session.is_none() {
+            return;
+        }
+        if let Some(at) = self.respawn_at {
+            if Instant::now() < at {
+                return;
+            }
+            self.respawn_at = None;
+        }
+        while self.active_workers() < self.cfg.workers {
+            let used: Vec<usize> = self
+                .workers
+                .values()
+                .filter(|w| matches!(w.state, State::Starting | State::Ready))
+                .map(|w| w.slot)
+                .collect();
+            let slot = (0..self.cfg.workers).find(|s| !used.contains(s)).unwrap_or(0);
+            if let Err(e) = self.spawn_worker(slot) {
+                self.mark_broken(None, &format!("could not start a worker: {e}"));
+                return;
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self, slot: usize) -> io::Result<()> {
+        let session = self.session.as_ref().ok_or_else(|| io::Error::other("no template process"))?;
+        let (ours, theirs) = Channel::pair()?;
+        ours.set_nonblocking(true)?;
+        let (out_r, out_w) = platform::output_pipe()?;
+        let (err_r, err_w) = platform::output_pipe()?;
+        let key = self.next_key;
+        self.next_key += 1;
+        let fork = Message::new(Kind::Fork, key, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
+        session.send_blocking(&fork)?;
+        self.poller.add(&ours, token(key, 0), false)?;
+        self.poller.add(&out_r, token(key, 1), false)?;
+        self.poller.add(&err_r, token(key, 2), false)?;
+        let forward = self.cfg.forward_output;
+        let keep = self.cfg.stderr_tail_lines;
+        let mut w = Worker {
+            key,
+            slot,
+            pid: None,
+            pidfd: None,
+            chan: ours,
+            outbox: Default::default(),
+            wants_write: false,
+            stdout: Capture::new(out_r, false, 0, forward),
+            stderr: Capture::new(err_r, true, keep, forward),
+            state: State::Starting,
+            in_flight: Default::default(),
+            fns: Default::default(),
+            tasks_done: 0,
+            busy_ns: 0,
+            kill_reason: None,
+            protocol_error: None,
+            init_error: None,
+            closed_at: None,
+        };
+        w.outbox.push_back(Outgoing::Owned(self.init.try_clone()?));
+        self.workers.insert(key, w);
+        self.flush(key);
+        self.stats_dirty = true;
+        Ok(())
+    }
+
+    fn on_session(&mut self) {
+        loop {
+            let Some(session) = self.session.as_mut() else { return };
+            match session.recv() {
+                Ok(Recv::Message(mut m)) => match m.kind {
+                    Kind::Forked => {
+                        let pid = m.aux as i32;
+                        let pidfd = m.fds.pop().map(|fd| Pidfd::from_fd(fd, pid));
+                        match self.workers.get_mut(&m.id) {
+                            Some(w) => {
+                                w.pid = Some(pid);
+                                w.pidfd = pidfd;
+                                self.pid_to_key.insert(pid, m.id);
+                                // A kill requested before the pid was known.
+                                if let Some(reason) = w.kill_reason {
+                                    w.kill_reason = None;
+                                    w.kill(reason);
+                                }
+                            }
+                            None => {
+                                if let Some(p) = pidfd {
+                                    let _ = p.kill();
+                                }
+                            }
+                        }
+                        self.stats_dirty = true;
+                    }
+                    Kind::ForkFailed => {
+                        if let Some(w) = self.workers.get_mut(&m.id) {
+                            w.protocol_error = Some(format!("fork failed: {}", String::from_utf8_lossy(&m.body)));
+                        }
+                        self.on_exit(m.id, None);
+                    }
+                    Kind::Exited => {
+                        if let Some(key) = self.pid_to_key.remove(&(m.id as i32)) {
+                            self.on_exit(key, Some(decode_status(m.aux)));
+                        }
+                    }
+                    _ => {}
+                },
+                Ok(Recv::WouldBlock) => return,
+                Ok(Recv::Closed) | Err(_) => {
+                    // The zygote is gone, and its workers died with it.
+                    if let Some(s) = self.session.take() {
+                        self.poller.delete(&s);
+                    }
+                    let keys: Vec<u64> = self.workers.keys().copied().collect();
+                    for key in keys {
+                        self.on_exit(key, None);
+                    }
+                    self.mark_broken(None, "the template process died");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_channel(&mut self, key: u64) {
+        loop {
+            let Some(w) = self.workers.get_mut(&key) else { return };
+            if w.closed_at.is_some() {
+                return;
+            }
+            match w.chan.recv() {
+                Ok(Recv::Message(m)) => self.on_message(key, m),
+                Ok(Recv::WouldBlock) => return,
+                Ok(Recv::Closed) => {
+                    self.close_channel(key);
+                    return;
+                }
+                Err(e) => {
+                    w.protocol_error = Some(e.to_string());
+                    w.kill(KillReason::Protocol);
+                    self.close_channel(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close_channel(&mut self, key: u64) {
+        if let Some(w) = self.workers.get_mut(&key) {
+            self.poller.delete(&w.chan);
+            w.closed_at = Some(Instant::now());
+            w.state = State::Dead;
+            w.outbox.clear();
+        }
+    }
+
+    fn on_message(&mut self, key: u64, m: Message) {
+        let Some(w) = self.workers.get_mut(&key) else { return };
+        match m.kind {
+            Kind::Ready if w.state == State::Starting => {
+                w.state = State::Ready;
+                self.start_failures = 0;
+                self.stats_dirty = true;
+            }
+            Kind::InitFailed => {
+                w.init_error = Some(m);
+                w.state = State::Retiring;
+            }
+            Kind::Returned | Kind::Raised => {
+                let matches = w
+                    .in_flight
+                    .front()
+                    .is_some_and(|f| f.task.id == m.id && f.started.is_some());
+                if !matches {
+                    w.protocol_error = Some(format!("result for task {} that it was not running", m.id));
+                    w.kill(KillReason::Protocol);
+                    return;
+                }
+                let Some(done) = w.in_flight.pop_front() else { return };
+                let elapsed = Duration::from_nanos(m.aux);
+                w.tasks_done += 1;
+                self.stats_dirty = true;
+                w.busy_ns += m.aux;
+                if let Some(next) = w.in_flight.front_mut() {
+                    next.started = Some(Instant::now());
+                }
+                lock(&self.shared.sizer).record(done.task.fn_id, elapsed, done.task.items);
+                self.maybe_retire(key);
+                let outcome = if m.kind == Kind::Returned {
+                    Outcome::Returned(m)
+                } else {
+                    Outcome::Raised(m)
+                };
+                self.complete(done.task, outcome, elapsed);
+            }
+            _ => {
+                w.protocol_error = Some(format!("unexpected {:?} message", m.kind));
+                w.kill(KillReason::Protocol);
+            }
+        }
+    }
+
+    /// Recycling between tasks: by task count and by private memory.
+    fn maybe_retire(&mut self, key: u64) {
+        let Some(w) = self.workers.get_mut(&key) else { return };
+        if w.state != State::Ready {
+            return;
+        }
+        let by_count = self.cfg.max_tasks_per_worker.is_some_and(|n| w.tasks_done >= n);
+        let by_memory = match (self.cfg.max_memory, w.pid) {
+            (Some(limit), Some(pid)) => platform::resident_bytes(pid).is_some_and(|rss| rss > limit),
+            _ => false,
+        };
+        if by_count || by_memory {
+            w.state = State::Retiring;
+            // Tasks queued behind the last one go back to the queue untouched.
+            let queued: Vec<InFlight> = w.in_flight.drain(..).collect();
+            let mut keep = Vec::new();
+            for f in queued {
+                if f.started.is_some() {
+                    keep.push(f);
+                } else {
+                    self.pending.push_front(f.task);
+                }
+            }
+            let w = self.workers.get_mut(&key).expect("worker present");
+            w.in_flight.extend(keep);
+            w.outbox.retain(|o| matches!(o, Outgoing::Owned(_)));
+            let reason = if by_count { "recycled: task limit" } else { "recycled: memory limit" };
+            if let Some(s) = self.last_exit.get_mut(w.slot) {
+                *s = reason.to_string();
+            }
+            self.retire_if_idle(key);
+        }
+    }
+
+    fn retire_if_idle(&mut self, key: u64) {
+        let Some(w) = self.workers.get_mut(&key) else { return };
+        if w.state == State::Retiring && w.in_flight.is_empty() && w.closed_at.is_none() {
+            w.outbox.push_back(Outgoing::Owned(Message::new(Kind::Shutdown, 0, 0)));
+            w.closed_at = Some(Instant::now());
+            self.flush(key);
+        }
+    }
+
+    fn on_exit(&mut self, key: u64, status: Option<ExitStatus>) {
+        let Some(mut w) = self.workers.remove(&key) else { return };
+        if let Some(pid) = w.pid {
+            self.pid_to_key.remove(&pid);
+        }
+        w.stdout.pump();
+        let crash = Crash {
+            pid: w.pid.unwrap_or(0),
+            status,
+            killed_by_pool: w.kill_reason,
+            stderr_tail: w.stderr.tail(),
+            protocol_error: w.protocol_error.take(),
+        };
+        let mut in_flight: Vec<InFlight> = w.in_flight.drain(..).collect();
+        // Tasks the worker had not begun go back to the front, in order.
+        let running = match in_flight.first() {
+            Some(f) if f.started.is_some() => Some(in_flight.remove(0)),
+            _ => None,
+        };
+        for f in in_flight.into_iter().rev() {
+            self.pending.push_front(f.task);
+        }
+        let ran_ok = w.state != State::Starting && w.init_error.is_none();
+        let by_policy = w.state == State::Retiring && w.init_error.is_none() && running.is_none();
+        if let Some(f) = running {
+            let failure = match w.kill_reason {
+                Some(KillReason::Timeout { limit }) => Failure::TimedOut {
+                    limit,
+                    crash: crash.clone(),
+                },
+                _ => Failure::Crashed(crash.clone()),
+            };
+            self.fail(f.task, failure);
+        }
+        if let Some(s) = self.last_exit.get_mut(w.slot) {
+            if !by_policy {
+                *s = describe_exit(&crash);
+            }
+        }
+        if !self.shutting_down {
+            if let Some(r) = self.restarts.get_mut(w.slot) {
+                *r += 1;
+            }
+        }
+        if !ran_ok && !self.shutting_down {
+            self.start_failures += 1;
+            let error = w.init_error.take().map(|m| m.body);
+            if self.start_failures >= self.cfg.max_start_failures {
+                self.broken = Some((error, crash));
+                self.fail_pending_start();
+            } else {
+                let backoff = Duration::from_millis(20 << self.start_failures.min(6));
+                self.respawn_at = Some(Instant::now() + backoff);
+            }
+        }
+        self.stats_dirty = true;
+    }
+
+    fn mark_broken(&mut self, error: Option<Vec<u8>>, why: &str) {
+        if self.broken.is_none() {
+            let crash = Crash {
+                pid: 0,
+                status: None,
+                killed_by_pool: None,
+                stderr_tail: String::new(),
+                protocol_error: Some(why.to_string()),
+            };
+            self.broken = Some((error, crash));
+        }
+        self.fail_pending_start();
+    }
+
+    fn fail_pending_start(&mut self) {
+        let Some((error, crash)) = self.broken.clone() else { return };
+        for task in self.pending.take_all() {
+            let outcome = Outcome::StartFailed {
+                error: error.clone(),
+                crash: crash.clone(),
+            };
+            self.complete(task, outcome, Duration::ZERO);
+        }
+    }
+
+    fn fail(&mut self, mut task: Task, failure: Failure) {
+        if task.retries_left > 0 && !self.shutting_down {
+            task.retries_left -= 1;
+            task.attempts.push(failure);
+            self.pending.push_front(task);
+        } else {
+            self.complete(task, Outcome::Failed(failure), Duration::ZERO);
+        }
+    }
+
+    fn complete(&mut self, mut task: Task, outcome: Outcome, elapsed: Duration) {
+        self.done.push(Completion {
+            task_id: task.id,
+            outcome,
+            elapsed,
+            attempts: std::mem::take(&mut task.attempts),
+        });
+    }
+
+    // ---- sending ----------------------------------------------------------
+
+    fn dispatch(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let depth = 1 + self.cfg.prefetch;
+        loop {
+            let Some(key) = self
+                .workers
+                .values()
+                .filter(|w| w.state == State::Ready && w.in_flight.len() < depth)
+                .min_by_key(|w| (w.in_flight.len(), w.key))
+                .map(|w| w.key)
+            else {
+                return;
+            };
+            let Some(task) = self.pending.pop() else { return };
+            let Some(w) = self.workers.get_mut(&key) else { return };
+            if !w.fns.contains(&task.fn_id) {
+                if let Some(f) = self.fns.get(&task.fn_id).and_then(|f| f.try_clone().ok()) {
+                    w.outbox.push_back(Outgoing::Owned(f));
+                }
+                w.fns.insert(task.fn_id);
+            }
+            let started = w.in_flight.is_empty().then(Instant::now);
+            w.outbox.push_back(Outgoing::Task(task.id));
+            w.in_flight.push_back(InFlight { task, started });
+            self.flush(key);
+        }
+    }
+
+    fn flush(&mut self, key: u64) {
+        let Some(w) = self.workers.get_mut(&key) else { return };
+        let mut failed = false;
+        while let Some(next) = w.outbox.front() {
+            let msg = match next {
+                Outgoing::Owned(m) => Some(m),
+                Outgoing::Task(id) => w.in_flight.iter().find(|f| f.task.id == *id).map(|f| &f.task.payload),
+            };
+            let Some(msg) = msg else {
+                w.outbox.pop_front();
+                continue;
+            };
+            match w.chan.send(msg) {
+                Ok(true) => {
+                    w.outbox.pop_front();
+                }
+                Ok(false) => break,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let want = !w.outbox.is_empty() && !failed;
+        if want != w.wants_write {
+            w.wants_write = want;
+            let _ = self.poller.modify(&w.chan, token(key, 0), want);
+        }
+        if failed {
+            // The worker is dying; its exit report will settle its tasks.
+            self.close_channel(key);
+        }
+    }
+
+    fn pump_output(&mut self, key: u64, stderr: bool) {
+        let Some(w) = self.workers.get_mut(&key) else { return };
+        let cap = if stderr { &mut w.stderr } else { &mut w.stdout };
+        let open = cap.pump();
+        if !open {
+            // EOF: the fd was closed by `pump`, which removed it from epoll.
+        }
+    }
+
+    // ---- time ------------------------------------------------------------
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = self.respawn_at;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        let mut memory_watch = false;
+        for w in self.workers.values() {
+            if let Some((deadline, _)) = w.deadline(self.cfg.task_timeout) {
+                consider(deadline);
+            }
+            if let Some(closed) = w.closed_at {
+                consider(closed + EXIT_GRACE);
+            }
+            if w.running().is_some() && self.cfg.max_memory.is_some() {
+                memory_watch = true;
+            }
+        }
+        if memory_watch {
+            consider(self.last_memory_poll + MEMORY_POLL);
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn check_timers(&mut self) {
+        let now = Instant::now();
+        let hard = self
+            .cfg
+            .max_memory
+            .map(|m| (m as f64 * self.cfg.hard_memory_factor) as u64);
+        let poll_memory = hard.is_some() && now >= self.last_memory_poll + MEMORY_POLL;
+        if poll_memory {
+            self.last_memory_poll = now;
+        }
+        let default_timeout = self.cfg.task_timeout;
+        for w in self.workers.values_mut() {
+            if let Some((deadline, limit)) = w.deadline(default_timeout) {
+                if now >= deadline {
+                    w.kill(KillReason::Timeout { limit });
+                }
+            }
+            if let Some(closed) = w.closed_at {
+                if now >= closed + EXIT_GRACE {
+                    w.kill(KillReason::Shutdown);
+                }
+            }
+            if let (true, Some(limit), Some(pid)) = (poll_memory, hard, w.pid) {
+                if w.running().is_some() {
+                    if let Some(rss) = platform::resident_bytes(pid) {
+                        if rss > limit {
+                            w.kill(KillReason::Memory { rss, limit });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- shutdown and publishing -------------------------------------------
+
+    fn finish_shutdown(&mut self) {
+        if !self.shutting_down || !self.pending.is_empty() {
+            return;
+        }
+        if self.workers.values().any(|w| !w.in_flight.is_empty()) {
+            return;
+        }
+        let keys: Vec<u64> = self.workers.keys().copied().collect();
+        for key in keys {
+            if let Some(w) = self.workers.get_mut(&key) {
+                if w.closed_at.is_none() {
+                    w.state = State::Retiring;
+                }
+            }
+            self.retire_if_idle(key);
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.stats_dirty {
+            self.stats_dirty = false;
+            let mut stats: Vec<WorkerStats> = self
+                .workers
+                .values()
+                .filter(|w| w.state != State::Dead)
+                .map(|w| WorkerStats {
+                    slot: w.slot,
+                    pid: w.pid.unwrap_or(0),
+                    tasks_done: w.tasks_done,
+                    busy: w.running().is_some(),
+                    rss: w.pid.and_then(platform::resident_bytes).unwrap_or(0),
+                    restarts: self.restarts.get(w.slot).copied().unwrap_or(0),
+                    last_exit: self.last_exit.get(w.slot).cloned().unwrap_or_default(),
+                    busy_ns: w.busy_ns,
+                })
+                .collect();
+            stats.sort_by_key(|s| (s.slot, s.pid));
+            *lock(&self.shared.stats) = stats;
+        }
+        if !self.done.is_empty() {
+            self.stats_dirty = true;
+            let mut done = lock(&self.shared.done);
+            done.queue.extend(self.done.drain(..));
+            drop(done);
+            self.shared.done_cv.notify_all();
+        }
+    }
+
+    fn teardown(&mut self) {
+        for w in self.workers.values_mut() {
+            w.kill(KillReason::Shutdown);
+        }
+        self.publish();
+        let mut done = lock(&self.shared.done);
+        done.finished = true;
+        drop(done);
+        self.shared.done_cv.notify_all();
+    }
+}
+
+fn describe_exit(c: &Crash) -> String {
+    match (c.killed_by_pool, c.status) {
+        (Some(KillReason::Timeout { limit }), _) => format!("killed: task timeout {limit:?}"),
+        (Some(KillReason::Memory { rss, limit }), _) => format!("killed: memory {rss} > {limit} bytes"),
+        (Some(KillReason::Protocol), _) => "killed: protocol error".into(),
+        (Some(KillReason::Shutdown), _) => "killed: did not exit".into(),
+        (None, Some(ExitStatus::Code(c))) => format!("exited with code {c}"),
+        (None, Some(ExitStatus::Signal(s))) => format!("killed by signal {s}"),
+        (None, None) => "lost".into(),
+    }
+}

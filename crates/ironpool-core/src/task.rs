@@ -1,0 +1,103 @@
+//! What a task is to the engine, and the single outcome each task ends with.
+
+use std::time::Duration;
+
+use crate::ipc::Message;
+
+/// Identifies a task; chosen by the caller, unique within a pool.
+pub type TaskId = u64;
+/// Identifies a registered function; sent to each worker once.
+pub type FnId = u64;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// A unit of work as the engine sees it: opaque bytes (and segments) for the
+/// worker, plus the limits that apply to it.
+#[derive(Debug)]
+pub struct Task {
+    pub id: TaskId,
+    pub fn_id: FnId,
+    /// Encoded payload (see [`crate::ipc::payload`]); forwarded untouched.
+    pub payload: Message,
+    /// Per-task limit; `None` falls back to the pool's.
+    pub timeout: Option<Duration>,
+    /// Items in the task (a `map` chunk carries several; chunk sizing uses it).
+    pub items: u32,
+    /// Re-runs left after a crash or timeout.
+    pub retries_left: u32,
+    /// Earlier attempts that ended badly, oldest first.
+    pub attempts: Vec<Failure>,
+}
+
+/// Why the engine killed a worker, if it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    Timeout { limit: Duration },
+    Memory { rss: u64, limit: u64 },
+    Protocol,
+    Shutdown,
+}
+
+/// A worker died while running a task.
+#[derive(Debug, Clone)]
+pub struct Crash {
+    pub pid: i32,
+    pub status: Option<ExitStatus>,
+    pub killed_by_pool: Option<KillReason>,
+    /// The last lines the worker wrote to stderr (faulthandler dumps land here).
+    pub stderr_tail: String,
+    /// Set when the worker sent something that is not a valid frame.
+    pub protocol_error: Option<String>,
+}
+
+/// An attempt that did not produce a result.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    Crashed(Crash),
+    TimedOut { limit: Duration, crash: Crash },
+}
+
+/// The one outcome every task ends with.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The function returned; payload is the pickled value.
+    Returned(Message),
+    /// The function raised; payload is the pickled exception.
+    Raised(Message),
+    /// The worker died, was killed for a limit, or broke the protocol.
+    Failed(Failure),
+    /// No worker could start (the initializer failed, or workers died during
+    /// set-up too often). `error` is the pickled exception payload, if any.
+    StartFailed { error: Option<Vec<u8>>, crash: Crash },
+}
+
+impl Task {
+    /// A task of one item with no limits of its own.
+    pub fn new(id: TaskId, fn_id: FnId, payload: Message) -> Self {
+        Self {
+            id,
+            fn_id,
+            payload,
+            timeout: None,
+            items: 1,
+            retries_left: 0,
+            attempts: Vec::new(),
+        }
+    }
+}
+
+/// A finished task, ready to hand back to the caller.
+#[derive(Debug)]
+pub struct Completion {
+    pub task_id: TaskId,
+    pub outcome: Outcome,
+    /// Time the worker spent on the task.
+    pub elapsed: Duration,
+    /// Earlier failed attempts (when retries were allowed).
+    pub attempts: Vec<Failure>,
+}

@@ -1,0 +1,122 @@
+//! Payload parts between Python and frames: encoding buffers into a message
+//! (small inline, large in a memfd segment) and exposing received segment
+//! parts to Python as zero-copy buffers.
+
+use std::ffi::c_int;
+use std::sync::Arc;
+
+use ironpool_core::ipc::payload::{self, Part};
+use ironpool_core::ipc::{Kind, Message};
+use ironpool_core::shm::Mapping;
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use pyo3::ffi;
+
+/// A view of part of a shared segment. numpy arrays, pandas blocks and Arrow
+/// buffers rebuilt by pickle keep this object alive through the buffer
+/// protocol; the segment is unmapped when the last of them is gone. There is
+/// no `close()`, so `BufferError: ... exported buffers` cannot happen.
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct SharedBuffer {
+    map: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl SharedBuffer {
+    /// # Safety
+    /// Called by the interpreter with a valid `view` to fill.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        // SAFETY: offset + len was checked against the mapping when it was
+        // decoded; the mapping lives as long as `slf`, which the view holds
+        // (PyBuffer_FillInfo stores a new reference in view->obj). The
+        // mapping is private copy-on-write, so writes never reach the segment.
+        let rc = unsafe {
+            let buf = this.map.as_ptr().add(this.offset).cast();
+            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), buf, this.len as ffi::Py_ssize_t, 0, flags)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(PyErr::take(slf.py()).unwrap_or_else(|| PyBufferError::new_err("buffer export failed")))
+        }
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ironpool SharedBuffer of {} bytes>", self.len)
+    }
+}
+
+/// Builds a frame from Python buffer-like parts. The copy into the segment
+/// runs with the interpreter detached.
+pub fn encode(
+    py: Python<'_>,
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    parts: &Bound<'_, PyList>,
+    threshold: usize,
+) -> PyResult<Message> {
+    let mut views = Vec::with_capacity(parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        let view = PyUntypedBuffer::get(&p)?;
+        if !view.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("payload part {i} is not contiguous")));
+        }
+        views.push(view);
+    }
+    let spans: Vec<(usize, usize)> = views.iter().map(|v| (v.buf_ptr() as usize, v.len_bytes())).collect();
+    let msg = py.detach(|| {
+        // SAFETY: each view pins its exporter's memory until `views` drops,
+        // after this closure; the bytes are only read.
+        let slices: Vec<&[u8]> = spans
+            .iter()
+            .map(|&(ptr, len)| {
+                if len == 0 {
+                    &[][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
+                }
+            })
+            .collect();
+        payload::encode(kind, id, aux, &slices, threshold)
+    });
+    drop(views);
+    msg.map_err(|e| crate::errors::engine_error(format!("could not build message: {e}")))
+}
+
+/// Turns a received payload into a list of parts: `bytes` for inline parts,
+/// [`SharedBuffer`] views for parts in the segment.
+pub fn decode<'py>(py: Python<'py>, msg: &Message) -> PyResult<Bound<'py, PyList>> {
+    let (parts, mapping) = payload::decode(msg)
+        .map_err(|e| crate::errors::engine_error(format!("corrupt payload: {e}")))?;
+    let mapping = mapping.map(Arc::new);
+    let list = PyList::empty(py);
+    for part in parts {
+        match part {
+            Part::Inline(r) => list.append(PyBytes::new(py, &msg.body[r]))?,
+            Part::Segment(r) => {
+                let map = mapping.clone().ok_or_else(|| crate::errors::engine_error("segment part without segment".into()))?;
+                list.append(Bound::new(
+                    py,
+                    SharedBuffer {
+                        map,
+                        offset: r.start,
+                        len: r.len(),
+                    },
+                )?)?
+            }
+        }
+    }
+    Ok(list)
+}

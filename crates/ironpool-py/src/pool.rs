@@ -1,0 +1,242 @@
+//! `PoolCore`: the Python face of one supervisor. Policy lives in the core
+//! crate; this file converts arguments and outcomes and detaches from the
+//! interpreter whenever it waits.
+
+use std::time::Duration;
+
+use ironpool_core::ipc::Kind;
+use ironpool_core::supervisor::{Pool, PoolConfig};
+use ironpool_core::task::{Completion, Crash, ExitStatus, Failure, KillReason, Outcome, Task};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use crate::buffers;
+use crate::errors::io_error;
+use crate::zygote::Zygote;
+
+fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
+    match s {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v))),
+        Some(v) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "a time limit must be a positive number of seconds, got {v}"
+        ))),
+    }
+}
+
+/// One pool's engine. Created by `ironpool.Pool`; not for direct use.
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct PoolCore {
+    pool: Pool,
+    threshold: usize,
+}
+
+#[pymethods]
+impl PoolCore {
+    #[new]
+    #[pyo3(signature = (zygote, workers, init_parts, threshold, prefetch=1, task_timeout=None,
+        max_tasks_per_worker=None, max_memory=None, hard_memory_factor=1.5,
+        max_start_failures=3, forward_output=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        zygote: &Zygote,
+        workers: usize,
+        init_parts: &Bound<'_, PyList>,
+        threshold: usize,
+        prefetch: usize,
+        task_timeout: Option<f64>,
+        max_tasks_per_worker: Option<u64>,
+        max_memory: Option<u64>,
+        hard_memory_factor: f64,
+        max_start_failures: u32,
+        forward_output: bool,
+    ) -> PyResult<Self> {
+        let config = PoolConfig {
+            workers,
+            prefetch,
+            task_timeout: seconds(task_timeout)?,
+            max_tasks_per_worker,
+            max_memory,
+            hard_memory_factor,
+            max_start_failures,
+            forward_output,
+            ..PoolConfig::default()
+        };
+        let init = buffers::encode(py, Kind::Init, 0, 0, init_parts, threshold)?;
+        let zygote = zygote.inner.clone();
+        let pool = py
+            .detach(move || Pool::start(&zygote, config, init))
+            .map_err(|e| io_error("could not start the pool", e))?;
+        Ok(Self { pool, threshold })
+    }
+
+    /// Queues task `task_id` calling function `fn_id` with the payload `parts`.
+    #[pyo3(signature = (task_id, fn_id, parts, timeout=None, retries=0, items=1, flags=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        task_id: u64,
+        fn_id: u64,
+        parts: &Bound<'_, PyList>,
+        timeout: Option<f64>,
+        retries: u32,
+        items: u32,
+        flags: u8,
+    ) -> PyResult<()> {
+        let mut payload = buffers::encode(py, Kind::Task, task_id, fn_id, parts, self.threshold)?;
+        payload.flags = flags;
+        let mut task = Task::new(task_id, fn_id, payload);
+        task.timeout = seconds(timeout)?;
+        task.retries_left = retries;
+        task.items = items;
+        self.pool.submit(task);
+        Ok(())
+    }
+
+    /// Makes function `fn_id` known to the pool (sent to each worker once).
+    fn register_fn(&self, py: Python<'_>, fn_id: u64, parts: &Bound<'_, PyList>) -> PyResult<()> {
+        let msg = buffers::encode(py, Kind::RegisterFn, fn_id, 0, parts, self.threshold)?;
+        self.pool.register_fn(fn_id, msg);
+        Ok(())
+    }
+
+    fn cancel(&self, task_id: u64) {
+        self.pool.cancel(task_id);
+    }
+
+    /// Drops all tasks not yet sent to a worker; returns their ids.
+    fn cancel_pending(&self, py: Python<'_>) -> Vec<u64> {
+        py.detach(|| self.pool.cancel_pending())
+    }
+
+    fn shutdown(&self) {
+        self.pool.shutdown();
+    }
+
+    fn terminate(&self) {
+        self.pool.terminate();
+    }
+
+    fn join(&self, py: Python<'_>) {
+        py.detach(|| self.pool.join());
+    }
+
+    /// Finished tasks as `(task_id, kind, parts, info, elapsed, attempts)`
+    /// tuples; `None` once the pool has stopped and all were delivered.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_completions<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        let Some(batch) = py.detach(|| self.pool.wait_completions(timeout)) else {
+            return Ok(None);
+        };
+        batch.into_iter().map(|c| completion(py, c)).collect::<PyResult<Vec<_>>>().map(Some)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.pool
+            .stats()
+            .into_iter()
+            .map(|s| {
+                let d = PyDict::new(py);
+                d.set_item("slot", s.slot)?;
+                d.set_item("pid", s.pid)?;
+                d.set_item("tasks_done", s.tasks_done)?;
+                d.set_item("busy", s.busy)?;
+                d.set_item("rss", s.rss)?;
+                d.set_item("restarts", s.restarts)?;
+                d.set_item("last_exit", s.last_exit)?;
+                d.set_item("busy_seconds", s.busy_ns as f64 / 1e9)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Items for the next `map` chunk of `fn_id`, from measured task times.
+    #[pyo3(signature = (fn_id, remaining=None))]
+    fn chunk_size(&self, fn_id: u64, remaining: Option<usize>) -> usize {
+        self.pool.chunk_size(fn_id, remaining)
+    }
+}
+
+fn crash_info<'py>(py: Python<'py>, c: &Crash) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("pid", c.pid)?;
+    let (code, sig) = match c.status {
+        Some(ExitStatus::Code(code)) => (Some(code), None),
+        Some(ExitStatus::Signal(s)) => (None, Some(s)),
+        None => (None, None),
+    };
+    d.set_item("exitcode", code)?;
+    d.set_item("signal", sig)?;
+    d.set_item("stderr_tail", &c.stderr_tail)?;
+    d.set_item("protocol_error", c.protocol_error.as_deref())?;
+    let killed = match c.killed_by_pool {
+        None => None,
+        Some(KillReason::Timeout { limit }) => {
+            d.set_item("limit", limit.as_secs_f64())?;
+            Some("timeout")
+        }
+        Some(KillReason::Memory { rss, limit }) => {
+            d.set_item("rss", rss)?;
+            d.set_item("memory_limit", limit)?;
+            Some("memory")
+        }
+        Some(KillReason::Protocol) => Some("protocol"),
+        Some(KillReason::Shutdown) => Some("shutdown"),
+    };
+    d.set_item("killed_by", killed)?;
+    Ok(d)
+}
+
+fn failure_info<'py>(py: Python<'py>, f: &Failure) -> PyResult<Bound<'py, PyDict>> {
+    match f {
+        Failure::Crashed(c) => crash_info(py, c),
+        Failure::TimedOut { limit, crash } => {
+            let d = crash_info(py, crash)?;
+            d.set_item("limit", limit.as_secs_f64())?;
+            d.set_item("killed_by", "timeout")?;
+            Ok(d)
+        }
+    }
+}
+
+fn completion(py: Python<'_>, c: Completion) -> PyResult<Bound<'_, PyTuple>> {
+    let attempts = c
+        .attempts
+        .iter()
+        .map(|f| failure_info(py, f))
+        .collect::<PyResult<Vec<_>>>()?;
+    let elapsed = c.elapsed.as_secs_f64();
+    let none = py.None().into_bound(py);
+    let (kind, parts, info) = match c.outcome {
+        Outcome::Returned(m) => ("ok", buffers::decode(py, &m)?.into_any(), none),
+        Outcome::Raised(m) => ("raised", buffers::decode(py, &m)?.into_any(), none),
+        Outcome::Failed(f) => {
+            let kind = if matches!(f, Failure::TimedOut { .. }) { "timeout" } else { "crashed" };
+            (kind, none, failure_info(py, &f)?.into_any())
+        }
+        Outcome::StartFailed { error, crash } => {
+            let parts = match error {
+                Some(body) => {
+                    let m = ironpool_core::ipc::Message::new(Kind::InitFailed, 0, 0).with_body(body);
+                    buffers::decode(py, &m)?.into_any()
+                }
+                None => none,
+            };
+            ("start_failed", parts, crash_info(py, &crash)?.into_any())
+        }
+    };
+    PyTuple::new(
+        py,
+        [
+            c.task_id.into_pyobject(py)?.into_any(),
+            kind.into_pyobject(py)?.into_any(),
+            parts,
+            info,
+            elapsed.into_pyobject(py)?.into_any(),
+            PyList::new(py, attempts)?.into_any(),
+        ],
+    )
+}

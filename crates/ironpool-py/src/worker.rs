@@ -1,0 +1,73 @@
+//! The worker's loop: receive with the interpreter detached, run the task
+//! through the Python handler, send the result.
+
+use std::time::Instant;
+
+use ironpool_core::ipc::{Kind, Message, Recv};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::buffers;
+use crate::errors::engine_error;
+use crate::zygote::WorkerChannel;
+
+/// Serves tasks until the pool says Shutdown or goes away. `handler` has
+/// `init(parts)`, `register(fn_id, parts)`, `run(task_id, fn_id, flags,
+/// parts) -> (ok, parts)` and a `threshold` attribute (segment size).
+#[pyfunction]
+pub fn worker_main(py: Python<'_>, channel: &WorkerChannel, handler: Bound<'_, PyAny>) -> PyResult<()> {
+    let mut chan = channel
+        .chan
+        .lock()
+        .map_err(|_| engine_error("worker channel poisoned".into()))?
+        .take()
+        .ok_or_else(|| engine_error("worker channel already in use".into()))?;
+    let mut threshold: usize = handler.getattr("threshold")?.extract()?;
+    loop {
+        let got = py.detach(|| chan.recv_blocking());
+        let msg = match got {
+            Ok(Recv::Message(m)) => m,
+            Ok(Recv::Closed) | Ok(Recv::WouldBlock) => return Ok(()),
+            Err(e) => return Err(engine_error(format!("bad frame from the pool: {e}"))),
+        };
+        let reply: Option<Message> = match msg.kind {
+            Kind::Init => {
+                let parts = buffers::decode(py, &msg)?;
+                let failed = handler.call_method1("init", (parts,))?;
+                threshold = handler.getattr("threshold")?.extract()?;
+                if failed.is_none() {
+                    Some(Message::new(Kind::Ready, 0, 0))
+                } else {
+                    let parts = failed.cast_into::<PyList>()?;
+                    let m = buffers::encode(py, Kind::InitFailed, 0, 0, &parts, usize::MAX)?;
+                    send(py, &chan, &m)?;
+                    return Ok(());
+                }
+            }
+            Kind::RegisterFn => {
+                let parts = buffers::decode(py, &msg)?;
+                handler.call_method1("register", (msg.id, parts))?;
+                None
+            }
+            Kind::Task => {
+                let start = Instant::now();
+                let parts = buffers::decode(py, &msg)?;
+                let (ok, out): (bool, Bound<'_, PyList>) =
+                    handler.call_method1("run", (msg.id, msg.aux, msg.flags, parts))?.extract()?;
+                let elapsed = start.elapsed().as_nanos() as u64;
+                let kind = if ok { Kind::Returned } else { Kind::Raised };
+                Some(buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?)
+            }
+            Kind::Shutdown => return Ok(()),
+            other => return Err(engine_error(format!("unexpected {other:?} from the pool"))),
+        };
+        if let Some(m) = reply {
+            send(py, &chan, &m)?;
+        }
+    }
+}
+
+fn send(py: Python<'_>, chan: &ironpool_core::ipc::Channel, m: &Message) -> PyResult<()> {
+    py.detach(|| chan.send_blocking(m))
+        .map_err(|e| engine_error(format!("could not reach the pool: {e}")))
+}

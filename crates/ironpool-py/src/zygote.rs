@@ -1,0 +1,87 @@
+//! The template process, from both sides: starting it (in the caller) and
+//! serving fork requests (inside it).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use ironpool_core::ipc::Channel;
+use ironpool_core::zygote::{self, Served};
+use pyo3::prelude::*;
+
+use crate::errors::io_error;
+
+/// A running template process that pools fork their workers from.
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct Zygote {
+    pub(crate) inner: Arc<zygote::Zygote>,
+}
+
+#[pymethods]
+impl Zygote {
+    /// Starts `argv` as a zygote with `env` added to this process's
+    /// environment, and waits until it has done its imports.
+    #[staticmethod]
+    fn spawn(py: Python<'_>, argv: Vec<String>, env: Vec<(String, String)>) -> PyResult<Self> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("argv is empty"))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(env).stdin(std::process::Stdio::null());
+        let inner = py
+            .detach(|| zygote::Zygote::spawn(cmd))
+            .map_err(|e| crate::errors::start_error(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    #[getter]
+    fn pid(&self) -> i32 {
+        self.inner.pid()
+    }
+
+    fn alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    fn kill(&self) {
+        self.inner.kill();
+    }
+}
+
+/// A worker's end of its channel to the pool supervisor.
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct WorkerChannel {
+    pub(crate) chan: Mutex<Option<Channel>>,
+}
+
+/// Runs inside the zygote: serves fork requests until the caller goes away
+/// (returns None: exit) or returns in a freshly forked worker with its
+/// channel.
+#[pyfunction]
+pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> {
+    // SAFETY: `fd` is the master channel the caller passed us at exec; it is
+    // owned by nobody else in this process.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let os = py.import("os")?;
+    let mut fork = || -> std::io::Result<i32> {
+        os.call_method0("fork")
+            .and_then(|pid| pid.extract::<i32>())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    match zygote::serve(master, &mut fork).map_err(|e| io_error("template process", e))? {
+        Served::Exit => Ok(None),
+        Served::Child(child) => Ok(Some(WorkerChannel {
+            chan: Mutex::new(Some(child.channel)),
+        })),
+    }
+}
+
+/// Runs inside the zygote when its imports failed: tells the caller why.
+#[pyfunction]
+pub fn zygote_fail(fd: i32, text: &str) -> PyResult<()> {
+    // SAFETY: as in `zygote_serve`.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    zygote::report_failure(master, text).map_err(|e| io_error("template process", e))
+}

@@ -1,0 +1,119 @@
+"""Pickling for the wire: protocol 5 with large buffers out of band, plain
+pickle first and cloudpickle only where it is needed (``__main__``, lambdas,
+closures, notebook code).
+
+A payload is a list of parts: the pickle stream, then each out-of-band
+buffer. The engine puts large parts in shared memory; ``loads`` rebuilds the
+object over those mappings without copying.
+"""
+
+from __future__ import annotations
+
+import pickle
+import reprlib
+import traceback
+from typing import Any
+
+_repr = reprlib.Repr()
+_repr.maxstring = 40
+_repr.maxother = 40
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
+
+
+class _ByValue(Exception):
+    """The stream refers to ``__main__``, which workers do not have."""
+
+
+def dumps(obj: Any, threshold: int) -> list:
+    """Pickles ``obj``; buffers of ``threshold`` bytes or more go out of band."""
+    buffers: list = []
+
+    def keep_large(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        if raw.nbytes < threshold:
+            return True
+        buffers.append(raw)
+        return False
+
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        if b"__main__" in data:
+            raise _ByValue
+    except (pickle.PicklingError, TypeError, AttributeError, _ByValue):
+        import cloudpickle
+
+        buffers.clear()
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    return [data, *buffers]
+
+
+def loads(parts: list) -> Any:
+    """Inverse of ``dumps``; out-of-band parts are used in place."""
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def dumps_function(fn: Any) -> list:
+    """Functions in importable modules go by reference; those from
+    ``__main__``, a REPL or a notebook, lambdas and closures go by value."""
+    qualname = getattr(fn, "__qualname__", "")
+    by_reference = (
+        getattr(fn, "__module__", None) not in (None, "__main__")
+        and "<locals>" not in qualname
+        and "<lambda>" not in qualname
+    )
+    if by_reference:
+        try:
+            data = pickle.dumps(fn, protocol=5)
+            if b"__main__" not in data:
+                return [data]
+        except Exception:
+            pass
+    import cloudpickle
+
+    return [cloudpickle.dumps(fn, protocol=5)]
+
+
+def describe_call(fn: Any, args: tuple = (), kwargs: dict | None = None) -> str:
+    """A short, safe description of a call for error messages."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or _repr.repr(fn)
+    module = getattr(fn, "__module__", None)
+    if module and module != "builtins":
+        name = f"{module}.{name}"
+    shown = [_repr.repr(a) for a in args[:4]]
+    if len(args) > 4:
+        shown.append("...")
+    shown += [f"{k}={_repr.repr(v)}" for k, v in list((kwargs or {}).items())[:4]]
+    return f"{name}({', '.join(shown)})"
+
+
+def pack_exception(exc: BaseException) -> tuple:
+    """A picklable stand-in for a raised exception: the exception itself when
+    it pickles, else a RemoteError with its type, message and traceback."""
+    from .errors import RemoteError
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=5))
+        return (exc, tb)
+    except Exception:
+        try:
+            import cloudpickle
+
+            pickle.loads(cloudpickle.dumps(exc, protocol=5))
+            return (exc, tb)
+        except Exception:
+            return (RemoteError(type(exc).__qualname__, str(exc), tb), tb)
+
+
+def unpack_exception(packed: tuple) -> BaseException:
+    """Rebuilds a task's exception with the remote traceback as its cause,
+    as ``ProcessPoolExecutor`` does."""
+    from concurrent.futures.process import _RemoteTraceback
+
+    exc, tb = packed
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb}"""')
+    return exc

@@ -1,0 +1,130 @@
+"""The worker side: what runs in a process forked from the template.
+
+The loop itself is in Rust (``_core.worker_main``); this handler only turns
+payloads into calls and results back into payloads.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+from typing import Any
+
+from . import _core
+from ._serialize import describe_call, dumps, loads, pack_exception
+from .errors import SerializationError
+
+#: Task flag: the payload is a list of argument tuples (a ``map`` chunk).
+CHUNK = 1
+
+
+class _Unloadable:
+    """A function that could not be unpickled in the worker."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise SerializationError(f"the function could not be unpickled in the worker: {self.error!r}")
+
+
+class Handler:
+    """Called by the Rust loop for each message."""
+
+    threshold = 64 * 1024
+
+    def __init__(self) -> None:
+        self.fns: dict[int, Any] = {}
+
+    def init(self, parts: list) -> list | None:
+        try:
+            cfg = loads(parts)
+            sys.path[:] = cfg["sys_path"]
+            try:
+                os.chdir(cfg["cwd"])
+            except OSError:
+                pass
+            self.threshold = cfg["threshold"]
+            initializer = cfg["initializer"]
+            if initializer is not None:
+                initializer(*cfg["initargs"])
+            return None
+        except BaseException as exc:  # noqa: BLE001 - reported to the pool
+            return dumps(pack_exception(exc), 1 << 62)
+
+    def register(self, fn_id: int, parts: list) -> None:
+        try:
+            self.fns[fn_id] = loads(parts)
+        except BaseException as exc:  # noqa: BLE001
+            self.fns[fn_id] = _Unloadable(exc)
+
+    def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[bool, list]:
+        fn = self.fns.get(fn_id)
+        if fn is None:
+            return False, self._error(RuntimeError(f"function {fn_id} was never registered"))
+        try:
+            call = loads(parts)
+        except BaseException as exc:  # noqa: BLE001
+            err = SerializationError(
+                f"the arguments of task {task_id} for {describe_call(fn)} could not be unpickled "
+                f"in the worker: {type(exc).__name__}: {exc}"
+            )
+            return False, self._error(err)
+        if flags & CHUNK:
+            return self._result(self._run_chunk(fn, call), fn, ())
+        args, kwargs = call
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: it ends the task, not the worker
+            return False, self._error(exc)
+        finally:
+            del call
+        return self._result(value, fn, args)
+
+    def _run_chunk(self, fn: Any, items: list) -> tuple[list, tuple | None]:
+        results = []
+        for args in items:
+            try:
+                results.append(fn(*args))
+            except BaseException as exc:  # noqa: BLE001
+                return results, pack_exception(exc)
+        return results, None
+
+    def _result(self, value: Any, fn: Any, args: tuple) -> tuple[bool, list]:
+        try:
+            return True, dumps(value, self.threshold)
+        except BaseException as exc:  # noqa: BLE001
+            err = SerializationError(
+                f"the result of {describe_call(fn, args)} could not be pickled: "
+                f"{type(value).__module__}.{type(value).__qualname__} object: {type(exc).__name__}: {exc}"
+            )
+            return False, self._error(err)
+
+    def _error(self, exc: BaseException) -> list:
+        return dumps(pack_exception(exc), self.threshold)
+
+
+def run(channel: Any) -> None:
+    """Serves tasks until the pool is done, then exits the process."""
+    faulthandler.enable()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+    code = 0
+    try:
+        _core.worker_main(channel, Handler())
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+    os._exit(code)

@@ -1,0 +1,87 @@
+"""The template process: how it starts, and the per-process registry of
+running templates (one per distinct ``preload`` set and thread limit).
+
+The template is a fresh interpreter that imported ironpool and the preload
+modules and has no threads. Workers are forked from it, so they never
+re-execute the caller's ``__main__`` and a new worker costs a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from . import _core
+
+#: Thread-pool sizes of native libraries, set before anything is imported.
+THREAD_LIMIT_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
+
+_BOOT = (
+    "import os, sys; "
+    "sys.path[:0] = [p for p in os.environ.pop('IRONPOOL_SYS_PATH').split(os.pathsep) if p]; "
+    "from ironpool._zygote import main; main()"
+)
+
+_lock = threading.Lock()
+_zygotes: dict[tuple, _core.Zygote] = {}
+_owner = os.getpid()
+
+
+def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
+    """The running template for these settings, started on first use."""
+    global _owner
+    key = (preload, thread_limit)
+    with _lock:
+        if _owner != os.getpid():  # a forked copy of this process: not ours
+            _zygotes.clear()
+            _owner = os.getpid()
+        z = _zygotes.get(key)
+        if z is not None and z.alive():
+            return z
+        env = {
+            "IRONPOOL_SYS_PATH": os.pathsep.join(p for p in sys.path if p),
+            "IRONPOOL_PRELOAD": ",".join(preload),
+        }
+        if thread_limit is not None:
+            for var in THREAD_LIMIT_VARS:
+                env[var] = str(thread_limit)
+        z = _core.Zygote.spawn([sys.executable, "-c", _BOOT], list(env.items()))
+        _zygotes[key] = z
+        return z
+
+
+def main() -> None:
+    """Entry point of the template process."""
+    import signal
+
+    fd = int(os.environ.pop("IRONPOOL_ZYGOTE_FD"))
+    # Ctrl-C is the caller's to handle; workers must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preload = [m for m in os.environ.pop("IRONPOOL_PRELOAD", "").split(",") if m]
+    try:
+        import importlib
+
+        for name in preload:
+            importlib.import_module(name)
+        from . import _worker  # noqa: F401 - imported once here, not per worker
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        _core.zygote_fail(fd, traceback.format_exc())
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    channel = _core.zygote_serve(fd)
+    if channel is None:
+        os._exit(0)
+    from ._worker import run
+
+    run(channel)

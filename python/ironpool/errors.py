@@ -1,0 +1,180 @@
+"""Exceptions raised by ironpool.
+
+Each one subclasses the stdlib type that code written for
+``concurrent.futures.ProcessPoolExecutor`` already catches, so existing
+``except BrokenProcessPool:`` or ``except TimeoutError:`` handlers keep working.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal as _signal
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "IronpoolError",
+    "MemoryLimitExceeded",
+    "PoolClosed",
+    "RemoteError",
+    "SerializationError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "WorkerStartError",
+]
+
+
+class IronpoolError(Exception):
+    """Base of ironpool's own errors (mixed into each stdlib-derived class)."""
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _python_stack(stderr_tail: str) -> str | None:
+    """The faulthandler dump in a dead worker's stderr, if it wrote one."""
+    marker = "Fatal Python error"
+    at = stderr_tail.find(marker)
+    if at < 0:
+        at = stderr_tail.find("Current thread")
+    return stderr_tail[at:] if at >= 0 else None
+
+
+class WorkerCrashed(BrokenProcessPool, IronpoolError):
+    """The worker running a task died (segfault, abort, ``os._exit``, OOM kill).
+
+    Only that task fails; the worker is replaced and the pool keeps going.
+
+    Attributes:
+        exitcode: the worker's exit code, or None if a signal ended it.
+        signal: the signal that ended the worker, or None.
+        pid: the dead worker's process id.
+        stderr_tail: the last lines the worker wrote to stderr.
+        python_stack: the worker's Python stack as faulthandler dumped it, if any.
+        task: a short description of the task (function and arguments).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        pid: int = 0,
+        stderr_tail: str = "",
+        task: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.signal = signal
+        self.pid = pid
+        self.stderr_tail = stderr_tail
+        self.python_stack = _python_stack(stderr_tail)
+        self.task = task
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, *args)
+    obj.__dict__.update(state)
+    return obj
+
+
+class MemoryLimitExceeded(WorkerCrashed):
+    """A worker passed the hard memory ceiling during a task and was killed.
+
+    Attributes ``rss`` (bytes seen) and ``limit`` (the ceiling) report the figure.
+    """
+
+    rss: int = 0
+    limit: int = 0
+
+
+class TaskTimeout(TimeoutError, IronpoolError):
+    """A task ran past its time limit; its worker was killed and replaced.
+
+    Attributes: ``task`` (description), ``limit`` (seconds), ``pid``.
+    """
+
+    def __init__(self, message: str, *, task: str = "", limit: float = 0.0, pid: int = 0) -> None:
+        super().__init__(message)
+        self.task = task
+        self.limit = limit
+        self.pid = pid
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class SerializationError(pickle.PicklingError, IronpoolError):
+    """An argument or result could not be pickled or unpickled.
+
+    Delivered through the task's future; the message names the task and the
+    type of the object that failed.
+    """
+
+
+class PoolClosed(RuntimeError, IronpoolError):
+    """Work was submitted to a pool that is shut down (or was inherited by fork)."""
+
+
+class WorkerStartError(BrokenProcessPool, IronpoolError):
+    """Workers could not start: the initializer raised, or a ``preload`` module
+    failed to import. Raised for every task of the pool; the pool does not retry
+    forever."""
+
+
+class RemoteError(Exception):
+    """Stands in for a task's exception that could not itself be pickled.
+
+    Attributes: ``type_name``, ``message``, ``traceback`` (remote text).
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+
+def describe_crash(info: dict, task: str) -> WorkerCrashed:
+    """Builds the error for a task whose worker died, naming the likely cause."""
+    sig = info.get("signal")
+    code = info.get("exitcode")
+    pid = info.get("pid", 0)
+    killed_by = info.get("killed_by")
+    tail = info.get("stderr_tail") or ""
+    if killed_by == "memory":
+        msg = (
+            f"worker pid {pid} was killed running {task}: its memory reached "
+            f"{info.get('rss', 0) / 2**20:.0f} MiB, over the hard limit of "
+            f"{info.get('memory_limit', 0) / 2**20:.0f} MiB"
+        )
+        err = MemoryLimitExceeded(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)
+        err.rss = info.get("rss", 0)
+        err.limit = info.get("memory_limit", 0)
+        return err
+    if info.get("protocol_error"):
+        cause = f"broke the pool protocol ({info['protocol_error']})"
+    elif sig is not None:
+        cause = f"was killed by {_signal_name(sig)}"
+        if sig == _signal.SIGKILL and killed_by is None:
+            cause += " that ironpool did not send: probably the out-of-memory killer"
+        elif sig == _signal.SIGSEGV:
+            cause += " (a segmentation fault in native code)"
+        elif sig == _signal.SIGABRT:
+            cause += " (abort(): a failed assertion or fatal error in native code)"
+    elif code is not None:
+        cause = f"exited with code {code} (os._exit or exit() from native code)"
+    else:
+        cause = "was lost (the template process died)"
+    msg = f"worker pid {pid} {cause} while running {task}"
+    if tail:
+        msg += "\n--- last lines of the worker's stderr ---\n" + tail
+    return WorkerCrashed(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)

@@ -1,0 +1,696 @@
+"""``ironpool.Pool``: a ``concurrent.futures.Executor`` over the Rust engine."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import wait as _wait
+from concurrent.futures import FIRST_COMPLETED
+from dataclasses import dataclass
+from typing import Any
+
+from . import _core, _zygote
+from ._serialize import describe_call, dumps, dumps_function, loads, unpack_exception
+from ._worker import CHUNK
+from .errors import (
+    PoolClosed,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerStartError,
+    describe_crash,
+)
+
+__all__ = ["Pool", "WorkerInfo"]
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str | None, name: str) -> int | None:
+    """``2GB``, ``512 MiB``, ``1_000_000`` or an int, as bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '2GB', not a bool")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().upper().replace("_", "")
+        digits = text.rstrip("KMGTIB ")
+        unit = text[len(digits):].strip()
+        try:
+            n = int(float(digits) * _UNITS[unit])
+        except (ValueError, KeyError):
+            raise ValueError(f"{name}={value!r} is not a size such as '2GB' or '512MiB'") from None
+    else:
+        raise TypeError(f"{name} must be an int or a string like '2GB', not {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker's figures, from :meth:`Pool.stats`."""
+
+    slot: int
+    pid: int
+    tasks_done: int
+    busy: bool
+    rss: int
+    restarts: int
+    last_exit: str
+    busy_seconds: float
+
+
+class _TaskFuture(Future):
+    """A ``concurrent.futures.Future`` that also withdraws its task from the
+    engine queue when cancelled."""
+
+    _core: Any = None
+    _task_id = 0
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled and self._core is not None:
+            self._core.cancel(self._task_id)
+        return cancelled
+
+
+class _Entry:
+    __slots__ = ("future", "fn", "args", "kwargs", "retry_on", "retries", "chunk")
+
+    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False):
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.retry_on = retry_on
+        self.retries = retries
+        self.chunk = chunk
+
+    def describe(self) -> str:
+        if self.chunk:
+            return f"a map chunk of {len(self.args)} items of {describe_call(self.fn, self.args[0] if self.args else ())}"
+        return describe_call(self.fn, self.args, self.kwargs)
+
+
+def _settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:  # cancelled meanwhile
+        pass
+
+
+class _State:
+    """Everything the result thread needs; holds no reference to the Pool, so
+    an unreferenced pool can be collected and shut down."""
+
+    def __init__(self, core: Any, workers: int) -> None:
+        self.core = core
+        self.workers = workers
+        self.entries: dict[int, _Entry] = {}
+        self.ids = itertools.count(1)
+        self.closed = False
+        self.pid = os.getpid()
+        self.fn_ids: dict[Any, tuple[Any, int]] = {}
+        self.fn_lock = threading.Lock()
+        self.next_fn = itertools.count(1)
+        self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
+        self.thread.start()
+
+    # Results -----------------------------------------------------------
+
+    def _deliver(self) -> None:
+        core = self.core
+        entries = self.entries
+        while True:
+            batch = core.wait_completions(None)
+            if batch is None:
+                break
+            for task_id, kind, parts, info, _elapsed, attempts in batch:
+                entry = entries.pop(task_id, None)
+                if entry is None or entry.future.done():
+                    continue
+                try:
+                    self._resolve(task_id, entry, kind, parts, info, attempts)
+                except BaseException as exc:  # noqa: BLE001 - never lose a result
+                    _settle(entry.future, error=exc)
+        for entry in list(entries.values()):
+            _settle(entry.future, error=PoolClosed("the pool stopped before this task finished"))
+        entries.clear()
+
+    def _resolve(self, task_id, entry: _Entry, kind, parts, info, attempts) -> None:
+        if kind == "ok":
+            try:
+                value = loads(parts)
+            except BaseException as exc:  # noqa: BLE001
+                err = SerializationError(
+                    f"the result of {entry.describe()} could not be unpickled: {type(exc).__name__}: {exc}"
+                )
+                err.__cause__ = exc
+                _settle(entry.future, error=err)
+                return
+            _settle(entry.future, value)
+        elif kind == "raised":
+            exc = unpack_exception(loads(parts))
+            if entry.retries > 0 and entry.retry_on and isinstance(exc, entry.retry_on) and not self.closed:
+                self._retry(entry, exc)
+                return
+            _settle(entry.future, error=exc)
+        elif kind == "timeout":
+            limit = info.get("limit", 0.0)
+            err = TaskTimeout(
+                f"{entry.describe()} ran longer than its {limit:g} s limit; worker pid {info['pid']} "
+                f"was killed and replaced",
+                task=entry.describe(),
+                limit=limit,
+                pid=info["pid"],
+            )
+            _settle(entry.future, error=_with_attempts(err, attempts))
+        elif kind == "crashed":
+            _settle(entry.future, error=_with_attempts(describe_crash(info, entry.describe()), attempts))
+        elif kind == "start_failed":
+            _settle(entry.future, error=_start_error(parts, info))
+        else:
+            _settle(entry.future, error=RuntimeError(f"unknown outcome {kind!r}"))
+
+    def _retry(self, entry: _Entry, exc: BaseException) -> None:
+        entry.retries -= 1
+        parts = dumps((entry.args, entry.kwargs), 1 << 62)
+        task_id = next(self.ids)
+        self.entries[task_id] = entry
+        fn_id = self.fn_id(entry.fn)
+        self.core.submit(task_id, fn_id, parts, None, 0)
+
+    # Submitting ----------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self.pid != os.getpid():
+            raise PoolClosed(
+                f"this pool belongs to process {self.pid} and was inherited by fork; "
+                "create a new ironpool.Pool in this process"
+            )
+        if self.closed:
+            raise PoolClosed("cannot submit to a pool after shutdown()")
+
+    def fn_id(self, fn: Any) -> int:
+        """Registers ``fn`` once per pool; workers receive it once."""
+        self_obj = getattr(fn, "__self__", None)
+        func = getattr(fn, "__func__", None)
+        key = (id(self_obj), id(func)) if func is not None else id(fn)
+        with self.fn_lock:
+            hit = self.fn_ids.get(key)
+            if hit is not None:
+                return hit[1]
+            try:
+                parts = dumps_function(fn)
+            except Exception as exc:
+                raise SerializationError(
+                    f"function {describe_call(fn)} could not be pickled: {type(exc).__name__}: {exc}"
+                ) from exc
+            fid = next(self.next_fn)
+            self.core.register_fn(fid, parts)
+            if len(self.fn_ids) > 4096:
+                self.fn_ids.clear()
+            self.fn_ids[key] = (fn, fid)
+            return fid
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if self.pid != os.getpid():
+            return
+        self.closed = True
+        if cancel_futures:
+            for task_id in self.core.cancel_pending():
+                entry = self.entries.pop(task_id, None)
+                if entry is not None:
+                    entry.future.cancel()
+        self.core.shutdown()
+        if wait:
+            self.core.join()
+            if threading.current_thread() is not self.thread:
+                self.thread.join()
+
+
+def _with_attempts(err: BaseException, attempts: list) -> BaseException:
+    if attempts:
+        lines = [f"attempt {i + 1}: {a.get('killed_by') or 'crashed'} (pid {a.get('pid')}, "
+                 f"exitcode {a.get('exitcode')}, signal {a.get('signal')})" for i, a in enumerate(attempts)]
+        err.args = (f"{err.args[0]}\nearlier attempts:\n" + "\n".join(lines),)
+        err.attempts = attempts  # type: ignore[attr-defined]
+    return err
+
+
+def _start_error(parts: Any, info: dict) -> WorkerStartError:
+    if parts is not None:
+        exc = unpack_exception(loads(parts))
+        err = WorkerStartError(f"workers could not start: the initializer raised {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+    why = info.get("protocol_error") or describe_crash(info, "its set-up").args[0]
+    return WorkerStartError(f"workers could not start: {why}")
+
+
+_live: weakref.WeakSet[_State] = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    for state in list(_live):
+        try:
+            state.shutdown(wait=True, cancel_futures=False)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _forget_after_fork() -> None:
+    # The child keeps the parent's pools as inert copies (check_open refuses
+    # them); their engines' threads do not exist here.
+    _live.clear()
+
+
+# Runs before threads are joined at interpreter exit, like the stdlib's.
+threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Pool(Executor):
+    """A process pool with a Rust engine.
+
+    Example::
+
+        import ironpool
+
+        with ironpool.Pool() as pool:
+            squares = list(pool.map(pow, range(10), [2] * 10))
+            future = pool.submit(sum, [1, 2, 3])
+            assert future.result() == 6
+
+    Args:
+        workers: number of worker processes; default: the CPUs this process may
+            use, capped by a cgroup CPU quota.
+        initializer, initargs: called in each worker before its first task
+            (give each worker its own parser, connection, configuration).
+        preload: modules imported once in the template process that workers are
+            forked from (e.g. ``("numpy", "pandas")``), so no worker pays for them.
+        task_timeout: seconds a task may run before its worker is killed and the
+            task fails with :class:`TaskTimeout`; overridable per call.
+        max_tasks_per_worker: replace a worker after this many tasks.
+        max_memory_per_worker: bytes or ``"2GB"``; a worker above it after a task
+            is replaced; one above ``hard_memory_factor`` times it during a task
+            is killed (:class:`MemoryLimitExceeded`).
+        retries: re-runs of a task whose worker crashed or timed out (and, with
+            ``retry_on``, that raised one of those exception types).
+        thread_limit: threads for BLAS/OpenMP in each worker (default 1, so
+            workers do not oversubscribe the cores); ``None`` leaves them alone.
+        buffer_threshold: buffers of at least this many bytes travel through
+            shared memory instead of the pipe.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        preload: Iterable[str] = (),
+        task_timeout: float | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | str | None = None,
+        hard_memory_factor: float = 1.5,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (),
+        thread_limit: int | None = 1,
+        buffer_threshold: int = 64 * 1024,
+        forward_output: bool = True,
+    ) -> None:
+        self._state: _State | None = None
+        if workers is None:
+            workers = _core.default_workers()
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
+        if not isinstance(initargs, tuple):
+            raise TypeError(f"initargs must be a tuple, got {type(initargs).__name__}")
+        if isinstance(preload, str):
+            preload = (preload,)
+        preload = tuple(preload)
+        for name in preload:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"preload must list module names, got {name!r}")
+        _check_timeout(task_timeout, "task_timeout")
+        if max_tasks_per_worker is not None and (not isinstance(max_tasks_per_worker, int) or max_tasks_per_worker < 1):
+            raise ValueError(f"max_tasks_per_worker must be a positive int, got {max_tasks_per_worker!r}")
+        max_memory = parse_bytes(max_memory_per_worker, "max_memory_per_worker")
+        if not hard_memory_factor >= 1.0:
+            raise ValueError(f"hard_memory_factor must be >= 1, got {hard_memory_factor!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        retry_on = tuple(retry_on)
+        for t in retry_on:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise TypeError(f"retry_on must hold exception types, got {t!r}")
+        if not isinstance(buffer_threshold, int) or buffer_threshold < 1:
+            raise ValueError(f"buffer_threshold must be a positive int, got {buffer_threshold!r}")
+
+        self._max_workers = workers  # read by dask's get_scheduler
+        self._retries = retries
+        self._retry_on = retry_on
+        self._threshold = buffer_threshold
+        self._start_error: BaseException | None = None
+        init = {
+            "sys_path": list(sys.path),
+            "cwd": os.getcwd(),
+            "initializer": initializer,
+            "initargs": initargs,
+            "threshold": buffer_threshold,
+        }
+        try:
+            init_parts = dumps(init, 1 << 62)
+        except Exception as exc:
+            raise SerializationError(
+                f"initializer or initargs could not be pickled: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            zygote = _zygote.get(preload, thread_limit)
+        except OSError as exc:
+            # Reported on every task, like any other start failure.
+            self._start_error = WorkerStartError(f"workers could not start: {exc}")
+            zygote = None
+        if zygote is not None:
+            core = _core.PoolCore(
+                zygote,
+                workers,
+                init_parts,
+                buffer_threshold,
+                task_timeout=task_timeout,
+                max_tasks_per_worker=max_tasks_per_worker,
+                max_memory=max_memory,
+                hard_memory_factor=float(hard_memory_factor),
+                forward_output=forward_output,
+            )
+            self._state = _State(core, workers)
+            _live.add(self._state)
+            self._finalizer = weakref.finalize(self, self._state.shutdown, False, False)
+
+    # Executor API ---------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedules ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``.
+
+        Pickling failures of the arguments are delivered through the future as
+        :class:`SerializationError`, naming the task and the object."""
+        return self.submit_with(fn, args, kwargs)
+
+    def submit_with(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Future:
+        """Like :meth:`submit`, with a per-task ``timeout`` (seconds) and ``retries``."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        kwargs = kwargs or {}
+        future = _TaskFuture()
+        state = self._state
+        if state is None:
+            future.set_exception(self._start_error or PoolClosed("pool is not running"))
+            return future
+        state.check_open()
+        _check_timeout(timeout, "timeout")
+        retries = self._retries if retries is None else retries
+        try:
+            fn_id = state.fn_id(fn)
+            parts = dumps((args, kwargs), self._threshold)
+        except SerializationError as exc:
+            future.set_exception(exc)
+            return future
+        except Exception as exc:
+            err = SerializationError(
+                f"the arguments of {describe_call(fn, args, kwargs)} could not be pickled: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            future.set_exception(err)
+            return future
+        task_id = next(state.ids)
+        future._core = state.core
+        future._task_id = task_id
+        state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries)
+        state.core.submit(task_id, fn_id, parts, timeout, retries)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        task_timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Ordered results of ``fn`` over ``iterables``, consumed lazily.
+
+        ``chunksize=None`` lets the pool size batches from measured task times.
+        ``timeout`` bounds the whole iteration, as in the stdlib; ``task_timeout``
+        bounds each chunk's run time on a worker."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        items = zip(*iterables)
+        total = _common_len(iterables)
+        return _MapRun(self, fn, items, total, timeout, chunksize, task_timeout, ordered=True)
+
+    def starmap(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        """Ordered ``fn(*args)`` for each ``args`` in ``iterable``."""
+        total = _common_len((iterable,))
+        items = (tuple(a) for a in iterable)
+        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=True)
+
+    def imap_unordered(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        """Results of ``fn`` over ``iterable`` in the order they finish."""
+        total = _common_len((iterable,))
+        items = ((x,) for x in iterable)
+        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=False)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stops the pool once queued work is done (pending work is dropped with
+        ``cancel_futures=True``). Safe to call more than once."""
+        if self._state is not None:
+            self._state.shutdown(wait, cancel_futures)
+
+    def terminate(self) -> None:
+        """Stops now: cancels every unfinished task and kills the workers."""
+        state = self._state
+        if state is None or state.pid != os.getpid():
+            return
+        state.closed = True
+        for entry in list(state.entries.values()):
+            entry.future.cancel()
+        state.entries.clear()
+        state.core.terminate()
+        state.core.join()
+        state.thread.join()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()
+        else:
+            self.shutdown(wait=True)
+        return False
+
+    # Introspection -------------------------------------------------------
+
+    def stats(self) -> list[WorkerInfo]:
+        """Per-worker figures: pid, tasks done, resident memory, restarts and why."""
+        if self._state is None:
+            return []
+        return [WorkerInfo(**d) for d in self._state.core.stats()]
+
+    @property
+    def workers(self) -> int:
+        """Number of worker processes."""
+        return self._max_workers
+
+
+def _check_timeout(value: float | None, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _common_len(iterables: tuple) -> int | None:
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class _MapRun:
+    """The iterator behind ``map``/``starmap``/``imap_unordered``: keeps a
+    bounded window of chunks in flight and refills it as results are taken."""
+
+    def __init__(self, pool: Pool, fn, items, total, timeout, chunksize, task_timeout, ordered) -> None:
+        state = pool._state
+        if state is None:
+            raise pool._start_error or PoolClosed("pool is not running")
+        state.check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        _check_timeout(task_timeout, "task_timeout")
+        self.pool = pool
+        self.state = state
+        self.fn = fn
+        self.fn_id = state.fn_id(fn)
+        self.items = iter(items)
+        self.remaining = total
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.chunksize = chunksize
+        self.task_timeout = task_timeout
+        self.ordered = ordered
+        self.window = max(4, 4 * state.workers)
+        self.inflight: deque[Future] = deque()
+        self.ready: deque[Any] = deque()
+        self.error: BaseException | None = None
+        self.exhausted = False
+        self._fill()
+
+    def _submit_chunk(self, batch: list) -> Future:
+        state = self.state
+        future = _TaskFuture()
+        future._batch = batch  # type: ignore[attr-defined]
+        try:
+            parts = dumps(batch, self.pool._threshold)
+        except Exception as exc:
+            err = SerializationError(
+                f"the arguments of {describe_call(self.fn, batch[0])} (or a neighbour in its chunk) "
+                f"could not be pickled: {type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            future.set_exception(err)
+            return future
+        task_id = next(state.ids)
+        future._core = state.core
+        future._task_id = task_id
+        state.entries[task_id] = _Entry(future, self.fn, batch, None, (), self.pool._retries, chunk=True)
+        state.core.submit(task_id, self.fn_id, parts, self.task_timeout, self.pool._retries, len(batch), CHUNK)
+        return future
+
+    def _fill(self) -> None:
+        while not self.exhausted and len(self.inflight) < self.window:
+            n = self.chunksize or self.state.core.chunk_size(self.fn_id, self.remaining)
+            batch = list(itertools.islice(self.items, n))
+            if not batch:
+                self.exhausted = True
+                break
+            if self.remaining is not None:
+                self.remaining -= len(batch)
+            self.inflight.append(self._submit_chunk(batch))
+
+    def __iter__(self) -> _MapRun:
+        return self
+
+    def __next__(self) -> Any:
+        if self.ready:
+            return self.ready.popleft()
+        if self.error is not None:
+            err, self.error = self.error, None
+            self.close()
+            raise err
+        if not self.inflight:
+            raise StopIteration
+        try:
+            future = self._take()
+            values, failure = self._chunk_outcome(future)
+        except BaseException:
+            self.close()
+            raise
+        self._fill()
+        self.ready.extend(values)
+        if failure is not None:
+            self.error = unpack_exception(failure)
+        return self.__next__()
+
+    def _take(self) -> Future:
+        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if self.ordered:
+            future = self.inflight[0]
+            if not _wait([future], remaining).done:
+                raise TimeoutError(f"map() results not ready within the timeout")
+            self.inflight.popleft()
+            return future
+        done, _ = _wait(self.inflight, remaining, return_when=FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError("map() results not ready within the timeout")
+        future = next(iter(done))
+        self.inflight.remove(future)
+        return future
+
+    def _chunk_outcome(self, future: Future) -> tuple[list, Any]:
+        try:
+            return future.result()
+        except (WorkerCrashed, TaskTimeout):
+            batch = future._batch  # type: ignore[attr-defined]
+            if len(batch) == 1:
+                raise
+        # A chunk whose worker died: run its items one by one so that only the
+        # item that kills a worker fails. Items before it may run twice.
+        values = []
+        for item in batch:
+            sub = self._submit_chunk([item])
+            try:
+                vals, failure = sub.result()
+            except BaseException:
+                for f in (sub,):
+                    f.cancel()
+                raise
+            values.extend(vals)
+            if failure is not None:
+                return values, failure
+        return values, None
+
+    def close(self) -> None:
+        """Withdraws chunks not yet started (also on Ctrl-C and garbage collection)."""
+        for f in self.inflight:
+            f.cancel()
+        self.inflight.clear()
+        self.exhausted = True
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
