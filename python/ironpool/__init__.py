@@ -15,28 +15,49 @@ Quick start::
 futures that work with ``as_completed``, ``wait`` and ``asyncio.wrap_future``.
 """
 
-from .errors import (
-    IronpoolError,
-    MemoryLimitExceeded,
-    PoolClosed,
-    RemoteError,
-    SerializationError,
-    TaskTimeout,
-    WorkerCrashed,
-    WorkerStartError,
-)
-from .pool import Pool, WorkerInfo
+# Names resolve on first use, so that worker processes (which import this
+# package) do not pay for the executor machinery they never run.
+_EXPORTS = {
+    "IronpoolError": "errors",
+    "MemoryLimitExceeded": "errors",
+    "PoolClosed": "errors",
+    "RemoteError": "errors",
+    "SerializationError": "errors",
+    "TaskTimeout": "errors",
+    "WorkerCrashed": "errors",
+    "WorkerStartError": "errors",
+    "Pool": "pool",
+    "WorkerInfo": "pool",
+}
 
-__all__ = [
-    "IronpoolError",
-    "MemoryLimitExceeded",
-    "Pool",
-    "PoolClosed",
-    "RemoteError",
-    "SerializationError",
-    "TaskTimeout",
-    "WorkerCrashed",
-    "WorkerInfo",
-    "WorkerStartError",
-]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ironpool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"ironpool.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if False:  # for type checkers; typing itself is not imported at run time
+    from .errors import (
+        IronpoolError,
+        MemoryLimitExceeded,
+        PoolClosed,
+        RemoteError,
+        SerializationError,
+        TaskTimeout,
+        WorkerCrashed,
+        WorkerStartError,
+    )
+    from .pool import Pool, WorkerInfo

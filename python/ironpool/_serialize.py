@@ -9,10 +9,10 @@ object over those mappings without copying.
 
 from __future__ import annotations
 
-import pickle
+# The C pickler directly: importing the `pickle` module costs a template
+# process ~10 ms of start-up (re, enum, functools) for nothing we use.
+import _pickle as pickle
 import reprlib
-import traceback
-from typing import Any
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -24,11 +24,11 @@ class _ByValue(Exception):
     """The stream refers to ``__main__``, which workers do not have."""
 
 
-def dumps(obj: Any, threshold: int) -> list:
+def dumps(obj: object, threshold: int) -> list:
     """Pickles ``obj``; buffers of ``threshold`` bytes or more go out of band."""
     buffers: list = []
 
-    def keep_large(pb: pickle.PickleBuffer) -> bool:
+    def keep_large(pb: object) -> bool:
         try:
             raw = pb.raw()
         except BufferError:  # not contiguous: let pickle copy it in-band
@@ -50,12 +50,12 @@ def dumps(obj: Any, threshold: int) -> list:
     return [data, *buffers]
 
 
-def loads(parts: list) -> Any:
+def loads(parts: list) -> object:
     """Inverse of ``dumps``; out-of-band parts are used in place."""
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
-def dumps_function(fn: Any) -> list:
+def dumps_function(fn: object) -> list:
     """Functions in importable modules go by reference; those from
     ``__main__``, a REPL or a notebook, lambdas and closures go by value."""
     qualname = getattr(fn, "__qualname__", "")
@@ -76,7 +76,7 @@ def dumps_function(fn: Any) -> list:
     return [cloudpickle.dumps(fn, protocol=5)]
 
 
-def describe_call(fn: Any, args: tuple = (), kwargs: dict | None = None) -> str:
+def describe_call(fn: object, args: tuple = (), kwargs: dict | None = None) -> str:
     """A short, safe description of a call for error messages."""
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or _repr.repr(fn)
     module = getattr(fn, "__module__", None)
@@ -92,6 +92,8 @@ def describe_call(fn: Any, args: tuple = (), kwargs: dict | None = None) -> str:
 def pack_exception(exc: BaseException) -> tuple:
     """A picklable stand-in for a raised exception: the exception itself when
     it pickles, else a RemoteError with its type, message and traceback."""
+    import traceback
+
     from .errors import RemoteError
 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -9,11 +9,15 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
-from typing import Any
 
 from . import _core
 from ._serialize import describe_call, dumps, loads, pack_exception
-from .errors import SerializationError
+
+
+def SerializationError(message: str) -> BaseException:  # noqa: N802 - imported late: errors pulls in multiprocessing
+    from .errors import SerializationError as cls
+
+    return cls(message)
 
 #: Task flag: the payload is a list of argument tuples (a ``map`` chunk).
 CHUNK = 1
@@ -25,7 +29,7 @@ class _Unloadable:
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: object, **kwargs: object) -> object:
         raise SerializationError(f"the function could not be unpickled in the worker: {self.error!r}")
 
 
@@ -35,7 +39,7 @@ class Handler:
     threshold = 64 * 1024
 
     def __init__(self) -> None:
-        self.fns: dict[int, Any] = {}
+        self.fns: dict[int, object] = {}
 
     def init(self, parts: list) -> list | None:
         try:
@@ -82,7 +86,7 @@ class Handler:
             del call
         return self._result(value, fn, args)
 
-    def _run_chunk(self, fn: Any, items: list) -> tuple[list, tuple | None]:
+    def _run_chunk(self, fn: object, items: list) -> tuple[list, tuple | None]:
         results = []
         for args in items:
             try:
@@ -91,7 +95,7 @@ class Handler:
                 return results, pack_exception(exc)
         return results, None
 
-    def _result(self, value: Any, fn: Any, args: tuple) -> tuple[bool, list]:
+    def _result(self, value: object, fn: object, args: tuple) -> tuple[bool, list]:
         try:
             return True, dumps(value, self.threshold)
         except BaseException as exc:  # noqa: BLE001
@@ -105,7 +109,7 @@ class Handler:
         return dumps(pack_exception(exc), self.threshold)
 
 
-def run(channel: Any) -> None:
+def run(channel: object) -> None:
     """Serves tasks until the pool is done, then exits the process."""
     faulthandler.enable()
     for stream in (sys.stdout, sys.stderr):

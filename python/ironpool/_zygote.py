@@ -53,7 +53,9 @@ def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
         if thread_limit is not None:
             for var in THREAD_LIMIT_VARS:
                 env[var] = str(thread_limit)
-        z = _core.Zygote.spawn([sys.executable, "-c", _BOOT], list(env.items()))
+        # -S: the parent's sys.path (site-packages included) is handed over
+        # explicitly, so the template can skip `site` and start faster.
+        z = _core.Zygote.spawn([sys.executable, "-S", "-c", _BOOT], list(env.items()))
         _zygotes[key] = z
         return z
 

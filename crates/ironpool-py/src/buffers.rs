@@ -76,7 +76,8 @@ pub fn encode(
         views.push(view);
     }
     let spans: Vec<(usize, usize)> = views.iter().map(|v| (v.buf_ptr() as usize, v.len_bytes())).collect();
-    let msg = py.detach(|| {
+    let large = spans.iter().any(|&(_, len)| len >= threshold) || spans.iter().map(|s| s.1).sum::<usize>() > 32 * 1024;
+    let build = || {
         // SAFETY: each view pins its exporter's memory until `views` drops,
         // after this closure; the bytes are only read.
         let slices: Vec<&[u8]> = spans
@@ -90,7 +91,10 @@ pub fn encode(
             })
             .collect();
         payload::encode(kind, id, aux, &slices, threshold)
-    });
+    };
+    // Detach only for real copies: releasing the GIL for a small message
+    // invites a GIL hand-off that costs more than the copy.
+    let msg = if large { py.detach(build) } else { build() };
     drop(views);
     msg.map_err(|e| crate::errors::engine_error(format!("could not build message: {e}")))
 }

@@ -676,7 +676,7 @@ impl Supervisor {
                     pid: w.pid.unwrap_or(0),
                     tasks_done: w.tasks_done,
                     busy: w.running().is_some(),
-                    rss: w.pid.and_then(platform::resident_bytes).unwrap_or(0),
+                    rss: 0, // read by `Pool::stats`, not on every task
                     restarts: self.restarts.get(w.slot).copied().unwrap_or(0),
                     last_exit: self.last_exit.get(w.slot).cloned().unwrap_or_default(),
                     busy_ns: w.busy_ns,

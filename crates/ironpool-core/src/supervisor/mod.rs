@@ -227,7 +227,11 @@ impl Pool {
     }
 
     pub fn stats(&self) -> Vec<WorkerStats> {
-        lock(&self.shared.stats).clone()
+        let mut stats = lock(&self.shared.stats).clone();
+        for s in &mut stats {
+            s.rss = crate::platform::resident_bytes(s.pid).unwrap_or(0);
+        }
+        stats
     }
 
     /// How many items of `fn_id` to put in the next `map` chunk.
