@@ -73,7 +73,10 @@ pub enum Outcome {
     Failed(Failure),
     /// No worker could start (the initializer failed, or workers died during
     /// set-up too often). `error` is the pickled exception payload, if any.
-    StartFailed { error: Option<Vec<u8>>, crash: Crash },
+    StartFailed {
+        error: Option<Vec<u8>>,
+        crash: Crash,
+    },
 }
 
 impl Task {

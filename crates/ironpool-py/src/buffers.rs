@@ -10,9 +10,9 @@ use ironpool_core::ipc::{Kind, Message};
 use ironpool_core::shm::Mapping;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
-use pyo3::ffi;
 
 /// A view of part of a shared segment. numpy arrays, pandas blocks and Arrow
 /// buffers rebuilt by pickle keep this object alive through the buffer
@@ -29,7 +29,11 @@ pub struct SharedBuffer {
 impl SharedBuffer {
     /// # Safety
     /// Called by the interpreter with a valid `view` to fill.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let this = slf.get();
         // SAFETY: offset + len was checked against the mapping when it was
         // decoded; the mapping lives as long as `slf`, which the view holds
@@ -37,12 +41,20 @@ impl SharedBuffer {
         // mapping is private copy-on-write, so writes never reach the segment.
         let rc = unsafe {
             let buf = this.map.as_ptr().add(this.offset).cast();
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), buf, this.len as ffi::Py_ssize_t, 0, flags)
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                buf,
+                this.len as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
         };
         if rc == 0 {
             Ok(())
         } else {
-            Err(PyErr::take(slf.py()).unwrap_or_else(|| PyBufferError::new_err("buffer export failed")))
+            Err(PyErr::take(slf.py())
+                .unwrap_or_else(|| PyBufferError::new_err("buffer export failed")))
         }
     }
 
@@ -71,21 +83,29 @@ pub fn encode(
     for (i, p) in parts.iter().enumerate() {
         let view = PyUntypedBuffer::get(&p)?;
         if !view.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("payload part {i} is not contiguous")));
+            return Err(PyValueError::new_err(format!(
+                "payload part {i} is not contiguous"
+            )));
         }
         views.push(view);
     }
-    let spans: Vec<(usize, usize)> = views.iter().map(|v| (v.buf_ptr() as usize, v.len_bytes())).collect();
-    let large = spans.iter().any(|&(_, len)| len >= threshold) || spans.iter().map(|s| s.1).sum::<usize>() > 32 * 1024;
+    let spans: Vec<(usize, usize)> = views
+        .iter()
+        .map(|v| (v.buf_ptr() as usize, v.len_bytes()))
+        .collect();
+    let large = spans.iter().any(|&(_, len)| len >= threshold)
+        || spans.iter().map(|s| s.1).sum::<usize>() > 32 * 1024;
     let build = || {
-        // SAFETY: each view pins its exporter's memory until `views` drops,
-        // after this closure; the bytes are only read.
         let slices: Vec<&[u8]> = spans
             .iter()
             .map(|&(ptr, len)| {
                 if len == 0 {
                     &[][..]
                 } else {
+                    // SAFETY: each view pins its exporter's memory until
+                    // `views` drops, after this closure; the bytes are only
+                    // read. Another thread mutating the object meanwhile can
+                    // tear the copy, exactly as it would tear a pickle.
                     unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
                 }
             })
@@ -110,7 +130,9 @@ pub fn decode<'py>(py: Python<'py>, msg: &Message) -> PyResult<Bound<'py, PyList
         match part {
             Part::Inline(r) => list.append(PyBytes::new(py, &msg.body[r]))?,
             Part::Segment(r) => {
-                let map = mapping.clone().ok_or_else(|| crate::errors::engine_error("segment part without segment".into()))?;
+                let map = mapping.clone().ok_or_else(|| {
+                    crate::errors::engine_error("segment part without segment".into())
+                })?;
                 list.append(Bound::new(
                     py,
                     SharedBuffer {

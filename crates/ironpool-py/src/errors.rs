@@ -1,8 +1,8 @@
 //! The one place engine errors become Python exceptions. The exception
 //! classes live in `ironpool/errors.py` so they can inherit stdlib types.
 
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::PyErr;
+use pyo3::exceptions::PyRuntimeError;
 
 /// An infrastructure failure (socket, segment, spawn) as a Python error.
 pub fn engine_error(msg: String) -> PyErr {

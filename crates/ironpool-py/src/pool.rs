@@ -126,12 +126,20 @@ impl PoolCore {
     /// Finished tasks as `(task_id, kind, parts, info, elapsed, attempts)`
     /// tuples; `None` once the pool has stopped and all were delivered.
     #[pyo3(signature = (timeout=None))]
-    fn wait_completions<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+    fn wait_completions<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         let Some(batch) = py.detach(|| self.pool.wait_completions(timeout)) else {
             return Ok(None);
         };
-        batch.into_iter().map(|c| completion(py, c)).collect::<PyResult<Vec<_>>>().map(Some)
+        batch
+            .into_iter()
+            .map(|c| completion(py, c))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Some)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
@@ -214,13 +222,18 @@ fn completion(py: Python<'_>, c: Completion) -> PyResult<Bound<'_, PyTuple>> {
         Outcome::Returned(m) => ("ok", buffers::decode(py, &m)?.into_any(), none),
         Outcome::Raised(m) => ("raised", buffers::decode(py, &m)?.into_any(), none),
         Outcome::Failed(f) => {
-            let kind = if matches!(f, Failure::TimedOut { .. }) { "timeout" } else { "crashed" };
+            let kind = if matches!(f, Failure::TimedOut { .. }) {
+                "timeout"
+            } else {
+                "crashed"
+            };
             (kind, none, failure_info(py, &f)?.into_any())
         }
         Outcome::StartFailed { error, crash } => {
             let parts = match error {
                 Some(body) => {
-                    let m = ironpool_core::ipc::Message::new(Kind::InitFailed, 0, 0).with_body(body);
+                    let m =
+                        ironpool_core::ipc::Message::new(Kind::InitFailed, 0, 0).with_body(body);
                     buffers::decode(py, &m)?.into_any()
                 }
                 None => none,

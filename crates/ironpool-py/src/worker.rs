@@ -15,7 +15,11 @@ use crate::zygote::WorkerChannel;
 /// `init(parts)`, `register(fn_id, parts)`, `run(task_id, fn_id, flags,
 /// parts) -> (ok, parts)` and a `threshold` attribute (segment size).
 #[pyfunction]
-pub fn worker_main(py: Python<'_>, channel: &WorkerChannel, handler: Bound<'_, PyAny>) -> PyResult<()> {
+pub fn worker_main(
+    py: Python<'_>,
+    channel: &WorkerChannel,
+    handler: Bound<'_, PyAny>,
+) -> PyResult<()> {
     let mut chan = channel
         .chan
         .lock()
@@ -52,8 +56,9 @@ pub fn worker_main(py: Python<'_>, channel: &WorkerChannel, handler: Bound<'_, P
             Kind::Task => {
                 let start = Instant::now();
                 let parts = buffers::decode(py, &msg)?;
-                let (ok, out): (bool, Bound<'_, PyList>) =
-                    handler.call_method1("run", (msg.id, msg.aux, msg.flags, parts))?.extract()?;
+                let (ok, out): (bool, Bound<'_, PyList>) = handler
+                    .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
+                    .extract()?;
                 let elapsed = start.elapsed().as_nanos() as u64;
                 let kind = if ok { Kind::Returned } else { Kind::Raised };
                 Some(buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?)

@@ -96,7 +96,10 @@ impl Channel {
     /// Sends, waiting for room if the socket is non-blocking and full.
     pub fn send_blocking(&self, msg: &Message) -> io::Result<()> {
         while !self.send(msg)? {
-            let mut fds = [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::OUT)];
+            let mut fds = [rustix::event::PollFd::new(
+                &self.fd,
+                rustix::event::PollFlags::OUT,
+            )];
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
@@ -113,8 +116,7 @@ impl Channel {
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let got = loop {
             let mut iov = [IoSliceMut::new(&mut self.buf)];
-            match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)
-            {
+            match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
                 Ok(r) => break r,
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return Ok(Recv::WouldBlock),
@@ -145,8 +147,10 @@ impl Channel {
         loop {
             match self.recv()? {
                 Recv::WouldBlock => {
-                    let mut fds =
-                        [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::IN)];
+                    let mut fds = [rustix::event::PollFd::new(
+                        &self.fd,
+                        rustix::event::PollFlags::IN,
+                    )];
                     match rustix::event::poll(&mut fds, None) {
                         Ok(_) | Err(Errno::INTR) => {}
                         Err(e) => return Err(RecvError::Io(e.into())),
@@ -179,7 +183,10 @@ mod tests {
         assert!(a.send(&msg).unwrap());
         match b.recv().unwrap() {
             Recv::Message(m) => {
-                assert_eq!((m.kind, m.id, m.aux, m.body.len(), m.fds.len()), (Kind::Task, 3, 4, 1000, 1));
+                assert_eq!(
+                    (m.kind, m.id, m.aux, m.body.len(), m.fds.len()),
+                    (Kind::Task, 3, 4, 1000, 1)
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -198,9 +205,15 @@ mod tests {
     fn oversized_and_garbage_frames_are_errors_not_panics() {
         let (a, mut b) = Channel::pair().unwrap();
         rustix::net::send(&a, &[1, 2, 3], SendFlags::empty()).unwrap();
-        assert!(matches!(b.recv(), Err(RecvError::Frame(FrameError::Short(3)))));
+        assert!(matches!(
+            b.recv(),
+            Err(RecvError::Frame(FrameError::Short(3)))
+        ));
         let big = vec![0u8; MAX_FRAME + 100];
         rustix::net::send(&a, &big, SendFlags::empty()).unwrap();
-        assert!(matches!(b.recv(), Err(RecvError::Frame(FrameError::Truncated))));
+        assert!(matches!(
+            b.recv(),
+            Err(RecvError::Frame(FrameError::Truncated))
+        ));
     }
 }

@@ -182,17 +182,29 @@ mod tests {
         let mut wire = m.header().to_vec();
         wire.extend_from_slice(&m.body);
         let d = Message::decode(&wire, Vec::new()).unwrap();
-        assert_eq!((d.kind, d.id, d.aux, d.body.as_slice()), (Kind::Task, 7, u64::MAX, &b"abc"[..]));
+        assert_eq!(
+            (d.kind, d.id, d.aux, d.body.as_slice()),
+            (Kind::Task, 7, u64::MAX, &b"abc"[..])
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        assert_eq!(Message::decode(b"short", vec![]).unwrap_err(), FrameError::Short(5));
+        assert_eq!(
+            Message::decode(b"short", vec![]).unwrap_err(),
+            FrameError::Short(5)
+        );
         let mut wire = Message::new(Kind::Task, 1, 2).header();
         wire[0] ^= 1;
-        assert!(matches!(Message::decode(&wire, vec![]), Err(FrameError::BadMagic(_))));
+        assert!(matches!(
+            Message::decode(&wire, vec![]),
+            Err(FrameError::BadMagic(_))
+        ));
         let mut wire = Message::new(Kind::Task, 1, 2).header();
         wire[4] = 200;
-        assert_eq!(Message::decode(&wire, vec![]).unwrap_err(), FrameError::UnknownKind(200));
+        assert_eq!(
+            Message::decode(&wire, vec![]).unwrap_err(),
+            FrameError::UnknownKind(200)
+        );
     }
 }

@@ -93,7 +93,9 @@ pub fn encode(
 pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError> {
     let body = &msg.body;
     let read = |at: usize, n: usize| -> Result<u64, FrameError> {
-        let bytes = body.get(at..at + n).ok_or(FrameError::BadPayload("table past end"))?;
+        let bytes = body
+            .get(at..at + n)
+            .ok_or(FrameError::BadPayload("table past end"))?;
         let mut b = [0u8; 8];
         b[..n].copy_from_slice(bytes);
         Ok(u64::from_le_bytes(b))
@@ -128,7 +130,8 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError>
                 inline_at = end;
             }
             SEGMENT => {
-                let limit = seg_len.ok_or(FrameError::BadPayload("segment part without segment"))?;
+                let limit =
+                    seg_len.ok_or(FrameError::BadPayload("segment part without segment"))?;
                 let end = off
                     .checked_add(len)
                     .filter(|&e| e <= limit)
@@ -140,7 +143,8 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError>
     }
     let mapping = match (msg.fds.first(), seg_len) {
         (Some(fd), Some(len)) => Some(
-            Mapping::private(fd, len as usize).map_err(|_| FrameError::BadPayload("segment mmap"))?,
+            Mapping::private(fd, len as usize)
+                .map_err(|_| FrameError::BadPayload("segment mmap"))?,
         ),
         _ => None,
     };

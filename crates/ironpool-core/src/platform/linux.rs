@@ -227,13 +227,23 @@ impl Poller {
 
     pub fn add(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
         use rustix::event::epoll;
-        epoll::add(&self.ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+        epoll::add(
+            &self.ep,
+            fd,
+            epoll::EventData::new_u64(token),
+            Self::flags(write),
+        )?;
         Ok(())
     }
 
     pub fn modify(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
         use rustix::event::epoll;
-        epoll::modify(&self.ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+        epoll::modify(
+            &self.ep,
+            fd,
+            epoll::EventData::new_u64(token),
+            Self::flags(write),
+        )?;
         Ok(())
     }
 
@@ -249,7 +259,11 @@ impl Poller {
             tv_nsec: d.subsec_nanos() as i64,
         });
         let mut events = Vec::with_capacity(64);
-        match epoll::wait(&self.ep, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
+        match epoll::wait(
+            &self.ep,
+            rustix::buffer::spare_capacity(&mut events),
+            ts.as_ref(),
+        ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }

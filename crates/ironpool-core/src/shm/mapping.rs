@@ -52,7 +52,8 @@ impl Mapping {
             )?
         };
         LIVE.fetch_add(1, Ordering::Relaxed);
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
         Ok(Self { ptr, len })
     }
 

@@ -25,7 +25,10 @@ impl SegmentWriter {
         let fd = platform::memfd("ironpool")?;
         let file = File::from(fd);
         file.set_len(total_len)?;
-        Ok(Self { file, len: total_len })
+        Ok(Self {
+            file,
+            len: total_len,
+        })
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {

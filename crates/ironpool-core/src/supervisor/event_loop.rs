@@ -48,7 +48,12 @@ pub(super) struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(cfg: PoolConfig, init: Message, session: Channel, shared: Arc<Shared>) -> io::Result<Self> {
+    pub fn new(
+        cfg: PoolConfig,
+        init: Message,
+        session: Channel,
+        shared: Arc<Shared>,
+    ) -> io::Result<Self> {
         session.set_nonblocking(true)?;
         let poller = Poller::new()?;
         poller.add(&shared.waker, WAKER, false)?;
@@ -181,7 +186,9 @@ impl Supervisor {
                 .filter(|w| matches!(w.state, State::Starting | State::Ready))
                 .map(|w| w.slot)
                 .collect();
-            let slot = (0..self.cfg.workers).find(|s| !used.contains(s)).unwrap_or(0);
+            let slot = (0..self.cfg.workers)
+                .find(|s| !used.contains(s))
+                .unwrap_or(0);
             if let Err(e) = self.spawn_worker(slot) {
                 self.mark_broken(None, &format!("could not start a worker: {e}"));
                 return;
@@ -190,7 +197,10 @@ impl Supervisor {
     }
 
     fn spawn_worker(&mut self, slot: usize) -> io::Result<()> {
-        let session = self.session.as_ref().ok_or_else(|| io::Error::other("no template process"))?;
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no template process"))?;
         let (ours, theirs) = Channel::pair()?;
         ours.set_nonblocking(true)?;
         let (out_r, out_w) = platform::output_pipe()?;
@@ -233,7 +243,9 @@ impl Supervisor {
 
     fn on_session(&mut self) {
         loop {
-            let Some(session) = self.session.as_mut() else { return };
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
             match session.recv() {
                 Ok(Recv::Message(mut m)) => match m.kind {
                     Kind::Forked => {
@@ -260,7 +272,8 @@ impl Supervisor {
                     }
                     Kind::ForkFailed => {
                         if let Some(w) = self.workers.get_mut(&m.id) {
-                            w.protocol_error = Some(format!("fork failed: {}", String::from_utf8_lossy(&m.body)));
+                            w.protocol_error =
+                                Some(format!("fork failed: {}", String::from_utf8_lossy(&m.body)));
                         }
                         self.on_exit(m.id, None);
                     }
@@ -290,7 +303,9 @@ impl Supervisor {
 
     fn on_channel(&mut self, key: u64) {
         loop {
-            let Some(w) = self.workers.get_mut(&key) else { return };
+            let Some(w) = self.workers.get_mut(&key) else {
+                return;
+            };
             if w.closed_at.is_some() {
                 return;
             }
@@ -321,7 +336,9 @@ impl Supervisor {
     }
 
     fn on_message(&mut self, key: u64, m: Message) {
-        let Some(w) = self.workers.get_mut(&key) else { return };
+        let Some(w) = self.workers.get_mut(&key) else {
+            return;
+        };
         match m.kind {
             Kind::Ready if w.state == State::Starting => {
                 w.state = State::Ready;
@@ -338,11 +355,14 @@ impl Supervisor {
                     .front()
                     .is_some_and(|f| f.task.id == m.id && f.started.is_some());
                 if !matches {
-                    w.protocol_error = Some(format!("result for task {} that it was not running", m.id));
+                    w.protocol_error =
+                        Some(format!("result for task {} that it was not running", m.id));
                     w.kill(KillReason::Protocol);
                     return;
                 }
-                let Some(done) = w.in_flight.pop_front() else { return };
+                let Some(done) = w.in_flight.pop_front() else {
+                    return;
+                };
                 let elapsed = Duration::from_nanos(m.aux);
                 w.tasks_done += 1;
                 self.stats_dirty = true;
@@ -368,13 +388,20 @@ impl Supervisor {
 
     /// Recycling between tasks: by task count and by private memory.
     fn maybe_retire(&mut self, key: u64) {
-        let Some(w) = self.workers.get_mut(&key) else { return };
+        let Some(w) = self.workers.get_mut(&key) else {
+            return;
+        };
         if w.state != State::Ready {
             return;
         }
-        let by_count = self.cfg.max_tasks_per_worker.is_some_and(|n| w.tasks_done >= n);
+        let by_count = self
+            .cfg
+            .max_tasks_per_worker
+            .is_some_and(|n| w.tasks_done >= n);
         let by_memory = match (self.cfg.max_memory, w.pid) {
-            (Some(limit), Some(pid)) => platform::resident_bytes(pid).is_some_and(|rss| rss > limit),
+            (Some(limit), Some(pid)) => {
+                platform::resident_bytes(pid).is_some_and(|rss| rss > limit)
+            }
             _ => false,
         };
         if by_count || by_memory {
@@ -392,7 +419,11 @@ impl Supervisor {
             let w = self.workers.get_mut(&key).expect("worker present");
             w.in_flight.extend(keep);
             w.outbox.retain(|o| matches!(o, Outgoing::Owned(_)));
-            let reason = if by_count { "recycled: task limit" } else { "recycled: memory limit" };
+            let reason = if by_count {
+                "recycled: task limit"
+            } else {
+                "recycled: memory limit"
+            };
             if let Some(s) = self.last_exit.get_mut(w.slot) {
                 *s = reason.to_string();
             }
@@ -401,16 +432,21 @@ impl Supervisor {
     }
 
     fn retire_if_idle(&mut self, key: u64) {
-        let Some(w) = self.workers.get_mut(&key) else { return };
+        let Some(w) = self.workers.get_mut(&key) else {
+            return;
+        };
         if w.state == State::Retiring && w.in_flight.is_empty() && w.closed_at.is_none() {
-            w.outbox.push_back(Outgoing::Owned(Message::new(Kind::Shutdown, 0, 0)));
+            w.outbox
+                .push_back(Outgoing::Owned(Message::new(Kind::Shutdown, 0, 0)));
             w.closed_at = Some(Instant::now());
             self.flush(key);
         }
     }
 
     fn on_exit(&mut self, key: u64, status: Option<ExitStatus>) {
-        let Some(mut w) = self.workers.remove(&key) else { return };
+        let Some(mut w) = self.workers.remove(&key) else {
+            return;
+        };
         if let Some(pid) = w.pid {
             self.pid_to_key.remove(&pid);
         }
@@ -482,7 +518,9 @@ impl Supervisor {
     }
 
     fn fail_pending_start(&mut self) {
-        let Some((error, crash)) = self.broken.clone() else { return };
+        let Some((error, crash)) = self.broken.clone() else {
+            return;
+        };
         for task in self.pending.take_all() {
             let outcome = Outcome::StartFailed {
                 error: error.clone(),
@@ -528,8 +566,12 @@ impl Supervisor {
             else {
                 return;
             };
-            let Some(task) = self.pending.pop() else { return };
-            let Some(w) = self.workers.get_mut(&key) else { return };
+            let Some(task) = self.pending.pop() else {
+                return;
+            };
+            let Some(w) = self.workers.get_mut(&key) else {
+                return;
+            };
             if !w.fns.contains(&task.fn_id) {
                 if let Some(f) = self.fns.get(&task.fn_id).and_then(|f| f.try_clone().ok()) {
                     w.outbox.push_back(Outgoing::Owned(f));
@@ -544,12 +586,18 @@ impl Supervisor {
     }
 
     fn flush(&mut self, key: u64) {
-        let Some(w) = self.workers.get_mut(&key) else { return };
+        let Some(w) = self.workers.get_mut(&key) else {
+            return;
+        };
         let mut failed = false;
         while let Some(next) = w.outbox.front() {
             let msg = match next {
                 Outgoing::Owned(m) => Some(m),
-                Outgoing::Task(id) => w.in_flight.iter().find(|f| f.task.id == *id).map(|f| &f.task.payload),
+                Outgoing::Task(id) => w
+                    .in_flight
+                    .iter()
+                    .find(|f| f.task.id == *id)
+                    .map(|f| &f.task.payload),
             };
             let Some(msg) = msg else {
                 w.outbox.pop_front();
@@ -578,7 +626,9 @@ impl Supervisor {
     }
 
     fn pump_output(&mut self, key: u64, stderr: bool) {
-        let Some(w) = self.workers.get_mut(&key) else { return };
+        let Some(w) = self.workers.get_mut(&key) else {
+            return;
+        };
         let cap = if stderr { &mut w.stderr } else { &mut w.stdout };
         let open = cap.pump();
         if !open {
@@ -709,7 +759,9 @@ impl Supervisor {
 fn describe_exit(c: &Crash) -> String {
     match (c.killed_by_pool, c.status) {
         (Some(KillReason::Timeout { limit }), _) => format!("killed: task timeout {limit:?}"),
-        (Some(KillReason::Memory { rss, limit }), _) => format!("killed: memory {rss} > {limit} bytes"),
+        (Some(KillReason::Memory { rss, limit }), _) => {
+            format!("killed: memory {rss} > {limit} bytes")
+        }
         (Some(KillReason::Protocol), _) => "killed: protocol error".into(),
         (Some(KillReason::Shutdown), _) => "killed: did not exit".into(),
         (None, Some(ExitStatus::Code(c))) => format!("exited with code {c}"),

@@ -205,7 +205,13 @@ impl Pool {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         while done.queue.is_empty() && !done.finished {
             match deadline {
-                None => done = self.shared.done_cv.wait(done).unwrap_or_else(|p| p.into_inner()),
+                None => {
+                    done = self
+                        .shared
+                        .done_cv
+                        .wait(done)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
                 Some(d) => {
                     let now = std::time::Instant::now();
                     if now >= d {

@@ -49,7 +49,10 @@ impl Pending {
 
     pub fn take_all(&mut self) -> Vec<Task> {
         let cancelled = std::mem::take(&mut self.cancelled);
-        self.queue.drain(..).filter(|t| !cancelled.contains(&t.id)).collect()
+        self.queue
+            .drain(..)
+            .filter(|t| !cancelled.contains(&t.id))
+            .collect()
     }
 }
 

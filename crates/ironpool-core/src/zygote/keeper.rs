@@ -16,7 +16,10 @@ use crate::platform::{self, Pidfd};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-static KEEPER: OnceLock<Mutex<Option<(i32, mpsc::Sender<Job>)>>> = OnceLock::new();
+/// The keeper of the current process: (pid that started it, its job queue).
+type Keeper = Option<(i32, mpsc::Sender<Job>)>;
+
+static KEEPER: OnceLock<Mutex<Keeper>> = OnceLock::new();
 
 /// Runs `job` on the keeper thread and waits for its answer.
 fn on_keeper<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
@@ -108,16 +111,27 @@ impl Zygote {
     /// with the error text if one of them failed.
     fn wait_ready(&mut self) -> io::Result<()> {
         let master = self.master.get_mut().unwrap_or_else(|p| p.into_inner());
-        let mut fds = [rustix::event::PollFd::new(&*master, rustix::event::PollFlags::IN)];
-        let limit = rustix::time::Timespec { tv_sec: 120, tv_nsec: 0 };
+        let mut fds = [rustix::event::PollFd::new(
+            &*master,
+            rustix::event::PollFlags::IN,
+        )];
+        let limit = rustix::time::Timespec {
+            tv_sec: 120,
+            tv_nsec: 0,
+        };
         if rustix::event::poll(&mut fds, Some(&limit))? == 0 {
             self.kill();
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "template process did not start within 120 s"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "template process did not start within 120 s",
+            ));
         }
         let master = self.master.get_mut().unwrap_or_else(|p| p.into_inner());
         let failure = match master.recv_blocking() {
             Ok(Recv::Message(m)) if m.kind == Kind::Ready => return Ok(()),
-            Ok(Recv::Message(m)) if m.kind == Kind::InitFailed => String::from_utf8_lossy(&m.body).into_owned(),
+            Ok(Recv::Message(m)) if m.kind == Kind::InitFailed => {
+                String::from_utf8_lossy(&m.body).into_owned()
+            }
             Ok(_) => "template process exited during start-up".to_string(),
             Err(e) => format!("template process sent garbage during start-up: {e}"),
         };
@@ -131,7 +145,10 @@ impl Zygote {
 
     /// True while the zygote process runs.
     pub fn is_alive(&self) -> bool {
-        let mut fds = [rustix::event::PollFd::new(&self.pidfd, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            &self.pidfd,
+            rustix::event::PollFlags::IN,
+        )];
         !matches!(rustix::event::poll(&mut fds, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0)
     }
 
@@ -155,7 +172,10 @@ impl Zygote {
         if platform::current_pid() != self.owner {
             return Ok(());
         }
-        let mut fds = [rustix::event::PollFd::new(&self.pidfd, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            &self.pidfd,
+            rustix::event::PollFlags::IN,
+        )];
         let _ = rustix::event::poll(&mut fds, None);
         self.pidfd.try_reap().map(|_| ())
     }
@@ -171,8 +191,14 @@ impl Drop for Zygote {
         if platform::current_pid() == self.owner {
             let master = self.master.get_mut().unwrap_or_else(|p| p.into_inner());
             let _ = rustix::net::shutdown(&*master, rustix::net::Shutdown::Both);
-            let mut fds = [rustix::event::PollFd::new(&self.pidfd, rustix::event::PollFlags::IN)];
-            let limit = rustix::time::Timespec { tv_sec: 2, tv_nsec: 0 };
+            let mut fds = [rustix::event::PollFd::new(
+                &self.pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            let limit = rustix::time::Timespec {
+                tv_sec: 2,
+                tv_nsec: 0,
+            };
             if !matches!(rustix::event::poll(&mut fds, Some(&limit)), Ok(n) if n > 0) {
                 let _ = self.pidfd.kill();
             }

@@ -66,7 +66,9 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                     Ok(Recv::WouldBlock) => {}
                 },
                 t if t & SESSION != 0 => {
-                    let Some(session) = st.sessions.get_mut(&t) else { continue };
+                    let Some(session) = st.sessions.get_mut(&t) else {
+                        continue;
+                    };
                     match session.recv() {
                         Ok(Recv::Message(m)) if m.kind == Kind::Fork && m.fds.len() == 3 => {
                             if let Some(child) = fork_one(&mut st, t, m, fork, me)? {
@@ -83,12 +85,20 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                 }
                 t if t & CHILD != 0 => {
                     let pid = (t & 0xffff_ffff) as i32;
-                    let Some((pidfd, _)) = st.children.get(&pid) else { continue };
-                    let Ok(Some(status)) = pidfd.try_reap() else { continue };
+                    let Some((pidfd, _)) = st.children.get(&pid) else {
+                        continue;
+                    };
+                    let Ok(Some(status)) = pidfd.try_reap() else {
+                        continue;
+                    };
                     if let Some((pidfd, session)) = st.children.remove(&pid) {
                         st.poller.delete(&pidfd);
                         if let Some(s) = st.sessions.get(&session) {
-                            let msg = Message::new(Kind::Exited, pid as u64, super::encode_status(status));
+                            let msg = Message::new(
+                                Kind::Exited,
+                                pid as u64,
+                                super::encode_status(status),
+                            );
                             let _ = s.send_blocking(&msg);
                         }
                     }
@@ -133,7 +143,10 @@ fn fork_one(
                     let copy = rustix::io::fcntl_dupfd_cloexec(&pidfd, 0)?;
                     st.poller.add(&pidfd, CHILD | pid as u32 as u64, false)?;
                     st.children.insert(pid, (pidfd, session));
-                    reply(st, Message::new(Kind::Forked, req.id, pid as u64).with_fds(vec![copy]));
+                    reply(
+                        st,
+                        Message::new(Kind::Forked, req.id, pid as u64).with_fds(vec![copy]),
+                    );
                 }
                 Err(e) => reply(
                     st,

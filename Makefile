@@ -1,0 +1,56 @@
+# Two commands matter: `make demo` (the main job) and `make test` (everything).
+# Both bootstrap .venv and build the extension in release mode themselves.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+RUST_SRC := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock pyproject.toml
+PY_SRC   := $(shell find python -name '*.py')
+
+.PHONY: all build demo test test-rust test-py lint bench bench-quick clean
+
+all: build
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(RUST_SRC)
+	$(VENV)/bin/maturin develop --release -q
+	touch $@
+
+build: $(VENV)/.built
+
+demo: build
+	$(PY) demo/file_job.py
+
+lint: $(VENV)/.deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches demo
+
+test-rust:
+	cargo test --workspace
+
+test-py: build
+	$(PY) -m pytest -q
+
+test: lint test-rust test-py
+
+$(VENV)/.bench-deps: requirements-bench.txt $(VENV)/.deps
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+bench: build $(VENV)/.bench-deps
+	$(PY) benches/run.py
+
+bench-quick: build $(VENV)/.bench-deps
+	$(PY) benches/run.py --quick
+
+clean:
+	rm -rf $(VENV) target
