@@ -14,7 +14,7 @@ from . import _core
 from ._serialize import describe_call, dumps, loads, pack_exception
 
 
-def SerializationError(message: str) -> BaseException:  # noqa: N802 - imported late: errors pulls in multiprocessing
+def SerializationError(message: str) -> BaseException:
     from .errors import SerializationError as cls
 
     return cls(message)
@@ -54,13 +54,13 @@ class Handler:
             if initializer is not None:
                 initializer(*cfg["initargs"])
             return None
-        except BaseException as exc:  # noqa: BLE001 - reported to the pool
+        except BaseException as exc:  # reported to the pool
             return dumps(pack_exception(exc), 1 << 62)
 
     def register(self, fn_id: int, parts: list) -> None:
         try:
             self.fns[fn_id] = loads(parts)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self.fns[fn_id] = _Unloadable(exc)
 
     def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[bool, list]:
@@ -69,7 +69,7 @@ class Handler:
             return False, self._error(RuntimeError(f"function {fn_id} was never registered"))
         try:
             call = loads(parts)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             err = SerializationError(
                 f"the arguments of task {task_id} for {describe_call(fn)} could not be unpickled "
                 f"in the worker: {type(exc).__name__}: {exc}"
@@ -80,7 +80,7 @@ class Handler:
         args, kwargs = call
         try:
             value = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit too: it ends the task, not the worker
+        except BaseException as exc:  # SystemExit too: it ends the task, not the worker
             return False, self._error(exc)
         finally:
             del call
@@ -91,14 +91,14 @@ class Handler:
         for args in items:
             try:
                 results.append(fn(*args))
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 return results, pack_exception(exc)
         return results, None
 
     def _result(self, value: object, fn: object, args: tuple) -> tuple[bool, list]:
         try:
             return True, dumps(value, self.threshold)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             err = SerializationError(
                 f"the result of {describe_call(fn, args)} could not be pickled: "
                 f"{type(value).__module__}.{type(value).__qualname__} object: {type(exc).__name__}: {exc}"
@@ -120,7 +120,7 @@ def run(channel: object) -> None:
     code = 0
     try:
         _core.worker_main(channel, Handler())
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         import traceback
 
         traceback.print_exc()
@@ -129,6 +129,6 @@ def run(channel: object) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
     os._exit(code)

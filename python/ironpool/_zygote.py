@@ -74,7 +74,7 @@ def main() -> None:
         for name in preload:
             importlib.import_module(name)
         from . import _worker  # noqa: F401 - imported once here, not per worker
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         import traceback
 
         _core.zygote_fail(fd, traceback.format_exc())

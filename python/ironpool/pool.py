@@ -10,9 +10,8 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, InvalidStateError
 from concurrent.futures import wait as _wait
-from concurrent.futures import FIRST_COMPLETED
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,22 +70,38 @@ class WorkerInfo:
     busy_seconds: float
 
 
-class _TaskFuture(Future):
-    """A ``concurrent.futures.Future`` that also withdraws its task from the
-    engine queue when cancelled."""
+#: How long a caller waiting in ``result()`` polls the workers itself before
+#: sleeping. Tiny tasks answer within this, saving two thread wake-ups.
+_SPIN_SECONDS = 200e-6
 
-    _core: Any = None
+
+class _TaskFuture(Future):
+    """A ``concurrent.futures.Future`` that withdraws its task from the engine
+    queue when cancelled, and whose ``result()``/``exception()`` collect
+    results in the calling thread instead of waiting for the results thread."""
+
+    _state: Any = None
     _task_id = 0
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
-        if cancelled and self._core is not None:
-            self._core.cancel(self._task_id)
+        if cancelled and self._state is not None:
+            self._state.core.cancel(self._task_id)
         return cancelled
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state is not None and not self.done():
+            self._state.collect_until(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state is not None and not self.done():
+            self._state.collect_until(self, timeout)
+        return super().exception(timeout)
 
 
 class _Entry:
-    __slots__ = ("future", "fn", "args", "kwargs", "retry_on", "retries", "chunk")
+    __slots__ = ("args", "chunk", "fn", "future", "kwargs", "retries", "retry_on")
 
     def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False):
         self.future = future
@@ -99,7 +114,8 @@ class _Entry:
 
     def describe(self) -> str:
         if self.chunk:
-            return f"a map chunk of {len(self.args)} items of {describe_call(self.fn, self.args[0] if self.args else ())}"
+            first = describe_call(self.fn, self.args[0] if self.args else ())
+            return f"a map chunk of {len(self.args)} items starting with {first}"
         return describe_call(self.fn, self.args, self.kwargs)
 
 
@@ -134,28 +150,53 @@ class _State:
 
     def _deliver(self) -> None:
         core = self.core
-        entries = self.entries
         while True:
             batch = core.wait_completions(None)
             if batch is None:
                 break
-            for task_id, kind, parts, info, _elapsed, attempts in batch:
-                entry = entries.pop(task_id, None)
-                if entry is None or entry.future.done():
-                    continue
-                try:
-                    self._resolve(task_id, entry, kind, parts, info, attempts)
-                except BaseException as exc:  # noqa: BLE001 - never lose a result
-                    _settle(entry.future, error=exc)
-        for entry in list(entries.values()):
+            self._process(batch)
+            core.kick()
+        for entry in list(self.entries.values()):
             _settle(entry.future, error=PoolClosed("the pool stopped before this task finished"))
-        entries.clear()
+        self.entries.clear()
+
+    def _process(self, batch: list) -> None:
+        entries = self.entries
+        for task_id, kind, parts, info, _elapsed, attempts in batch:
+            entry = entries.pop(task_id, None)
+            if entry is None or entry.future.done():
+                continue
+            try:
+                self._resolve(task_id, entry, kind, parts, info, attempts)
+            except BaseException as exc:  # never lose a result
+                _settle(entry.future, error=exc)
+
+    def collect_until(self, future: Future, timeout: float | None) -> None:
+        """Collects completions in this thread until ``future`` is done or
+        ``timeout`` passes (the caller then reads the future as usual)."""
+        if threading.current_thread() is self.thread or self.pid != os.getpid():
+            return
+        core = self.core
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not future.done():
+            generation = core.generation()
+            if future.done():
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            batch = core.pump(generation, _SPIN_SECONDS, remaining)
+            if batch is None:
+                return
+            if batch:
+                self._process(batch)
+                core.kick()
 
     def _resolve(self, task_id, entry: _Entry, kind, parts, info, attempts) -> None:
         if kind == "ok":
             try:
                 value = loads(parts)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 err = SerializationError(
                     f"the result of {entry.describe()} could not be unpickled: {type(exc).__name__}: {exc}"
                 )
@@ -269,7 +310,7 @@ def _shutdown_all() -> None:
     for state in list(_live):
         try:
             state.shutdown(wait=True, cancel_futures=False)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
@@ -449,7 +490,7 @@ class Pool(Executor):
             future.set_exception(err)
             return future
         task_id = next(state.ids)
-        future._core = state.core
+        future._state = state
         future._task_id = task_id
         state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries)
         state.core.submit(task_id, fn_id, parts, timeout, retries)
@@ -470,7 +511,7 @@ class Pool(Executor):
         bounds each chunk's run time on a worker."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        items = zip(*iterables)
+        items = zip(*iterables, strict=False)
         total = _common_len(iterables)
         return _MapRun(self, fn, items, total, timeout, chunksize, task_timeout, ordered=True)
 
@@ -602,7 +643,7 @@ class _MapRun:
             future.set_exception(err)
             return future
         task_id = next(state.ids)
-        future._core = state.core
+        future._state = state
         future._task_id = task_id
         state.entries[task_id] = _Entry(future, self.fn, batch, None, (), self.pool._retries, chunk=True)
         state.core.submit(task_id, self.fn_id, parts, self.task_timeout, self.pool._retries, len(batch), CHUNK)
@@ -648,7 +689,7 @@ class _MapRun:
         if self.ordered:
             future = self.inflight[0]
             if not _wait([future], remaining).done:
-                raise TimeoutError(f"map() results not ready within the timeout")
+                raise TimeoutError("map() results not ready within the timeout")
             self.inflight.popleft()
             return future
         done, _ = _wait(self.inflight, remaining, return_when=FIRST_COMPLETED)
@@ -691,6 +732,6 @@ class _MapRun:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 

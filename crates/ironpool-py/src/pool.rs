@@ -142,6 +142,38 @@ impl PoolCore {
             .map(Some)
     }
 
+    /// Like `wait_completions`, but for a caller that wants one result now:
+    /// polls the workers itself for up to `spin` seconds first, and returns
+    /// (possibly empty) once the generation moves past `generation`.
+    #[pyo3(signature = (generation, spin, timeout=None))]
+    fn pump<'py>(
+        &self,
+        py: Python<'py>,
+        generation: u64,
+        spin: f64,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        let spin = Duration::from_secs_f64(spin.max(0.0));
+        let Some(batch) = py.detach(|| self.pool.pump(generation, spin, timeout)) else {
+            return Ok(None);
+        };
+        batch
+            .into_iter()
+            .map(|c| completion(py, c))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Some)
+    }
+
+    fn generation(&self) -> u64 {
+        self.pool.generation()
+    }
+
+    /// Wakes callers blocked in `pump` to re-check their futures.
+    fn kick(&self) {
+        self.pool.kick();
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.pool
             .stats()

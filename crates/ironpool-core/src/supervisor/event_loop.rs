@@ -1,17 +1,24 @@
-//! The supervisor thread: one poll loop over the zygote session, every
-//! worker's channel and output pipes, and the nearest deadline.
+//! The engine state of one pool and the supervisor thread's poll loop over
+//! the zygote session, every worker's channel and output pipes, and the
+//! nearest deadline.
+//!
+//! The state sits behind one mutex. The supervisor thread drives it when
+//! descriptors become ready or a deadline passes; a caller thread drives it
+//! directly to submit (the task goes to an idle worker's socket without a
+//! thread hop) and, while it waits for a result, may poll the same
+//! descriptors itself (see `Pool::pump`).
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::output::Capture;
 use super::scheduler::Pending;
 use super::worker::{InFlight, Outgoing, State, Worker};
-use super::{Command, PoolConfig, Shared, WorkerStats, lock};
+use super::{PoolConfig, Shared, WorkerStats, lock};
 use crate::ipc::{Channel, Kind, Message, Recv};
-use crate::platform::{self, Pidfd, Poller};
+use crate::platform::{self, Pidfd, Ready};
 use crate::task::{Completion, Crash, ExitStatus, Failure, FnId, KillReason, Outcome, Task};
 use crate::zygote::decode_status;
 
@@ -25,10 +32,9 @@ fn token(key: u64, which: u64) -> u64 {
     (key << 2) | which
 }
 
-pub(super) struct Supervisor {
+pub(super) struct Engine {
     cfg: PoolConfig,
     shared: Arc<Shared>,
-    poller: Poller,
     session: Option<Channel>,
     workers: HashMap<u64, Worker>,
     pid_to_key: HashMap<i32, u64>,
@@ -47,7 +53,7 @@ pub(super) struct Supervisor {
     stats_dirty: bool,
 }
 
-impl Supervisor {
+impl Engine {
     pub fn new(
         cfg: PoolConfig,
         init: Message,
@@ -55,7 +61,7 @@ impl Supervisor {
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
         session.set_nonblocking(true)?;
-        let poller = Poller::new()?;
+        let poller = &shared.poller;
         poller.add(&shared.waker, WAKER, false)?;
         poller.add(&session, SESSION, false)?;
         lock(&shared.sizer).set_workers(cfg.workers);
@@ -63,7 +69,6 @@ impl Supervisor {
         Ok(Self {
             cfg,
             shared,
-            poller,
             session: Some(session),
             workers: HashMap::new(),
             pid_to_key: HashMap::new(),
@@ -83,81 +88,91 @@ impl Supervisor {
         })
     }
 
-    pub fn run(mut self) {
-        self.fill_workers();
-        loop {
-            self.publish();
-            if self.shutting_down && self.workers.is_empty() {
-                break;
-            }
-            let timeout = self.next_timeout();
-            let events = match self.poller.wait(timeout) {
-                Ok(ev) => ev,
-                Err(_) => break,
-            };
-            for ev in events {
-                match ev.token {
-                    WAKER => self.take_commands(),
-                    SESSION => self.on_session(),
-                    t => {
-                        let key = t >> 2;
-                        match t & 3 {
-                            0 => {
-                                if ev.writable {
-                                    self.flush(key);
-                                }
-                                if ev.readable {
-                                    self.on_channel(key);
-                                }
+    /// Handles ready descriptors, then advances timers, workers and dispatch.
+    pub fn handle(&mut self, events: &[Ready]) {
+        for ev in events {
+            match ev.token {
+                WAKER => self.shared.waker.drain(),
+                SESSION => self.on_session(),
+                t => {
+                    let key = t >> 2;
+                    match t & 3 {
+                        0 => {
+                            if ev.writable {
+                                self.flush(key);
                             }
-                            1 => self.pump_output(key, false),
-                            _ => self.pump_output(key, true),
+                            if ev.readable {
+                                self.on_channel(key);
+                            }
                         }
+                        1 => self.pump_output(key, false),
+                        _ => self.pump_output(key, true),
                     }
                 }
             }
-            self.check_timers();
-            self.fill_workers();
-            self.dispatch();
-            self.finish_shutdown();
         }
-        self.teardown();
+        self.tick();
+    }
+
+    pub fn tick(&mut self) {
+        self.check_timers();
+        self.fill_workers();
+        self.dispatch();
+        self.finish_shutdown();
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.shutting_down && self.workers.is_empty()
     }
 
     // ---- commands from callers -------------------------------------------
 
-    fn take_commands(&mut self) {
-        self.shared.waker.drain();
-        let cmds = std::mem::take(&mut *lock(&self.shared.inbox));
-        for cmd in cmds {
-            match cmd {
-                Command::Submit(task) => match &self.broken {
-                    Some((error, crash)) => {
-                        let outcome = Outcome::StartFailed {
-                            error: error.clone(),
-                            crash: crash.clone(),
-                        };
-                        self.complete(task, outcome, Duration::ZERO);
-                    }
-                    None => self.pending.push_back(task),
-                },
-                Command::RegisterFn(id, body) => {
-                    self.fns.insert(id, body);
-                }
-                Command::Cancel(id) => self.pending.cancel(id),
-                Command::CancelPending(reply) => {
-                    let _ = reply.send(self.pending.drain_all());
-                }
-                Command::Shutdown => self.shutting_down = true,
-                Command::Terminate => {
-                    self.shutting_down = true;
-                    drop(self.pending.take_all());
-                    for w in self.workers.values_mut() {
-                        w.kill(KillReason::Shutdown);
-                    }
-                }
-            }
+    /// Queues a task and sends it at once if a worker is free. Returns true
+    /// when the supervisor thread must recompute its sleep (a new deadline).
+    pub fn submit(&mut self, task: Task) -> bool {
+        if let Some((error, crash)) = &self.broken {
+            let outcome = Outcome::StartFailed {
+                error: error.clone(),
+                crash: crash.clone(),
+            };
+            self.complete(task, outcome, Duration::ZERO);
+            return false;
         }
+        let timed =
+            task.timeout.or(self.cfg.task_timeout).is_some() || self.cfg.max_memory.is_some();
+        self.pending.push_back(task);
+        self.dispatch();
+        timed
+    }
+
+    pub fn register_fn(&mut self, id: FnId, body: Message) {
+        self.fns.insert(id, body);
+    }
+
+    pub fn cancel(&mut self, id: u64) {
+        self.pending.cancel(id);
+    }
+
+    pub fn cancel_pending(&mut self) -> Vec<u64> {
+        self.pending.drain_all()
+    }
+
+    pub fn shutdown(&mut self) {
+        self.shutting_down = true;
+        self.finish_shutdown();
+    }
+
+    pub fn terminate(&mut self) {
+        self.shutting_down = true;
+        drop(self.pending.take_all());
+        for w in self.workers.values_mut() {
+            w.kill(KillReason::Shutdown);
+        }
+    }
+
+    /// Completions produced so far, taken by the caller that drove the engine.
+    pub fn take_done(&mut self) -> Vec<Completion> {
+        std::mem::take(&mut self.done)
     }
 
     // ---- worker lifecycle --------------------------------------------------
@@ -169,7 +184,7 @@ impl Supervisor {
             .count()
     }
 
-    fn fill_workers(&mut self) {
+    pub fn fill_workers(&mut self) {
         if self.shutting_down || self.broken.is_some() || self.session.is_none() {
             return;
         }
@@ -209,9 +224,9 @@ impl Supervisor {
         self.next_key += 1;
         let fork = Message::new(Kind::Fork, key, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
         session.send_blocking(&fork)?;
-        self.poller.add(&ours, token(key, 0), false)?;
-        self.poller.add(&out_r, token(key, 1), false)?;
-        self.poller.add(&err_r, token(key, 2), false)?;
+        self.shared.poller.add(&ours, token(key, 0), false)?;
+        self.shared.poller.add(&out_r, token(key, 1), false)?;
+        self.shared.poller.add(&err_r, token(key, 2), false)?;
         let forward = self.cfg.forward_output;
         let keep = self.cfg.stderr_tail_lines;
         let mut w = Worker {
@@ -288,7 +303,7 @@ impl Supervisor {
                 Ok(Recv::Closed) | Err(_) => {
                     // The zygote is gone, and its workers died with it.
                     if let Some(s) = self.session.take() {
-                        self.poller.delete(&s);
+                        self.shared.poller.delete(&s);
                     }
                     let keys: Vec<u64> = self.workers.keys().copied().collect();
                     for key in keys {
@@ -328,7 +343,7 @@ impl Supervisor {
 
     fn close_channel(&mut self, key: u64) {
         if let Some(w) = self.workers.get_mut(&key) {
-            self.poller.delete(&w.chan);
+            self.shared.poller.delete(&w.chan);
             w.closed_at = Some(Instant::now());
             w.state = State::Dead;
             w.outbox.clear();
@@ -617,7 +632,7 @@ impl Supervisor {
         let want = !w.outbox.is_empty() && !failed;
         if want != w.wants_write {
             w.wants_write = want;
-            let _ = self.poller.modify(&w.chan, token(key, 0), want);
+            let _ = self.shared.poller.modify(&w.chan, token(key, 0), want);
         }
         if failed {
             // The worker is dying; its exit report will settle its tasks.
@@ -638,7 +653,7 @@ impl Supervisor {
 
     // ---- time ------------------------------------------------------------
 
-    fn next_timeout(&self) -> Option<Duration> {
+    pub fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let mut next: Option<Instant> = self.respawn_at;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
@@ -714,7 +729,7 @@ impl Supervisor {
         }
     }
 
-    fn publish(&mut self) {
+    pub fn publish(&mut self) {
         if self.stats_dirty {
             self.stats_dirty = false;
             let mut stats: Vec<WorkerStats> = self
@@ -744,7 +759,7 @@ impl Supervisor {
         }
     }
 
-    fn teardown(&mut self) {
+    pub fn teardown(&mut self) {
         for w in self.workers.values_mut() {
             w.kill(KillReason::Shutdown);
         }
@@ -768,4 +783,25 @@ fn describe_exit(c: &Crash) -> String {
         (None, Some(ExitStatus::Signal(s))) => format!("killed by signal {s}"),
         (None, None) => "lost".into(),
     }
+}
+
+/// The supervisor thread: sleeps until a descriptor is ready or the nearest
+/// deadline, then drives the engine. Never touches Python.
+pub(super) fn run(shared: Arc<Shared>, engine: Arc<Mutex<Engine>>) {
+    lock(&engine).fill_workers();
+    loop {
+        let timeout = {
+            let mut e = lock(&engine);
+            e.publish();
+            if e.is_finished() {
+                break;
+            }
+            e.next_timeout()
+        };
+        let Ok(events) = shared.poller.wait(timeout) else {
+            break;
+        };
+        lock(&engine).handle(&events);
+    }
+    lock(&engine).teardown();
 }

@@ -1,9 +1,11 @@
 //! The pool supervisor: one Rust thread per pool that owns the workers.
 //!
-//! Callers talk to it through [`Pool`]: commands go into an inbox and an
-//! eventfd wakes the thread; finished tasks come back through a completion
-//! queue that a caller drains in batches. The thread itself never touches
-//! Python, so the GIL can never delay crash detection, timeouts or kills.
+//! Callers talk to it through [`Pool`]: they change the engine state under
+//! its mutex (submitting sends straight to a free worker), and an eventfd
+//! wakes the thread when its next deadline changed. Finished tasks come back
+//! through a completion queue that a caller drains in batches. The thread
+//! never touches Python, so the GIL can never delay crash detection,
+//! timeouts or kills.
 
 mod event_loop;
 mod output;
@@ -12,14 +14,17 @@ mod worker;
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::ipc::Message;
-use crate::platform::Waker;
+use crate::platform::{Poller, Waker};
 use crate::task::{Completion, FnId, Task, TaskId};
+
 use crate::zygote::Zygote;
+use event_loop::Engine;
 
 pub use scheduler::ChunkSizer;
 
@@ -77,15 +82,6 @@ pub struct WorkerStats {
     pub busy_ns: u64,
 }
 
-enum Command {
-    Submit(Task),
-    RegisterFn(FnId, Message),
-    Cancel(TaskId),
-    CancelPending(mpsc::Sender<Vec<TaskId>>),
-    Shutdown,
-    Terminate,
-}
-
 #[derive(Default)]
 struct Done {
     queue: VecDeque<Completion>,
@@ -93,10 +89,12 @@ struct Done {
 }
 
 struct Shared {
-    inbox: Mutex<Vec<Command>>,
+    poller: Poller,
     waker: Waker,
     done: Mutex<Done>,
     done_cv: Condvar,
+    /// Bumped by [`Pool::kick`]; wakes callers blocked in [`Pool::pump`].
+    generation: AtomicU64,
     stats: Mutex<Vec<WorkerStats>>,
     sizer: Mutex<ChunkSizer>,
 }
@@ -108,6 +106,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Handle on a running pool. Dropping it shuts the pool down.
 pub struct Pool {
     shared: Arc<Shared>,
+    engine: Arc<Mutex<Engine>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The process that started the supervisor thread. A forked copy of
     /// this handle must never join it: the thread does not exist there.
@@ -120,67 +119,92 @@ impl Pool {
     pub fn start(zygote: &Zygote, config: PoolConfig, init: Message) -> io::Result<Pool> {
         let session = zygote.session()?;
         let shared = Arc::new(Shared {
-            inbox: Mutex::new(Vec::new()),
+            poller: Poller::new()?,
             waker: Waker::new()?,
             done: Mutex::new(Done::default()),
             done_cv: Condvar::new(),
+            generation: AtomicU64::new(0),
             stats: Mutex::new(Vec::new()),
             sizer: Mutex::new(ChunkSizer::default()),
         });
-        let sup = event_loop::Supervisor::new(config, init, session, shared.clone())?;
-        let thread = std::thread::Builder::new()
-            .name("ironpool-supervisor".into())
-            .spawn(move || sup.run())?;
+        let engine = Arc::new(Mutex::new(Engine::new(
+            config,
+            init,
+            session,
+            shared.clone(),
+        )?));
+        let thread = {
+            let (shared, engine) = (shared.clone(), engine.clone());
+            std::thread::Builder::new()
+                .name("ironpool-supervisor".into())
+                .spawn(move || event_loop::run(shared, engine))?
+        };
         Ok(Pool {
             shared,
+            engine,
             thread: Mutex::new(Some(thread)),
             owner: crate::platform::current_pid(),
         })
     }
 
-    fn send(&self, cmd: Command) {
-        lock(&self.shared.inbox).push(cmd);
-        self.shared.waker.wake();
+    /// Runs `f` on the engine, publishes what it finished, and wakes the
+    /// supervisor thread if `f` says its sleep must be recomputed.
+    fn drive(&self, f: impl FnOnce(&mut Engine) -> bool) {
+        let wake = {
+            let mut e = lock(&self.engine);
+            let wake = f(&mut e);
+            e.publish();
+            wake
+        };
+        if wake {
+            self.shared.waker.wake();
+        }
     }
 
-    /// Queues a task. Its completion arrives through [`Pool::wait_completions`].
+    /// Queues a task and sends it to a free worker right away, from the
+    /// calling thread. Its completion arrives through [`Pool::wait_completions`]
+    /// or [`Pool::pump`].
     pub fn submit(&self, task: Task) {
-        self.send(Command::Submit(task));
-    }
-
-    /// Queues many tasks with one wake-up.
-    pub fn submit_many(&self, tasks: impl IntoIterator<Item = Task>) {
-        lock(&self.shared.inbox).extend(tasks.into_iter().map(Command::Submit));
-        self.shared.waker.wake();
+        self.drive(|e| e.submit(task));
     }
 
     /// Makes a function known; tasks refer to it by `id`.
     pub fn register_fn(&self, id: FnId, body: Message) {
-        self.send(Command::RegisterFn(id, body));
+        self.drive(|e| {
+            e.register_fn(id, body);
+            false
+        });
     }
 
     /// Drops a task that has not been sent to a worker yet. A task already
-    /// running still finishes; its completion is still delivered.
+    /// sent still finishes; its completion is still delivered.
     pub fn cancel(&self, id: TaskId) {
-        self.send(Command::Cancel(id));
+        self.drive(|e| {
+            e.cancel(id);
+            false
+        });
     }
 
     /// Drops every task not yet sent to a worker and returns their ids.
     pub fn cancel_pending(&self) -> Vec<TaskId> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Command::CancelPending(tx));
-        rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+        lock(&self.engine).cancel_pending()
     }
 
     /// Finishes queued work, then stops the workers. Returns at once.
     pub fn shutdown(&self) {
-        self.send(Command::Shutdown);
+        self.drive(|e| {
+            e.shutdown();
+            true
+        });
     }
 
     /// Drops queued work and kills every worker now. Tasks that were running
     /// complete as crashed (killed by the pool).
     pub fn terminate(&self) {
-        self.send(Command::Terminate);
+        self.drive(|e| {
+            e.terminate();
+            true
+        });
     }
 
     /// Waits until the supervisor thread has stopped every worker.
@@ -198,12 +222,18 @@ impl Pool {
     /// Takes all available completions, waiting up to `timeout` for the
     /// first. `None` means the pool has finished and nothing more will come.
     pub fn wait_completions(&self, timeout: Option<Duration>) -> Option<Vec<Completion>> {
+        self.wait(timeout, None)
+    }
+
+    fn wait(&self, timeout: Option<Duration>, generation: Option<u64>) -> Option<Vec<Completion>> {
         if crate::platform::current_pid() != self.owner {
             return None;
         }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let kicked =
+            || generation.is_some_and(|g| self.shared.generation.load(Ordering::Acquire) != g);
         let mut done = lock(&self.shared.done);
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        while done.queue.is_empty() && !done.finished {
+        while done.queue.is_empty() && !done.finished && !kicked() {
             match deadline {
                 None => {
                     done = self
@@ -213,7 +243,7 @@ impl Pool {
                         .unwrap_or_else(|p| p.into_inner())
                 }
                 Some(d) => {
-                    let now = std::time::Instant::now();
+                    let now = Instant::now();
                     if now >= d {
                         return Some(Vec::new());
                     }
@@ -226,10 +256,73 @@ impl Pool {
                 }
             }
         }
-        if done.queue.is_empty() {
+        if done.queue.is_empty() && done.finished {
             return None;
         }
         Some(done.queue.drain(..).collect())
+    }
+
+    /// The current kick generation; read it before checking whether the
+    /// result you want has arrived, then pass it to [`Pool::pump`].
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
+    /// Tells callers blocked in [`Pool::pump`] that results were delivered
+    /// by another thread, so they re-check theirs.
+    pub fn kick(&self) {
+        let _guard = lock(&self.shared.done);
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.shared.done_cv.notify_all();
+    }
+
+    /// Waits for completions on behalf of a caller that wants a result now.
+    /// For up to `spin` it polls the workers' sockets itself (no thread hop
+    /// between a worker's answer and this caller), then blocks like
+    /// [`Pool::wait_completions`]. Returns early, possibly empty, when the
+    /// generation moves past `generation`.
+    pub fn pump(
+        &self,
+        generation: u64,
+        spin: Duration,
+        timeout: Option<Duration>,
+    ) -> Option<Vec<Completion>> {
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        let spin_until = start + spin.min(timeout.unwrap_or(spin));
+        loop {
+            {
+                let mut done = lock(&self.shared.done);
+                if !done.queue.is_empty() {
+                    return Some(done.queue.drain(..).collect());
+                }
+                if done.finished {
+                    return None;
+                }
+            }
+            if self.shared.generation.load(Ordering::Acquire) != generation {
+                return Some(Vec::new());
+            }
+            let now = Instant::now();
+            if now >= spin_until {
+                break;
+            }
+            if let Ok(events) = self.shared.poller.wait(Some(Duration::ZERO)) {
+                if !events.is_empty() {
+                    let mut e = lock(&self.engine);
+                    e.handle(&events);
+                    let mine = e.take_done();
+                    e.publish();
+                    if !mine.is_empty() {
+                        return Some(mine);
+                    }
+                    continue;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        let rest = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        self.wait(rest, Some(generation))
     }
 
     pub fn stats(&self) -> Vec<WorkerStats> {

@@ -1,0 +1,361 @@
+"""ironpool.Pool as a drop-in concurrent.futures.Executor (issue 2, API part)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import os
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+import ironpool
+from conftest import Beacon, wait_until
+
+# --- tasks (module level: they go to workers by reference) -----------------
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def blocking(beacon: Beacon, value):
+    beacon.notify(os.getpid())
+    beacon.wait()
+    return value
+
+
+def sleepy_identity(x, delay):
+    time.sleep(delay)  # workload: makes later items finish first
+    return x
+
+
+def fail_at(x, bad):
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    return x * 10
+
+
+class Parser:
+    """Stands for a non-thread-safe native parser: one per worker, never shared."""
+
+    def __init__(self, config):
+        self.config = config
+        self.uses = 0
+
+    def parse(self, text):
+        self.uses += 1
+        sep = self.config["sep"]
+        return [int(t) for t in text.split(sep)]
+
+
+_worker_parser: Parser | None = None
+INIT_LOG = "IRONPOOL_TEST_INIT_LOG"
+
+
+def make_parser(config, log_path):
+    global _worker_parser
+    _worker_parser = Parser(config)
+    with open(log_path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def parse_in_worker(text):
+    p = _worker_parser
+    return os.getpid(), id(p), p.config["mode"], p.parse(text)
+
+
+def failing_initializer(log_path):
+    with open(log_path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    raise RuntimeError("cannot open the database")
+
+
+# --- futures ------------------------------------------------------------------
+
+
+def test_submit_returns_a_real_future(pool):
+    fut = pool.submit(square, 7)
+    assert isinstance(fut, cf.Future)
+    assert fut.result(timeout=30) == 49
+    assert fut.done() and not fut.cancelled() and fut.exception() is None
+    assert pool.submit(add, 1, 2, c=3).result(timeout=30) == 6
+    assert pool.submit(add, a=1, b=5).result(timeout=30) == 6
+    assert pool.submit(sum, [1, 2, 3]).result(timeout=30) == 6  # a builtin
+
+
+def test_done_callback_runs(pool):
+    seen = []
+    fut = pool.submit(square, 3)
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    fut.result(timeout=30)
+    assert wait_until(lambda: seen == [9], 5)
+
+
+def test_as_completed_yields_every_future(pool):
+    futs = {pool.submit(square, i): i for i in range(20)}
+    got = {futs[f]: f.result() for f in cf.as_completed(futs, timeout=30)}
+    assert got == {i: i * i for i in range(20)}
+
+
+def test_wait_first_completed_returns_while_another_task_runs(pool, beacon):
+    slow = pool.submit(blocking, beacon, "slow")
+    beacon.started(1)
+    fast = pool.submit(square, 5)
+    done, not_done = cf.wait([slow, fast], timeout=30, return_when=cf.FIRST_COMPLETED)
+    assert done == {fast} and not_done == {slow}
+    assert slow.running()
+    beacon.release()
+    done, not_done = cf.wait([slow, fast], timeout=30, return_when=cf.ALL_COMPLETED)
+    assert done == {slow, fast} and not not_done
+    assert slow.result() == "slow"
+
+
+def test_wait_first_exception(pool, beacon):
+    slow = pool.submit(blocking, beacon, "slow")
+    beacon.started(1)
+    bad = pool.submit(fail_at, 1, 1)
+    done, not_done = cf.wait([slow, bad], timeout=30, return_when=cf.FIRST_EXCEPTION)
+    assert done == {bad} and not_done == {slow}
+    beacon.release()
+    assert slow.result(timeout=30) == "slow"
+
+
+def test_future_result_timeout(pool, beacon):
+    fut = pool.submit(blocking, beacon, 1)
+    beacon.started(1)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.1)
+    beacon.release()
+    assert fut.result(timeout=30) == 1
+
+
+def test_asyncio_wrap_future(pool):
+    async def main():
+        loop = asyncio.get_running_loop()
+        futs = [asyncio.wrap_future(pool.submit(square, i)) for i in range(5)]
+        direct = await loop.run_in_executor(pool, square, 9)
+        return await asyncio.gather(*futs), direct
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == ([0, 1, 4, 9, 16], 81)
+
+
+# --- map, starmap, imap_unordered -------------------------------------------
+
+
+def test_map_keeps_input_order(pool):
+    # Earlier items sleep longer, so they finish last.
+    delays = [0.05 * (5 - i) for i in range(6)]
+    assert list(pool.map(sleepy_identity, range(6), delays, chunksize=1)) == list(range(6))
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 2, 7, 50, 1000])
+def test_map_chunksize_values(pool, chunksize):
+    assert list(pool.map(square, range(50), chunksize=chunksize)) == [i * i for i in range(50)]
+
+
+def test_map_several_iterables_stops_at_the_shortest(pool):
+    assert list(pool.map(pow, range(10), [2, 2, 2])) == [0, 1, 4]
+    assert list(pool.map(square, [])) == []
+
+
+def test_map_is_lazy_over_a_generator(pool):
+    consumed = 0
+
+    def items():
+        nonlocal consumed
+        for i in range(1_000_000):
+            consumed += 1
+            yield i
+
+    results = pool.map(square, items())
+    assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    assert consumed < 100_000, f"map consumed {consumed} inputs to produce 5 results"
+    # An endless input works too: only what is asked for is taken.
+    assert list(itertools.islice(pool.map(square, itertools.count()), 3)) == [0, 1, 4]
+
+
+def test_map_timeout_raises_timeout_error(pool, beacon):
+    results = pool.map(blocking, [beacon], [1], timeout=0.3)
+    beacon.started(1)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert time.monotonic() - start < 5
+    beacon.release()
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 3, 100])
+def test_map_raises_at_the_failing_item(pool, chunksize):
+    results = pool.map(fail_at, range(10), [6] * 10, chunksize=chunksize)
+    assert [next(results) for _ in range(6)] == [0, 10, 20, 30, 40, 50]
+    with pytest.raises(ValueError, match="item 6 is bad"):
+        next(results)
+
+
+def test_starmap(pool):
+    assert list(pool.starmap(pow, [(2, 3), (3, 2), (10, 0)])) == [8, 9, 1]
+    assert list(pool.starmap(add, ((i, i) for i in range(5)), chunksize=2)) == [0, 2, 4, 6, 8]
+
+
+def test_imap_unordered_yields_in_completion_order(pool, beacon):
+    items = [beacon, 1, 2, 3]
+
+    def fn(x):
+        return blocking(x, "slow") if isinstance(x, Beacon) else x
+
+    results = pool.imap_unordered(fn, items, chunksize=1)
+    beacon.started(1)
+    first_three = {next(results) for _ in range(3)}  # the blocked item does not hold them up
+    assert first_three == {1, 2, 3}
+    beacon.release()
+    assert next(results) == "slow"
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+def test_imap_unordered_returns_everything(pool):
+    assert sorted(pool.imap_unordered(square, range(100))) == [i * i for i in range(100)]
+
+
+# --- shutdown and context manager -------------------------------------------
+
+
+def test_shutdown_cancel_futures_cancels_queued_and_finishes_running(beacon):
+    pool = ironpool.Pool(2)
+    try:
+        running = [pool.submit(blocking, beacon, i) for i in range(2)]
+        beacon.started(2)
+        queued = [pool.submit(square, i) for i in range(6)]
+        pool.shutdown(wait=False, cancel_futures=True)
+        assert all(f.cancelled() for f in queued), [f._state for f in queued]
+        beacon.release(2)
+        assert [f.result(timeout=30) for f in running] == [0, 1]
+        pool.shutdown(wait=True)
+    finally:
+        pool.terminate()
+
+
+def test_shutdown_without_cancel_runs_queued_work():
+    pool = ironpool.Pool(1)
+    futs = [pool.submit(sleepy_identity, i, 0.01) for i in range(5)]
+    pool.shutdown(wait=True)
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == list(range(5))
+
+
+def test_submit_after_shutdown_raises_pool_closed():
+    pool = ironpool.Pool(1)
+    assert pool.submit(square, 2).result(timeout=30) == 4
+    pool.shutdown()
+    pool.shutdown()  # twice is fine
+    with pytest.raises(ironpool.PoolClosed):
+        pool.submit(square, 2)
+    with pytest.raises(RuntimeError):  # PoolClosed is a RuntimeError, like the stdlib's error
+        pool.submit(square, 2)
+    with pytest.raises(ironpool.PoolClosed):
+        list(pool.map(square, [1]))
+
+
+def test_context_manager_waits_for_work_and_closes():
+    with ironpool.Pool(2) as pool:
+        futs = [pool.submit(sleepy_identity, i, 0.02) for i in range(6)]
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == list(range(6))
+    with pytest.raises(ironpool.PoolClosed):
+        pool.submit(square, 1)
+
+
+def test_is_an_executor():
+    assert issubclass(ironpool.Pool, cf.Executor)
+
+
+# --- initializer -------------------------------------------------------------
+
+
+def test_initializer_gives_each_worker_its_own_state(tmp_path):
+    # P3/P5: per-worker parser built by the initializer; configuration goes to
+    # the workers through initargs (the documented way), not through globals.
+    log = tmp_path / "init.log"
+    config = {"mode": "strict", "sep": ";"}
+    with ironpool.Pool(2, initializer=make_parser, initargs=(config, str(log))) as pool:
+        out = list(pool.map(parse_in_worker, [f"{i};{i + 1}" for i in range(40)], chunksize=1))
+        pids_from_stats = {w.pid for w in pool.stats()}
+    assert [r[3] for r in out] == [[i, i + 1] for i in range(40)]
+    assert {r[2] for r in out} == {"strict"}
+    parser_of = {}
+    for pid, parser_id, _, _ in out:
+        parser_of.setdefault(pid, set()).add(parser_id)
+    assert all(len(ids) == 1 for ids in parser_of.values()), parser_of  # one parser per worker, kept
+    init_pids = [int(x) for x in log.read_text().split()]
+    assert len(init_pids) == len(set(init_pids)), "the initializer ran twice in one worker"
+    assert set(parser_of) <= set(init_pids)
+    assert set(init_pids) <= pids_from_stats | set(parser_of)
+
+
+def test_parent_global_changes_are_not_needed_with_initargs(tmp_path):
+    # P5: a parent-side change to a module global after import is invisible to
+    # workers (they import the module afresh); initargs carries it.
+    global INIT_LOG
+    old, INIT_LOG = INIT_LOG, "changed in the parent"
+    try:
+        with ironpool.Pool(1, initializer=make_parser, initargs=({"mode": INIT_LOG, "sep": ","}, str(tmp_path / "l"))) as p:
+            assert p.submit(parse_in_worker, "1,2").result(timeout=30)[2:] == ("changed in the parent", [1, 2])
+    finally:
+        INIT_LOG = old
+
+
+def test_initializer_that_raises_fails_futures_without_endless_respawn(tmp_path):
+    log = tmp_path / "init.log"
+    pool = ironpool.Pool(2, initializer=failing_initializer, initargs=(str(log),))
+    try:
+        futs = [pool.submit(square, i) for i in range(4)]
+        for f in futs:
+            err = f.exception(timeout=30)
+            assert isinstance(err, ironpool.WorkerStartError), repr(err)
+            assert isinstance(err, BrokenProcessPool)  # as the stdlib reports a failed initializer
+            assert "cannot open the database" in str(err)
+        with pytest.raises(ironpool.WorkerStartError):
+            pool.submit(square, 1).result(timeout=30)
+        # Respawning stops: the initializer is not called over and over.
+        calls = len(log.read_text().split())
+        time.sleep(0.5)  # observing an absence: no event to wait for
+        later = len(log.read_text().split())
+        assert later == calls, f"initializer still being retried: {calls} -> {later} calls"
+        assert calls <= 10, f"initializer called {calls} times for a 2-worker pool"
+    finally:
+        pool.shutdown(wait=True)
+
+
+# --- argument validation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, "2", True])
+def test_bad_worker_count_is_named(workers):
+    with pytest.raises((ValueError, TypeError), match="workers"):
+        ironpool.Pool(workers)
+
+
+def test_bad_arguments_are_named(pool):
+    with pytest.raises(ValueError, match="chunksize"):
+        pool.map(square, range(3), chunksize=0)
+    with pytest.raises(ValueError, match="chunksize"):
+        pool.map(square, range(3), chunksize=-2)
+    with pytest.raises(TypeError, match="callable"):
+        pool.submit(42)
+    with pytest.raises(TypeError, match="callable"):
+        pool.map("not a function", range(3))
+    with pytest.raises(TypeError, match="initializer"):
+        ironpool.Pool(1, initializer=5)
+    with pytest.raises(TypeError, match="initargs"):
+        ironpool.Pool(1, initializer=square, initargs=5)
+    with pytest.raises(ValueError, match="timeout"):
+        pool.map(square, range(3), timeout=-1)
+    # The pool is still fine after refusing bad calls.
+    assert pool.submit(square, 4).result(timeout=30) == 16
