@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 MIB = 1 << 20
+THRESHOLD = 64 * 1024  # ironpool.Pool's default buffer_threshold
 MEMFD_TAG = "/memfd:ironpool"
 
 
@@ -70,6 +71,12 @@ def hold_and_report(a, fifo: str, stash: list = []):  # noqa: B006 - the stash o
         time.sleep(3600)
 
 
+def segment_report(obj) -> tuple[int, int]:
+    """Run in a worker: (bytes of `obj`'s large buffers inside segments, bytes of its large buffers)."""
+    large = sum(n for _, n in buffer_spans(obj) if n >= THRESHOLD)
+    return bytes_in_segments(obj, THRESHOLD), large
+
+
 def raise_after_touching(a):
     float(a.sum())
     raise ValueError("task failed after reading its argument")
@@ -100,13 +107,15 @@ def buffer_spans(obj) -> list[tuple[int, int]]:
 
     spans: list[tuple[int, int]] = []
     if isinstance(obj, np.ndarray):
-        if obj.nbytes:
+        if obj.nbytes and not obj.dtype.hasobject:  # object arrays hold pointers, never shareable
             spans.append((obj.__array_interface__["data"][0], obj.nbytes))
     elif isinstance(obj, pd.DataFrame):
         for i in range(obj.shape[1]):
             spans += buffer_spans(obj.iloc[:, i])
     elif isinstance(obj, (pd.Series, pd.Index)):
         arr = obj.array
+        if hasattr(arr, "_mask") and hasattr(arr, "_data"):  # nullable Int64, Float64, boolean
+            return spans + buffer_spans(arr._data) + buffer_spans(arr._mask)
         for attr in ("_ndarray", "_pa_array", "codes", "_data"):
             inner = getattr(arr, attr, None)
             if inner is not None:
@@ -131,13 +140,14 @@ def buffer_spans(obj) -> list[tuple[int, int]]:
     return spans
 
 
-def bytes_in_segments(obj) -> int:
-    """How many bytes of `obj`'s data buffers lie inside ironpool segment
-    mappings of this process (that is: were not copied out on receipt)."""
+def bytes_in_segments(obj, min_size: int = 0) -> int:
+    """How many bytes of `obj`'s data buffers (of `min_size` bytes or more)
+    lie inside ironpool segment mappings of this process, that is, were not
+    copied out on receipt."""
     ranges = segment_ranges()
     total = 0
     for addr, n in buffer_spans(obj):
-        if any(lo <= addr and addr + n <= hi for lo, hi, _ in ranges):
+        if n >= min_size and any(lo <= addr and addr + n <= hi for lo, hi, _ in ranges):
             total += n
     return total
 
@@ -315,3 +325,54 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+# --- equality -------------------------------------------------------------------
+
+
+def assert_same(got, want, path: str = "obj") -> None:
+    """Deep equality for numpy, pandas, Arrow, bytes-likes and containers."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray), f"{path}: {type(got)}"
+        assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
+        assert got.dtype == want.dtype, f"{path}: dtype {got.dtype} != {want.dtype}"
+        assert got.shape == want.shape, f"{path}: shape {got.shape} != {want.shape}"
+        if want.dtype.hasobject:
+            assert got.tolist() == want.tolist(), path
+        elif isinstance(want, np.ma.MaskedArray):
+            np.testing.assert_array_equal(np.ma.getmaskarray(got), np.ma.getmaskarray(want))
+            np.testing.assert_array_equal(got.filled(), want.filled())
+        else:
+            # Bytes, not values: NaN payloads, -0.0 and NaT must survive too.
+            assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), path
+    elif isinstance(want, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+    elif isinstance(want, pd.Series):
+        pd.testing.assert_series_equal(got, want, check_exact=True)
+    elif isinstance(want, pd.Index):
+        pd.testing.assert_index_equal(got, want, exact=True)
+    elif isinstance(want, (pa.Array, pa.ChunkedArray, pa.Table, pa.RecordBatch)):
+        assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
+        if hasattr(want, "schema"):
+            assert got.schema.equals(want.schema, check_metadata=True), path
+        else:
+            assert got.type == want.type, path
+        assert got.equals(want), path
+    elif isinstance(want, memoryview):
+        assert bytes(memoryview(got).cast("B")) == bytes(want.cast("B")), path
+    elif isinstance(want, (bytes, bytearray)):
+        assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
+        assert got == want, path
+    elif isinstance(want, dict):
+        assert type(got) is type(want) and got.keys() == want.keys(), path
+        for k in want:
+            assert_same(got[k], want[k], f"{path}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert type(got) is type(want) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"

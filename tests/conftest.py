@@ -13,10 +13,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import ironpool
 import psutil
 import pytest
-
-import ironpool
 from ironpool import _zygote
 
 PYTHON = sys.executable

@@ -9,9 +9,8 @@ import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-import pytest
-
 import ironpool
+import pytest
 from conftest import Beacon, wait_until
 
 # --- tasks (module level: they go to workers by reference) -----------------
@@ -305,7 +304,8 @@ def test_parent_global_changes_are_not_needed_with_initargs(tmp_path):
     global INIT_LOG
     old, INIT_LOG = INIT_LOG, "changed in the parent"
     try:
-        with ironpool.Pool(1, initializer=make_parser, initargs=({"mode": INIT_LOG, "sep": ","}, str(tmp_path / "l"))) as p:
+        initargs = ({"mode": INIT_LOG, "sep": ","}, str(tmp_path / "l"))
+        with ironpool.Pool(1, initializer=make_parser, initargs=initargs) as p:
             assert p.submit(parse_in_worker, "1,2").result(timeout=30)[2:] == ("changed in the parent", [1, 2])
     finally:
         INIT_LOG = old
