@@ -27,6 +27,7 @@ _EXPORTS = {
     "WorkerCrashed": "errors",
     "WorkerStartError": "errors",
     "Pool": "pool",
+    "Shared": "pool",
     "WorkerInfo": "pool",
 }
 
@@ -60,4 +61,4 @@ if False:  # for type checkers; typing itself is not imported at run time
         WorkerCrashed,
         WorkerStartError,
     )
-    from .pool import Pool, WorkerInfo
+    from .pool import Pool, Shared, WorkerInfo

@@ -13,11 +13,55 @@ from __future__ import annotations
 # process ~10 ms of start-up (re, enum, functools) for nothing we use.
 import _pickle as pickle
 import reprlib
+import threading
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
 _repr.maxother = 40
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
+
+
+#: Objects registered with the pool (functions and shared arguments), in a
+#: worker: id -> object. Filled by the worker handler.
+REGISTRY: dict = {}
+
+_collecting = threading.local()
+
+
+def _shared_lookup(ref_id: int) -> object:
+    """Unpickles a shared reference in a worker: the registered object itself."""
+    try:
+        return REGISTRY[ref_id]
+    except KeyError:
+        raise LookupError(
+            f"shared object {ref_id} is not known to this worker: pass handles from "
+            "pool.share() only to tasks of the same pool"
+        ) from None
+
+
+class SharedRef:
+    """Pickles as a reference to an object the pool registered once; the
+    worker receives the object itself."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, ref_id: int) -> None:
+        self.id = ref_id
+
+    def __reduce__(self):
+        ids = getattr(_collecting, "ids", None)
+        if ids is not None:
+            ids.append(self.id)
+        return (_shared_lookup, (self.id,))
+
+
+def dumps_task(obj: object, threshold: int) -> tuple[list, list]:
+    """Like ``dumps``, also returning the ids of shared objects ``obj`` refers to."""
+    _collecting.ids = ids = []
+    try:
+        return dumps(obj, threshold), ids
+    finally:
+        _collecting.ids = None
 
 
 class _ByValue(Exception):

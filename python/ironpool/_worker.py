@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import _core
-from ._serialize import describe_call, dumps, loads, pack_exception
+from ._serialize import REGISTRY, describe_call, dumps, loads, pack_exception
 
 
 def SerializationError(message: str) -> BaseException:
@@ -39,7 +39,7 @@ class Handler:
     threshold = 64 * 1024
 
     def __init__(self) -> None:
-        self.fns: dict[int, object] = {}
+        self.fns = REGISTRY
 
     def init(self, parts: list) -> list | None:
         try:
@@ -62,6 +62,9 @@ class Handler:
             self.fns[fn_id] = loads(parts)
         except BaseException as exc:
             self.fns[fn_id] = _Unloadable(exc)
+
+    def forget(self, ref_id: int) -> None:
+        self.fns.pop(ref_id, None)
 
     def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[bool, list]:
         fn = self.fns.get(fn_id)

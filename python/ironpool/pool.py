@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, InvalidStateError
 from concurrent.futures import wait as _wait
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core, _zygote
-from ._serialize import describe_call, dumps, dumps_function, loads, unpack_exception
+from ._serialize import SharedRef, describe_call, dumps, dumps_function, dumps_task, loads, unpack_exception
 from ._worker import CHUNK
 from .errors import (
     PoolClosed,
@@ -27,7 +27,11 @@ from .errors import (
     describe_crash,
 )
 
-__all__ = ["Pool", "WorkerInfo"]
+__all__ = ["Pool", "Shared", "WorkerInfo"]
+
+#: Immutable large arguments (bytes, frozen numpy arrays, Arrow data) seen
+#: again by the same pool are sent once; this many are remembered.
+_AUTO_SHARE_ENTRIES = 16
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
@@ -68,6 +72,72 @@ class WorkerInfo:
     restarts: int
     last_exit: str
     busy_seconds: float
+
+
+class Shared:
+    """An object sent to each worker once, from :meth:`Pool.share`.
+
+    Pass the handle as a task argument (anywhere inside the arguments) and the
+    task receives the object itself. Large buffers inside it live in shared
+    memory that every worker maps: no copy per task, no copy per worker. The
+    object is a snapshot taken by ``share()``; later changes to it in the
+    caller are not seen by workers. ``value`` is the original object.
+
+    Example::
+
+        table = pool.share(big_dataframe)
+        totals = list(pool.map(score, [table] * 1000, range(1000)))
+        table.release()   # or let the handle be garbage collected
+    """
+
+    def __init__(self, state: _State, value: Any, ref_id: int) -> None:
+        self.value = value
+        self._ref = SharedRef(ref_id)
+        self._release = weakref.finalize(self, _unregister, state.core, ref_id, state.pid)
+
+    def __reduce__(self):
+        return self._ref.__reduce__()
+
+    def release(self) -> None:
+        """Frees the workers' copies now (pending tasks must not use it after)."""
+        self._release()
+
+    def __repr__(self) -> str:
+        return f"<ironpool.Shared id={self._ref.id} of {type(self.value).__name__}>"
+
+
+def _unregister(core: Any, ref_id: int, pid: int) -> None:
+    if os.getpid() == pid:
+        core.unregister(ref_id)
+
+
+def _frozen_array(a: Any) -> bool:
+    """A numpy array whose bytes cannot change: read-only all the way to a
+    base that is immutable (None or bytes)."""
+    while True:
+        if a.flags.writeable:
+            return False
+        base = a.base
+        if base is None or type(base) is bytes:
+            return True
+        if type(base).__name__ != "ndarray":
+            return False
+        a = base
+
+
+def _immutable_large(v: Any, threshold: int) -> bool:
+    t = type(v)
+    if t is bytes:
+        return len(v) >= threshold
+    module = t.__module__
+    if module == "numpy" and t.__name__ == "ndarray":
+        return v.nbytes >= threshold and not v.dtype.hasobject and _frozen_array(v)
+    if module.startswith("pyarrow"):
+        name = t.__name__
+        if name in ("Table", "RecordBatch", "ChunkedArray") or name.endswith("Array"):
+            nbytes = getattr(v, "nbytes", 0)
+            return isinstance(nbytes, int) and nbytes >= threshold
+    return False
 
 
 #: How long a caller waiting in ``result()`` polls the workers itself before
@@ -143,6 +213,7 @@ class _State:
         self.fn_ids: dict[Any, tuple[Any, int]] = {}
         self.fn_lock = threading.Lock()
         self.next_fn = itertools.count(1)
+        self.auto_shared: OrderedDict[int, tuple[Any, Shared]] = OrderedDict()
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
         self.thread.start()
 
@@ -229,11 +300,11 @@ class _State:
 
     def _retry(self, entry: _Entry, exc: BaseException) -> None:
         entry.retries -= 1
-        parts = dumps((entry.args, entry.kwargs), 1 << 62)
+        parts, needs = dumps_task((entry.args, entry.kwargs), 1 << 62)
         task_id = next(self.ids)
         self.entries[task_id] = entry
         fn_id = self.fn_id(entry.fn)
-        self.core.submit(task_id, fn_id, parts, None, 0)
+        self.core.submit(task_id, fn_id, parts, None, 0, needs=needs)
 
     # Submitting ----------------------------------------------------------
 
@@ -267,6 +338,65 @@ class _State:
                 self.fn_ids.clear()
             self.fn_ids[key] = (fn, fid)
             return fid
+
+    def share(self, value: Any, threshold: int) -> Shared:
+        try:
+            parts = dumps(value, threshold)
+        except Exception as exc:
+            raise SerializationError(
+                f"{type(value).__module__}.{type(value).__qualname__} object could not be pickled "
+                f"for sharing: {type(exc).__name__}: {exc}"
+            ) from exc
+        ref_id = next(self.next_fn)
+        self.core.register_fn(ref_id, parts)
+        return Shared(self, value, ref_id)
+
+    def auto_share(self, values: Any, threshold: int) -> Any | None:
+        """``values`` (a tuple, dict or list of argument tuples) with immutable
+        large items replaced by shared handles, or None if there are none."""
+        if isinstance(values, dict):
+            swapped = self.auto_share(tuple(values.values()), threshold)
+            return None if swapped is None else dict(zip(values, swapped, strict=True))
+        if isinstance(values, list):
+            rows = [self.auto_share(row, threshold) for row in values]
+            if all(r is None for r in rows):
+                return None
+            return [row if r is None else r for row, r in zip(values, rows, strict=True)]
+        out = list(values)
+        changed = False
+        for i, v in enumerate(out):
+            if _immutable_large(v, threshold):
+                out[i] = self._cached_share(v, threshold)
+                changed = True
+        return tuple(out) if changed else None
+
+    def _cached_share(self, value: Any, threshold: int) -> Shared:
+        with self.fn_lock:
+            hit = self.auto_shared.get(id(value))
+            if hit is not None and hit[0] is value:
+                self.auto_shared.move_to_end(id(value))
+                return hit[1]
+        handle = self.share(value, threshold)
+        with self.fn_lock:
+            self.auto_shared[id(value)] = (value, handle)
+            while len(self.auto_shared) > _AUTO_SHARE_ENTRIES:
+                _, (_, old) = self.auto_shared.popitem(last=False)
+                old.release()
+        return handle
+
+    def dumps_args(self, args: Any, kwargs: Any, threshold: int) -> tuple[list, list]:
+        """Pickles task arguments, sending immutable large ones once."""
+        call = (args, kwargs) if kwargs is not None else args
+        parts, needs = dumps_task(call, threshold)
+        if len(parts) > 1:  # large buffers: worth looking for repeats
+            new_args = self.auto_share(args, threshold)
+            new_kwargs = self.auto_share(kwargs, threshold) if kwargs else None
+            if new_args is not None or new_kwargs is not None:
+                args = args if new_args is None else new_args
+                kwargs = kwargs if new_kwargs is None else new_kwargs
+                call = (args, kwargs) if kwargs is not None else args
+                parts, needs = dumps_task(call, threshold)
+        return parts, needs
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if self.pid != os.getpid():
@@ -477,7 +607,7 @@ class Pool(Executor):
         retries = self._retries if retries is None else retries
         try:
             fn_id = state.fn_id(fn)
-            parts = dumps((args, kwargs), self._threshold)
+            parts, needs = state.dumps_args(args, kwargs, self._threshold)
         except SerializationError as exc:
             future.set_exception(exc)
             return future
@@ -493,7 +623,7 @@ class Pool(Executor):
         future._state = state
         future._task_id = task_id
         state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries)
-        state.core.submit(task_id, fn_id, parts, timeout, retries)
+        state.core.submit(task_id, fn_id, parts, timeout, retries, needs=needs)
         return future
 
     def map(
@@ -567,6 +697,15 @@ class Pool(Executor):
             self.shutdown(wait=True)
         return False
 
+    def share(self, value: Any) -> Shared:
+        """Sends ``value`` to each worker once; pass the returned handle to
+        tasks instead of the object. See :class:`Shared`."""
+        state = self._state
+        if state is None:
+            raise self._start_error or PoolClosed("pool is not running")
+        state.check_open()
+        return state.share(value, self._threshold)
+
     # Introspection -------------------------------------------------------
 
     def stats(self) -> list[WorkerInfo]:
@@ -633,7 +772,7 @@ class _MapRun:
         future = _TaskFuture()
         future._batch = batch  # type: ignore[attr-defined]
         try:
-            parts = dumps(batch, self.pool._threshold)
+            parts, needs = self.state.dumps_args(batch, None, self.pool._threshold)
         except Exception as exc:
             err = SerializationError(
                 f"the arguments of {describe_call(self.fn, batch[0])} (or a neighbour in its chunk) "
@@ -646,7 +785,9 @@ class _MapRun:
         future._state = state
         future._task_id = task_id
         state.entries[task_id] = _Entry(future, self.fn, batch, None, (), self.pool._retries, chunk=True)
-        state.core.submit(task_id, self.fn_id, parts, self.task_timeout, self.pool._retries, len(batch), CHUNK)
+        state.core.submit(
+            task_id, self.fn_id, parts, self.task_timeout, self.pool._retries, len(batch), CHUNK, needs=needs
+        )
         return future
 
     def _fill(self) -> None:

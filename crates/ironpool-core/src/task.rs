@@ -26,6 +26,9 @@ pub struct Task {
     pub payload: Message,
     /// Per-task limit; `None` falls back to the pool's.
     pub timeout: Option<Duration>,
+    /// Registered objects (shared arguments) the task refers to besides its
+    /// function; each is sent to a worker once, before its first such task.
+    pub needs: Vec<FnId>,
     /// Items in the task (a `map` chunk carries several; chunk sizing uses it).
     pub items: u32,
     /// Re-runs left after a crash or timeout.
@@ -87,6 +90,7 @@ impl Task {
             fn_id,
             payload,
             timeout: None,
+            needs: Vec::new(),
             items: 1,
             retries_left: 0,
             attempts: Vec::new(),

@@ -72,7 +72,7 @@ impl PoolCore {
     }
 
     /// Queues task `task_id` calling function `fn_id` with the payload `parts`.
-    #[pyo3(signature = (task_id, fn_id, parts, timeout=None, retries=0, items=1, flags=0))]
+    #[pyo3(signature = (task_id, fn_id, parts, timeout=None, retries=0, items=1, flags=0, needs=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -84,6 +84,7 @@ impl PoolCore {
         retries: u32,
         items: u32,
         flags: u8,
+        needs: Vec<u64>,
     ) -> PyResult<()> {
         let mut payload = buffers::encode(py, Kind::Task, task_id, fn_id, parts, self.threshold)?;
         payload.flags = flags;
@@ -91,6 +92,7 @@ impl PoolCore {
         task.timeout = seconds(timeout)?;
         task.retries_left = retries;
         task.items = items;
+        task.needs = needs;
         self.pool.submit(task);
         Ok(())
     }
@@ -100,6 +102,11 @@ impl PoolCore {
         let msg = buffers::encode(py, Kind::RegisterFn, fn_id, 0, parts, self.threshold)?;
         self.pool.register_fn(fn_id, msg);
         Ok(())
+    }
+
+    /// Forgets registered object `id` here and in every worker.
+    fn unregister(&self, id: u64) {
+        self.pool.unregister(id);
     }
 
     fn cancel(&self, task_id: u64) {

@@ -63,6 +63,10 @@ pub fn worker_main(
                 let kind = if ok { Kind::Returned } else { Kind::Raised };
                 Some(buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?)
             }
+            Kind::Forget => {
+                handler.call_method1("forget", (msg.id,))?;
+                None
+            }
             Kind::Shutdown => return Ok(()),
             other => return Err(engine_error(format!("unexpected {other:?} from the pool"))),
         };

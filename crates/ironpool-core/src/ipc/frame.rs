@@ -45,6 +45,8 @@ pub enum Kind {
     ForkFailed = 12,
     /// [P→W] finish and exit.
     Shutdown = 13,
+    /// [P→W] drop registered object `id` (a released shared object).
+    Forget = 14,
 }
 
 impl Kind {
@@ -64,6 +66,7 @@ impl Kind {
             11 => Session,
             12 => ForkFailed,
             13 => Shutdown,
+            14 => Forget,
             _ => return None,
         })
     }

@@ -149,6 +149,21 @@ impl Engine {
         self.fns.insert(id, body);
     }
 
+    /// Forgets a registered object; workers holding it are told to drop it.
+    pub fn unregister(&mut self, id: FnId) {
+        self.fns.remove(&id);
+        let keys: Vec<u64> = self.workers.keys().copied().collect();
+        for key in keys {
+            if let Some(w) = self.workers.get_mut(&key) {
+                if w.fns.remove(&id) && w.closed_at.is_none() {
+                    w.outbox
+                        .push_back(Outgoing::Owned(Message::new(Kind::Forget, id, 0)));
+                    self.flush(key);
+                }
+            }
+        }
+    }
+
     pub fn cancel(&mut self, id: u64) {
         self.pending.cancel(id);
     }
@@ -587,11 +602,12 @@ impl Engine {
             let Some(w) = self.workers.get_mut(&key) else {
                 return;
             };
-            if !w.fns.contains(&task.fn_id) {
-                if let Some(f) = self.fns.get(&task.fn_id).and_then(|f| f.try_clone().ok()) {
-                    w.outbox.push_back(Outgoing::Owned(f));
+            for id in std::iter::once(task.fn_id).chain(task.needs.iter().copied()) {
+                if w.fns.insert(id) {
+                    if let Some(f) = self.fns.get(&id).and_then(|f| f.try_clone().ok()) {
+                        w.outbox.push_back(Outgoing::Owned(f));
+                    }
                 }
-                w.fns.insert(task.fn_id);
             }
             let started = w.in_flight.is_empty().then(Instant::now);
             w.outbox.push_back(Outgoing::Task(task.id));

@@ -176,6 +176,14 @@ impl Pool {
         });
     }
 
+    /// Forgets a registered object (a released shared argument).
+    pub fn unregister(&self, id: FnId) {
+        self.drive(|e| {
+            e.unregister(id);
+            false
+        });
+    }
+
     /// Drops a task that has not been sent to a worker yet. A task already
     /// sent still finishes; its completion is still delivered.
     pub fn cancel(&self, id: TaskId) {
