@@ -22,7 +22,7 @@ use crate::platform::{self, Pidfd, Ready};
 use crate::task::{Completion, Crash, ExitStatus, Failure, FnId, KillReason, Outcome, Task};
 use crate::zygote::decode_status;
 
-const WAKER: u64 = 0;
+pub(super) const WAKER: u64 = 0;
 const SESSION: u64 = 1;
 /// A worker that closed its channel but was not reported dead by then is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
@@ -51,6 +51,8 @@ pub(super) struct Engine {
     last_exit: Vec<String>,
     done: Vec<Completion>,
     stats_dirty: bool,
+    /// When the supervisor thread wakes on its own (None: only on events).
+    sleep_until: Option<Instant>,
 }
 
 impl Engine {
@@ -85,6 +87,7 @@ impl Engine {
             last_exit: vec![String::new(); slots],
             done: Vec::new(),
             stats_dirty: true,
+            sleep_until: None,
         })
     }
 
@@ -127,22 +130,18 @@ impl Engine {
 
     // ---- commands from callers -------------------------------------------
 
-    /// Queues a task and sends it at once if a worker is free. Returns true
-    /// when the supervisor thread must recompute its sleep (a new deadline).
-    pub fn submit(&mut self, task: Task) -> bool {
+    /// Queues a task and sends it at once if a worker is free.
+    pub fn submit(&mut self, task: Task) {
         if let Some((error, crash)) = &self.broken {
             let outcome = Outcome::StartFailed {
                 error: error.clone(),
                 crash: crash.clone(),
             };
             self.complete(task, outcome, Duration::ZERO);
-            return false;
+            return;
         }
-        let timed =
-            task.timeout.or(self.cfg.task_timeout).is_some() || self.cfg.max_memory.is_some();
         self.pending.push_back(task);
         self.dispatch();
-        timed
     }
 
     pub fn register_fn(&mut self, id: FnId, body: Message) {
@@ -671,6 +670,26 @@ impl Engine {
 
     pub fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
+        self.next_deadline()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
+    /// Records when the supervisor thread will next wake on its own.
+    pub fn set_sleep(&mut self, timeout: Option<Duration>) {
+        self.sleep_until = timeout.map(|t| Instant::now() + t);
+    }
+
+    /// True when a caller's change created a deadline earlier than the
+    /// supervisor thread's planned wake-up: it must be woken to re-plan.
+    pub fn needs_wake(&self) -> bool {
+        match (self.next_deadline(), self.sleep_until) {
+            (Some(next), Some(planned)) => next < planned,
+            (Some(_), None) => true,
+            (None, _) => self.shutting_down,
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = self.respawn_at;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         let mut memory_watch = false;
@@ -688,7 +707,7 @@ impl Engine {
         if memory_watch {
             consider(self.last_memory_poll + MEMORY_POLL);
         }
-        next.map(|t| t.saturating_duration_since(now))
+        next
     }
 
     fn check_timers(&mut self) {
@@ -812,7 +831,9 @@ pub(super) fn run(shared: Arc<Shared>, engine: Arc<Mutex<Engine>>) {
             if e.is_finished() {
                 break;
             }
-            e.next_timeout()
+            let timeout = e.next_timeout();
+            e.set_sleep(timeout);
+            timeout
         };
         let Ok(events) = shared.poller.wait(timeout) else {
             break;

@@ -147,14 +147,15 @@ impl Pool {
         })
     }
 
-    /// Runs `f` on the engine, publishes what it finished, and wakes the
-    /// supervisor thread if `f` says its sleep must be recomputed.
-    fn drive(&self, f: impl FnOnce(&mut Engine) -> bool) {
+    /// Runs `f` on the engine from a caller's thread, publishes what it
+    /// finished, and wakes the supervisor thread if `f` created a deadline
+    /// earlier than the one it sleeps towards.
+    fn drive(&self, f: impl FnOnce(&mut Engine)) {
         let wake = {
             let mut e = lock(&self.engine);
-            let wake = f(&mut e);
+            f(&mut e);
             e.publish();
-            wake
+            e.needs_wake()
         };
         if wake {
             self.shared.waker.wake();
@@ -170,27 +171,18 @@ impl Pool {
 
     /// Makes a function known; tasks refer to it by `id`.
     pub fn register_fn(&self, id: FnId, body: Message) {
-        self.drive(|e| {
-            e.register_fn(id, body);
-            false
-        });
+        self.drive(|e| e.register_fn(id, body));
     }
 
     /// Forgets a registered object (a released shared argument).
     pub fn unregister(&self, id: FnId) {
-        self.drive(|e| {
-            e.unregister(id);
-            false
-        });
+        self.drive(|e| e.unregister(id));
     }
 
     /// Drops a task that has not been sent to a worker yet. A task already
     /// sent still finishes; its completion is still delivered.
     pub fn cancel(&self, id: TaskId) {
-        self.drive(|e| {
-            e.cancel(id);
-            false
-        });
+        self.drive(|e| e.cancel(id));
     }
 
     /// Drops every task not yet sent to a worker and returns their ids.
@@ -200,19 +192,13 @@ impl Pool {
 
     /// Finishes queued work, then stops the workers. Returns at once.
     pub fn shutdown(&self) {
-        self.drive(|e| {
-            e.shutdown();
-            true
-        });
+        self.drive(|e| e.shutdown());
     }
 
     /// Drops queued work and kills every worker now. Tasks that were running
     /// complete as crashed (killed by the pool).
     pub fn terminate(&self) {
-        self.drive(|e| {
-            e.terminate();
-            true
-        });
+        self.drive(|e| e.terminate());
     }
 
     /// Waits until the supervisor thread has stopped every worker.
@@ -315,12 +301,21 @@ impl Pool {
             if now >= spin_until {
                 break;
             }
-            if let Ok(events) = self.shared.poller.wait(Some(Duration::ZERO)) {
+            if let Ok(mut events) = self.shared.poller.wait(Some(Duration::ZERO)) {
+                // The wake-up eventfd is the supervisor thread's: draining it
+                // here could leave that thread asleep towards a stale deadline.
+                events.retain(|ev| ev.token != event_loop::WAKER);
                 if !events.is_empty() {
-                    let mut e = lock(&self.engine);
-                    e.handle(&events);
-                    let mine = e.take_done();
-                    e.publish();
+                    let (mine, wake) = {
+                        let mut e = lock(&self.engine);
+                        e.handle(&events);
+                        let mine = e.take_done();
+                        e.publish();
+                        (mine, e.needs_wake())
+                    };
+                    if wake {
+                        self.shared.waker.wake();
+                    }
                     if !mine.is_empty() {
                         return Some(mine);
                     }
