@@ -12,20 +12,27 @@ from __future__ import annotations
 # The C pickler directly: importing the `pickle` module costs a template
 # process ~10 ms of start-up (re, enum, functools) for nothing we use.
 import _pickle as pickle
-import reprlib
-import threading
+import _thread
 
-_repr = reprlib.Repr()
-_repr.maxstring = 40
-_repr.maxother = 40
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
+_repr = None
+
+
+def _short(value: object) -> str:
+    global _repr
+    if _repr is None:
+        import reprlib
+
+        _repr = reprlib.Repr()
+        _repr.maxstring = _repr.maxother = 40
+        _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
+    return _short(value)
 
 
 #: Objects registered with the pool (functions and shared arguments), in a
 #: worker: id -> object. Filled by the worker handler.
 REGISTRY: dict = {}
 
-_collecting = threading.local()
+_collecting = _thread._local()
 
 
 def _shared_lookup(ref_id: int) -> object:
@@ -122,14 +129,14 @@ def dumps_function(fn: object) -> list:
 
 def describe_call(fn: object, args: tuple = (), kwargs: dict | None = None) -> str:
     """A short, safe description of a call for error messages."""
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or _repr.repr(fn)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or _short(fn)
     module = getattr(fn, "__module__", None)
     if module and module != "builtins":
         name = f"{module}.{name}"
-    shown = [_repr.repr(a) for a in args[:4]]
+    shown = [_short(a) for a in args[:4]]
     if len(args) > 4:
         shown.append("...")
-    shown += [f"{k}={_repr.repr(v)}" for k, v in list((kwargs or {}).items())[:4]]
+    shown += [f"{k}={_short(v)}" for k, v in list((kwargs or {}).items())[:4]]
     return f"{name}({', '.join(shown)})"
 
 

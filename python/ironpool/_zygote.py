@@ -8,9 +8,9 @@ re-execute the caller's ``__main__`` and a new worker costs a fork.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
 
 from . import _core
 
@@ -30,7 +30,7 @@ _BOOT = (
     "from ironpool._zygote import main; main()"
 )
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 _zygotes: dict[tuple, _core.Zygote] = {}
 _owner = os.getpid()
 
@@ -62,17 +62,15 @@ def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
 
 def main() -> None:
     """Entry point of the template process."""
-    import signal
+    import _signal  # `signal` would import enum: start-up time
 
     fd = int(os.environ.pop("IRONPOOL_ZYGOTE_FD"))
     # Ctrl-C is the caller's to handle; workers must not die of it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     preload = [m for m in os.environ.pop("IRONPOOL_PRELOAD", "").split(",") if m]
     try:
-        import importlib
-
         for name in preload:
-            importlib.import_module(name)
+            __import__(name)
         from . import _worker  # noqa: F401 - imported once here, not per worker
     except BaseException:
         import traceback
