@@ -50,6 +50,21 @@ def make_frame(rows: int, cols: int, seed: int):
     return pd.DataFrame({f"c{j}": base + (seed * cols + j) for j in range(cols)})
 
 
+def build_result(kind: str):
+    """Run in a worker: a large result made there (no argument segment involved)."""
+    if kind == "numpy":
+        return make_array(8 * MIB, 1)
+    if kind == "frame":
+        return make_frame(100_000, 4, 2)
+    if kind == "arrow":
+        import pyarrow as pa
+
+        return pa.table({"x": np.arange(1_000_000), "s": pa.array([f"s{i}" for i in range(100_000)] * 10)})
+    if kind == "bytes":
+        return os.urandom(8 * MIB)
+    raise ValueError(kind)
+
+
 def expected_frame_sum(rows: int, cols: int, seed: int) -> float:
     base = rows * (rows - 1) / 2
     return sum(base + rows * (seed * cols + j) for j in range(cols))
@@ -295,11 +310,16 @@ def footprint(pids: list[int]) -> int:
     return total + sum(shm.values())
 
 
-class PeakSampler:
-    """Samples footprint(parent + all its descendants) in a thread."""
+def pool_pids(pool) -> list[int]:
+    """This process and the current workers of `pool` (not other pools' exiting workers)."""
+    return [os.getpid()] + [w.pid for w in pool.stats() if w.pid > 0]
 
-    def __init__(self, root: int | None = None, interval: float = 0.005) -> None:
-        self.root = root or os.getpid()
+
+class PeakSampler:
+    """Samples footprint(pids()) in a thread and keeps the peak."""
+
+    def __init__(self, pids, interval: float = 0.005) -> None:
+        self.pids = pids
         self.interval = interval
         self.peak = 0
         self.samples = 0
@@ -307,7 +327,7 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
 
     def sample(self) -> int:
-        value = footprint(tree_pids(self.root))
+        value = footprint(self.pids())
         self.peak = max(self.peak, value)
         self.samples += 1
         return value
@@ -372,7 +392,7 @@ def assert_same(got, want, path: str = "obj") -> None:
             assert_same(got[k], want[k], f"{path}[{k!r}]")
     elif isinstance(want, (list, tuple)):
         assert type(got) is type(want) and len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_same(g, w, f"{path}[{i}]")
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 # process ~10 ms of start-up (re, enum, functools) for nothing we use.
 import _pickle as pickle
 import _thread
+import sys
 
 _repr = None
 
@@ -25,7 +26,7 @@ def _short(value: object) -> str:
         _repr = reprlib.Repr()
         _repr.maxstring = _repr.maxother = 40
         _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
-    return _short(value)
+    return _repr.repr(value)
 
 
 #: Objects registered with the pool (functions and shared arguments), in a
@@ -71,6 +72,57 @@ def dumps_task(obj: object, threshold: int) -> tuple[list, list]:
         _collecting.ids = None
 
 
+def _rebuild_viewed(raw: object, dtype: object, shape: tuple, fortran: bool) -> object:
+    """Inverse of ``_reduce_ndarray``: the bytes viewed as the original dtype."""
+    if fortran:
+        return raw.view(dtype).reshape(shape[::-1]).T
+    return raw.view(dtype).reshape(shape)
+
+
+def _reduce_ndarray(a: object) -> tuple:
+    """numpy pickles datetime64, timedelta64 and structured arrays in-band
+    (their dtypes cannot be exported through the buffer protocol). Sending
+    their bytes as uint8 lets them travel out of band like any other array."""
+    dt = a.dtype
+    if a.size and not dt.hasobject and (dt.kind in "mM" or dt.names is not None):
+        if a.flags.c_contiguous:
+            return (_rebuild_viewed, (a.reshape(-1).view("u1"), dt, a.shape, False))
+        if a.flags.f_contiguous:
+            return (_rebuild_viewed, (a.T.reshape(-1).view("u1"), dt, a.shape, True))
+    return a.__reduce_ex__(5)
+
+
+_dispatch_table: dict | None = None
+
+
+def _numpy_table() -> dict | None:
+    """The pickler dispatch table with the ndarray reducer, once numpy is loaded."""
+    global _dispatch_table
+    if _dispatch_table is None:
+        np = sys.modules.get("numpy")
+        if np is None:
+            return None
+        import copyreg
+
+        table = dict(copyreg.dispatch_table)
+        table[np.ndarray] = _reduce_ndarray
+        _dispatch_table = table
+    return _dispatch_table
+
+
+def _pickle_dumps(obj: object, buffer_callback) -> bytes:
+    table = _numpy_table()
+    if table is None:
+        return pickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
+    import io
+
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=5, buffer_callback=buffer_callback)
+    pickler.dispatch_table = table
+    pickler.dump(obj)
+    return out.getvalue()
+
+
 class _ByValue(Exception):
     """The stream refers to ``__main__``, which workers do not have."""
 
@@ -90,7 +142,7 @@ def dumps(obj: object, threshold: int) -> list:
         return False
 
     try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        data = _pickle_dumps(obj, keep_large)
         if b"__main__" in data:
             raise _ByValue
     except (pickle.PicklingError, TypeError, AttributeError, _ByValue):

@@ -12,6 +12,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, InvalidStateError
 from concurrent.futures import wait as _wait
+from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures._base import RUNNING as _RUNNING
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +32,10 @@ from .errors import (
 __all__ = ["Pool", "Shared", "WorkerInfo"]
 
 #: Immutable large arguments (bytes, frozen numpy arrays, Arrow data) seen
-#: again by the same pool are sent once; this many are remembered.
+#: again by the same pool are sent once; this many are remembered (weakly
+#: where the type allows it; bytes are held, up to _AUTO_SHARE_HELD_BYTES).
 _AUTO_SHARE_ENTRIES = 16
+_AUTO_SHARE_HELD_BYTES = 256 * 2**20
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
@@ -150,30 +154,41 @@ class _TaskFuture(Future):
     queue when cancelled, and whose ``result()``/``exception()`` collect
     results in the calling thread instead of waiting for the results thread."""
 
-    _state: Any = None
+    _pool_state: Any = None
     _task_id = 0
 
     def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled and self._state is not None:
-            self._state.core.cancel(self._task_id)
-        return cancelled
+        """Cancels a task not yet handed to a worker (as the stdlib, a task a
+        worker has taken is running and cannot be cancelled)."""
+        pool = self._pool_state
+        if pool is not None and not self.done() and not pool.core.cancel(self._task_id):
+            self.running()  # mark it so
+            return False
+        return super().cancel()
+
+    def running(self) -> bool:
+        pool = self._pool_state
+        if pool is not None and self._state == _PENDING and pool.core.is_dispatched(self._task_id):
+            with self._condition:
+                if self._state == _PENDING:
+                    self._state = _RUNNING
+        return super().running()
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._state is not None and not self.done():
-            self._state.collect_until(self, timeout)
+        if self._pool_state is not None and not self.done():
+            self._pool_state.collect_until(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state is not None and not self.done():
-            self._state.collect_until(self, timeout)
+        if self._pool_state is not None and not self.done():
+            self._pool_state.collect_until(self, timeout)
         return super().exception(timeout)
 
 
 class _Entry:
-    __slots__ = ("args", "chunk", "fn", "future", "kwargs", "retries", "retry_on")
+    __slots__ = ("args", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on")
 
-    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False):
+    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False, keep=()):
         self.future = future
         self.fn = fn
         self.args = args
@@ -181,6 +196,7 @@ class _Entry:
         self.retry_on = retry_on
         self.retries = retries
         self.chunk = chunk
+        self.keep = keep  # shared handles the payload refers to
 
     def describe(self) -> str:
         if self.chunk:
@@ -203,9 +219,10 @@ class _State:
     """Everything the result thread needs; holds no reference to the Pool, so
     an unreferenced pool can be collected and shut down."""
 
-    def __init__(self, core: Any, workers: int) -> None:
+    def __init__(self, core: Any, workers: int, threshold: int) -> None:
         self.core = core
         self.workers = workers
+        self.threshold = threshold
         self.entries: dict[int, _Entry] = {}
         self.ids = itertools.count(1)
         self.closed = False
@@ -213,7 +230,8 @@ class _State:
         self.fn_ids: dict[Any, tuple[Any, int]] = {}
         self.fn_lock = threading.Lock()
         self.next_fn = itertools.count(1)
-        self.auto_shared: OrderedDict[int, tuple[Any, Shared]] = OrderedDict()
+        # id(value) -> (weakref or value, handle, bytes held strongly)
+        self.auto_shared: OrderedDict[int, tuple[Any, Shared, int]] = OrderedDict()
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
         self.thread.start()
 
@@ -226,6 +244,7 @@ class _State:
             if batch is None:
                 break
             self._process(batch)
+            del batch  # do not pin the last results' segments while asleep
             core.kick()
         for entry in list(self.entries.values()):
             _settle(entry.future, error=PoolClosed("the pool stopped before this task finished"))
@@ -300,7 +319,7 @@ class _State:
 
     def _retry(self, entry: _Entry, exc: BaseException) -> None:
         entry.retries -= 1
-        parts, needs = dumps_task((entry.args, entry.kwargs), 1 << 62)
+        parts, needs, entry.keep = self.dumps_args(entry.args, entry.kwargs, self.threshold)
         task_id = next(self.ids)
         self.entries[task_id] = entry
         fn_id = self.fn_id(entry.fn)
@@ -339,7 +358,7 @@ class _State:
             self.fn_ids[key] = (fn, fid)
             return fid
 
-    def share(self, value: Any, threshold: int) -> Shared:
+    def share(self, value: Any, threshold: int, keep_value: bool = True) -> Shared:
         try:
             parts = dumps(value, threshold)
         except Exception as exc:
@@ -349,7 +368,7 @@ class _State:
             ) from exc
         ref_id = next(self.next_fn)
         self.core.register_fn(ref_id, parts)
-        return Shared(self, value, ref_id)
+        return Shared(self, value if keep_value else None, ref_id)
 
     def auto_share(self, values: Any, threshold: int) -> Any | None:
         """``values`` (a tuple, dict or list of argument tuples) with immutable
@@ -371,23 +390,41 @@ class _State:
         return tuple(out) if changed else None
 
     def _cached_share(self, value: Any, threshold: int) -> Shared:
+        """The handle of an earlier automatic share of this very object, or a
+        new one. The cache never frees a handle itself: tasks that use one
+        hold it (see ``_Entry.keep``), and it is unregistered when the last of
+        them and the cache let go."""
+        key = id(value)
         with self.fn_lock:
-            hit = self.auto_shared.get(id(value))
-            if hit is not None and hit[0] is value:
-                self.auto_shared.move_to_end(id(value))
-                return hit[1]
-        handle = self.share(value, threshold)
+            hit = self.auto_shared.get(key)
+            if hit is not None:
+                ref = hit[0]
+                alive = ref() if isinstance(ref, weakref.ref) else ref
+                if alive is value:
+                    self.auto_shared.move_to_end(key)
+                    return hit[1]
+        # The handle must not hold the value, or the weak entry never dies.
+        handle = self.share(value, threshold, keep_value=False)
+        try:
+            ref = weakref.ref(value, lambda _r, key=key: self.auto_shared.pop(key, None))
+            held = 0
+        except TypeError:  # bytes: no weak references
+            ref, held = value, getattr(value, "nbytes", None) or len(value)
         with self.fn_lock:
-            self.auto_shared[id(value)] = (value, handle)
-            while len(self.auto_shared) > _AUTO_SHARE_ENTRIES:
-                _, (_, old) = self.auto_shared.popitem(last=False)
-                old.release()
+            self.auto_shared[key] = (ref, handle, held)
+            while len(self.auto_shared) > _AUTO_SHARE_ENTRIES or (
+                len(self.auto_shared) > 1 and sum(e[2] for e in self.auto_shared.values()) > _AUTO_SHARE_HELD_BYTES
+            ):
+                self.auto_shared.popitem(last=False)
         return handle
 
-    def dumps_args(self, args: Any, kwargs: Any, threshold: int) -> tuple[list, list]:
-        """Pickles task arguments, sending immutable large ones once."""
+    def dumps_args(self, args: Any, kwargs: Any, threshold: int) -> tuple[list, list, tuple]:
+        """Pickles task arguments, sending immutable large ones once. Returns
+        the parts, the shared ids they refer to, and the handles to keep alive
+        until the task is done."""
         call = (args, kwargs) if kwargs is not None else args
         parts, needs = dumps_task(call, threshold)
+        keep: tuple = ()
         if len(parts) > 1:  # large buffers: worth looking for repeats
             new_args = self.auto_share(args, threshold)
             new_kwargs = self.auto_share(kwargs, threshold) if kwargs else None
@@ -396,7 +433,8 @@ class _State:
                 kwargs = kwargs if new_kwargs is None else new_kwargs
                 call = (args, kwargs) if kwargs is not None else args
                 parts, needs = dumps_task(call, threshold)
-        return parts, needs
+                keep = (args, kwargs)
+        return parts, needs, keep
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if self.pid != os.getpid():
@@ -571,7 +609,7 @@ class Pool(Executor):
                 hard_memory_factor=float(hard_memory_factor),
                 forward_output=forward_output,
             )
-            self._state = _State(core, workers)
+            self._state = _State(core, workers, buffer_threshold)
             _live.add(self._state)
             self._finalizer = weakref.finalize(self, self._state.shutdown, False, False)
 
@@ -607,7 +645,7 @@ class Pool(Executor):
         retries = self._retries if retries is None else retries
         try:
             fn_id = state.fn_id(fn)
-            parts, needs = state.dumps_args(args, kwargs, self._threshold)
+            parts, needs, keep = state.dumps_args(args, kwargs, self._threshold)
         except SerializationError as exc:
             future.set_exception(exc)
             return future
@@ -620,9 +658,9 @@ class Pool(Executor):
             future.set_exception(err)
             return future
         task_id = next(state.ids)
-        future._state = state
+        future._pool_state = state
         future._task_id = task_id
-        state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries)
+        state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep)
         state.core.submit(task_id, fn_id, parts, timeout, retries, needs=needs)
         return future
 
@@ -772,7 +810,7 @@ class _MapRun:
         future = _TaskFuture()
         future._batch = batch  # type: ignore[attr-defined]
         try:
-            parts, needs = self.state.dumps_args(batch, None, self.pool._threshold)
+            parts, needs, keep = self.state.dumps_args(batch, None, self.pool._threshold)
         except Exception as exc:
             err = SerializationError(
                 f"the arguments of {describe_call(self.fn, batch[0])} (or a neighbour in its chunk) "
@@ -782,9 +820,9 @@ class _MapRun:
             future.set_exception(err)
             return future
         task_id = next(state.ids)
-        future._state = state
+        future._pool_state = state
         future._task_id = task_id
-        state.entries[task_id] = _Entry(future, self.fn, batch, None, (), self.pool._retries, chunk=True)
+        state.entries[task_id] = _Entry(future, self.fn, batch, None, (), self.pool._retries, chunk=True, keep=keep)
         state.core.submit(
             task_id, self.fn_id, parts, self.task_timeout, self.pool._retries, len(batch), CHUNK, needs=needs
         )

@@ -23,6 +23,9 @@ pub struct SharedBuffer {
     map: Arc<Mapping>,
     offset: usize,
     len: usize,
+    /// Exported read-only (objects shared by many tasks must not be changed
+    /// by one of them).
+    readonly: bool,
 }
 
 #[pymethods]
@@ -46,7 +49,7 @@ impl SharedBuffer {
                 slf.as_ptr(),
                 buf,
                 this.len as ffi::Py_ssize_t,
-                0,
+                c_int::from(this.readonly),
                 flags,
             )
         };
@@ -120,8 +123,8 @@ pub fn encode(
 }
 
 /// Turns a received payload into a list of parts: `bytes` for inline parts,
-/// [`SharedBuffer`] views for parts in the segment.
-pub fn decode<'py>(py: Python<'py>, msg: &Message) -> PyResult<Bound<'py, PyList>> {
+/// [`SharedBuffer`] views for parts in the segment (read-only if `readonly`).
+pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<Bound<'py, PyList>> {
     let (parts, mapping) = payload::decode(msg)
         .map_err(|e| crate::errors::engine_error(format!("corrupt payload: {e}")))?;
     let mapping = mapping.map(Arc::new);
@@ -139,6 +142,7 @@ pub fn decode<'py>(py: Python<'py>, msg: &Message) -> PyResult<Bound<'py, PyList
                         map,
                         offset: r.start,
                         len: r.len(),
+                        readonly,
                     },
                 )?)?
             }

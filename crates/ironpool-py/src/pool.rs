@@ -109,8 +109,13 @@ impl PoolCore {
         self.pool.unregister(id);
     }
 
-    fn cancel(&self, task_id: u64) {
-        self.pool.cancel(task_id);
+    /// Withdraws a task not yet sent to a worker; false if it was sent.
+    fn cancel(&self, task_id: u64) -> bool {
+        self.pool.cancel(task_id)
+    }
+
+    fn is_dispatched(&self, task_id: u64) -> bool {
+        self.pool.is_dispatched(task_id)
     }
 
     /// Drops all tasks not yet sent to a worker; returns their ids.
@@ -258,8 +263,8 @@ fn completion(py: Python<'_>, c: Completion) -> PyResult<Bound<'_, PyTuple>> {
     let elapsed = c.elapsed.as_secs_f64();
     let none = py.None().into_bound(py);
     let (kind, parts, info) = match c.outcome {
-        Outcome::Returned(m) => ("ok", buffers::decode(py, &m)?.into_any(), none),
-        Outcome::Raised(m) => ("raised", buffers::decode(py, &m)?.into_any(), none),
+        Outcome::Returned(m) => ("ok", buffers::decode(py, &m, false)?.into_any(), none),
+        Outcome::Raised(m) => ("raised", buffers::decode(py, &m, false)?.into_any(), none),
         Outcome::Failed(f) => {
             let kind = if matches!(f, Failure::TimedOut { .. }) {
                 "timeout"
@@ -273,7 +278,7 @@ fn completion(py: Python<'_>, c: Completion) -> PyResult<Bound<'_, PyTuple>> {
                 Some(body) => {
                     let m =
                         ironpool_core::ipc::Message::new(Kind::InitFailed, 0, 0).with_body(body);
-                    buffers::decode(py, &m)?.into_any()
+                    buffers::decode(py, &m, false)?.into_any()
                 }
                 None => none,
             };

@@ -36,7 +36,7 @@ pub fn worker_main(
         };
         let reply: Option<Message> = match msg.kind {
             Kind::Init => {
-                let parts = buffers::decode(py, &msg)?;
+                let parts = buffers::decode(py, &msg, false)?;
                 let failed = handler.call_method1("init", (parts,))?;
                 threshold = handler.getattr("threshold")?.extract()?;
                 if failed.is_none() {
@@ -49,13 +49,14 @@ pub fn worker_main(
                 }
             }
             Kind::RegisterFn => {
-                let parts = buffers::decode(py, &msg)?;
+                // Shared by every task of this worker: read-only.
+                let parts = buffers::decode(py, &msg, true)?;
                 handler.call_method1("register", (msg.id, parts))?;
                 None
             }
             Kind::Task => {
                 let start = Instant::now();
-                let parts = buffers::decode(py, &msg)?;
+                let parts = buffers::decode(py, &msg, false)?;
                 let (ok, out): (bool, Bound<'_, PyList>) = handler
                     .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
                     .extract()?;

@@ -114,12 +114,17 @@ impl Channel {
         self.buf.resize(MAX_FRAME + 1, 0);
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut reset = false;
         let got = loop {
             let mut iov = [IoSliceMut::new(&mut self.buf)];
             match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
                 Ok(r) => break r,
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return Ok(Recv::WouldBlock),
+                // The peer closed with messages of ours unread. The kernel
+                // reports that once, ahead of anything the peer sent before
+                // it died (a worker's last result): read on, EOF comes after.
+                Err(Errno::CONNRESET) if !reset => reset = true,
                 Err(Errno::CONNRESET) => return Ok(Recv::Closed),
                 Err(e) => return Err(RecvError::Io(e.into())),
             }

@@ -27,6 +27,11 @@ const SESSION: u64 = 1;
 /// A worker that closed its channel but was not reported dead by then is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 const MEMORY_POLL: Duration = Duration::from_millis(20);
+/// A task is queued behind a running one only if tasks of its kind take
+/// less than this on average...
+const PREFETCH_BELOW_NS: f64 = 2_000_000.0;
+/// ...and the running one began less than this ago.
+const PREFETCH_WINDOW: Duration = Duration::from_millis(5);
 
 fn token(key: u64, which: u64) -> u64 {
     (key << 2) | which
@@ -125,7 +130,9 @@ impl Engine {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.shutting_down && self.workers.is_empty()
+        // Queued work still runs after `shutdown` (or fails as StartFailed
+        // if no worker can start): it is never dropped without an outcome.
+        self.shutting_down && self.workers.is_empty() && self.pending.is_empty()
     }
 
     // ---- commands from callers -------------------------------------------
@@ -163,8 +170,15 @@ impl Engine {
         }
     }
 
-    pub fn cancel(&mut self, id: u64) {
-        self.pending.cancel(id);
+    pub fn cancel(&mut self, id: u64) -> bool {
+        self.pending.cancel(id)
+    }
+
+    /// True while the task is with a worker (running or next in its queue).
+    pub fn is_dispatched(&self, id: u64) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.in_flight.iter().any(|f| f.task.id == id))
     }
 
     pub fn cancel_pending(&mut self) -> Vec<u64> {
@@ -199,7 +213,10 @@ impl Engine {
     }
 
     pub fn fill_workers(&mut self) {
-        if self.shutting_down || self.broken.is_some() || self.session.is_none() {
+        // While shutting down, workers are still started for queued work
+        // (tasks submitted just before `shutdown`, or re-queued by a crash).
+        let nothing_to_do = self.shutting_down && self.pending.is_empty();
+        if nothing_to_do || self.broken.is_some() || self.session.is_none() {
             return;
         }
         if let Some(at) = self.respawn_at {
@@ -336,6 +353,12 @@ impl Engine {
                 return;
             };
             if w.closed_at.is_some() {
+                // Nothing more is read from a closing worker. Stop watching
+                // its channel once nothing is left to send: a level-triggered
+                // EOF would otherwise wake the loop until its exit is reported.
+                if w.outbox.is_empty() {
+                    self.shared.poller.delete(&w.chan);
+                }
                 return;
             }
             match w.chan.recv() {
@@ -359,7 +382,12 @@ impl Engine {
         if let Some(w) = self.workers.get_mut(&key) {
             self.shared.poller.delete(&w.chan);
             w.closed_at = Some(Instant::now());
-            w.state = State::Dead;
+            // A worker that dies during set-up stays `Starting` until its
+            // exit is reported, so that it counts as a start failure (and its
+            // replacement waits for the back-off) whichever news comes first.
+            if w.state != State::Starting {
+                w.state = State::Dead;
+            }
             w.outbox.clear();
         }
     }
@@ -376,7 +404,10 @@ impl Engine {
             }
             Kind::InitFailed => {
                 w.init_error = Some(m);
-                w.state = State::Retiring;
+                // It exits by itself. Until that is reported it still counts
+                // as starting, so its replacement waits for the back-off;
+                // the exit grace period bounds how long it may take.
+                w.closed_at.get_or_insert_with(Instant::now);
             }
             Kind::Returned | Kind::Raised => {
                 let matches = w
@@ -421,6 +452,8 @@ impl Engine {
             return;
         };
         if w.state != State::Ready {
+            // A retiring worker that just finished its last task leaves now.
+            self.retire_if_idle(key);
             return;
         }
         let by_count = self
@@ -473,6 +506,10 @@ impl Engine {
     }
 
     fn on_exit(&mut self, key: u64, status: Option<ExitStatus>) {
+        // The exit report can overtake the worker's last messages: read what
+        // it sent before it died, so a result that arrived is not taken for
+        // a crash of the task (and the crash is charged to the right task).
+        self.on_channel(key);
         let Some(mut w) = self.workers.remove(&key) else {
             return;
         };
@@ -585,11 +622,33 @@ impl Engine {
             return;
         }
         let depth = 1 + self.cfg.prefetch;
+        let now = Instant::now();
+        let shared = self.shared.clone();
+        let sizer = lock(&shared.sizer);
+        // Queue a task behind a running one only when that one is known to be
+        // quick and has just begun: a long task must not strand work behind
+        // it while another worker is free.
+        let quick = |w: &Worker| {
+            w.in_flight.iter().all(|f| {
+                sizer
+                    .mean(f.task.fn_id)
+                    .is_some_and(|ns| ns * f64::from(f.task.items) < PREFETCH_BELOW_NS)
+                    && f.started
+                        .is_none_or(|s| now.duration_since(s) < PREFETCH_WINDOW)
+            })
+        };
         loop {
             let Some(key) = self
                 .workers
                 .values()
-                .filter(|w| w.state == State::Ready && w.in_flight.len() < depth)
+                .filter(|w| {
+                    // Prefetch never sends a worker more than its task limit.
+                    let sent = w.tasks_done + w.in_flight.len() as u64;
+                    w.state == State::Ready
+                        && w.in_flight.len() < depth
+                        && self.cfg.max_tasks_per_worker.is_none_or(|n| sent < n)
+                        && (w.in_flight.is_empty() || quick(w))
+                })
                 .min_by_key(|w| (w.in_flight.len(), w.key))
                 .map(|w| w.key)
             else {

@@ -179,10 +179,16 @@ impl Pool {
         self.drive(|e| e.unregister(id));
     }
 
-    /// Drops a task that has not been sent to a worker yet. A task already
-    /// sent still finishes; its completion is still delivered.
-    pub fn cancel(&self, id: TaskId) {
-        self.drive(|e| e.cancel(id));
+    /// Drops a task that has not been sent to a worker yet and returns true.
+    /// A task already sent still finishes (false); its completion is still
+    /// delivered.
+    pub fn cancel(&self, id: TaskId) -> bool {
+        lock(&self.engine).cancel(id)
+    }
+
+    /// True while the task is with a worker.
+    pub fn is_dispatched(&self, id: TaskId) -> bool {
+        lock(&self.engine).is_dispatched(id)
     }
 
     /// Drops every task not yet sent to a worker and returns their ids.

@@ -23,9 +23,12 @@ impl Pending {
         self.queue.push_front(t);
     }
 
-    pub fn cancel(&mut self, id: TaskId) {
+    /// Withdraws a queued task; false if it is not queued (sent or done).
+    pub fn cancel(&mut self, id: TaskId) -> bool {
         if self.queue.iter().any(|t| t.id == id) {
-            self.cancelled.insert(id);
+            self.cancelled.insert(id)
+        } else {
+            false
         }
     }
 
@@ -92,6 +95,11 @@ impl ChunkSizer {
         let sample = elapsed.as_nanos() as f64 / items as f64;
         let avg = self.per_item_ns.entry(fn_id).or_insert(sample);
         *avg = 0.7 * *avg + 0.3 * sample;
+    }
+
+    /// Mean measured time per item of `fn_id`, in nanoseconds.
+    pub fn mean(&self, fn_id: FnId) -> Option<f64> {
+        self.per_item_ns.get(&fn_id).copied()
     }
 
     /// Items for the next chunk; `remaining` (if known) keeps the tail of a
