@@ -8,10 +8,9 @@ import shutil
 import subprocess
 import sys
 
+import ironpool
 import psutil
 import pytest
-
-import ironpool
 from ironpool import _core, _zygote
 
 

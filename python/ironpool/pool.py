@@ -444,7 +444,7 @@ class _State:
             for task_id in self.core.cancel_pending():
                 entry = self.entries.pop(task_id, None)
                 if entry is not None:
-                    entry.future.cancel()
+                    Future.cancel(entry.future)  # already withdrawn from the engine
         self.core.shutdown()
         if wait:
             self.core.join()
@@ -722,7 +722,8 @@ class Pool(Executor):
             return
         state.closed = True
         for entry in list(state.entries.values()):
-            entry.future.cancel()
+            if not Future.cancel(entry.future):
+                _settle(entry.future, error=PoolClosed("the pool was terminated while this task ran"))
         state.entries.clear()
         state.core.terminate()
         state.core.join()
