@@ -28,9 +28,12 @@ def raise_value_error(x):
 
 class QuotaError(Exception):
     def __init__(self, user, used):
-        super().__init__(f"{user} used {used}")
+        super().__init__(user, used)
         self.user = user
         self.used = used
+
+    def __str__(self):
+        return f"{self.user} used {self.used}"
 
 
 def raise_custom(user):

@@ -142,6 +142,9 @@ class RemoteError(Exception):
         self.message = message
         self.traceback = traceback
 
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.message, self.traceback))
+
 
 def describe_crash(info: dict, task: str) -> WorkerCrashed:
     """Builds the error for a task whose worker died, naming the likely cause."""

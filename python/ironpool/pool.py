@@ -177,7 +177,17 @@ class _TaskFuture(Future):
     def result(self, timeout: float | None = None) -> Any:
         if self._pool_state is not None and not self.done():
             self._pool_state.collect_until(self, timeout)
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except BaseException as exc:
+            if exc is not self._exception:  # TimeoutError, CancelledError
+                raise
+            # Raise a copy: the stored exception would otherwise carry the
+            # caller's frames, which hold this future, which holds the
+            # exception -- the cycle that keeps pools alive (pitfall P4).
+            # (No local may hold the copy either: this frame is in its traceback.)
+            exc.__traceback__ = None
+            raise _copy_exception(exc) from exc.__cause__
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._pool_state is not None and not self.done():
@@ -203,6 +213,16 @@ class _Entry:
             first = describe_call(self.fn, self.args[0] if self.args else ())
             return f"a map chunk of {len(self.args)} items starting with {first}"
         return describe_call(self.fn, self.args, self.kwargs)
+
+
+def _copy_exception(exc: BaseException) -> BaseException:
+    import copy
+
+    try:
+        fresh = copy.copy(exc)
+    except Exception:
+        return exc
+    return fresh if type(fresh) is type(exc) else exc
 
 
 def _settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
@@ -847,9 +867,8 @@ class _MapRun:
         if self.ready:
             return self.ready.popleft()
         if self.error is not None:
-            err, self.error = self.error, None
             self.close()
-            raise err
+            raise self._pop_error()  # no local may hold it (its traceback has this frame)
         if not self.inflight:
             raise StopIteration
         try:
@@ -860,9 +879,12 @@ class _MapRun:
             raise
         self._fill()
         self.ready.extend(values)
-        if failure is not None:
-            self.error = unpack_exception(failure)
+        self.error = failure
         return self.__next__()
+
+    def _pop_error(self) -> BaseException:
+        err, self.error = self.error, None
+        return err  # type: ignore[return-value]
 
     def _take(self) -> Future:
         remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -879,9 +901,11 @@ class _MapRun:
         self.inflight.remove(future)
         return future
 
-    def _chunk_outcome(self, future: Future) -> tuple[list, Any]:
+    def _chunk_outcome(self, future: Future) -> tuple[list, BaseException | None]:
+        """The values a chunk produced and the error at its end, if any."""
         try:
-            return future.result()
+            values, failure = future.result()
+            return values, None if failure is None else unpack_exception(failure)
         except (WorkerCrashed, TaskTimeout):
             batch = future._batch  # type: ignore[attr-defined]
             if len(batch) == 1:
@@ -890,16 +914,13 @@ class _MapRun:
         # item that kills a worker fails. Items before it may run twice.
         values = []
         for item in batch:
-            sub = self._submit_chunk([item])
             try:
-                vals, failure = sub.result()
-            except BaseException:
-                for f in (sub,):
-                    f.cancel()
-                raise
+                vals, failure = self._submit_chunk([item]).result()
+            except (WorkerCrashed, TaskTimeout) as exc:
+                return values, exc
             values.extend(vals)
             if failure is not None:
-                return values, failure
+                return values, unpack_exception(failure)
         return values, None
 
     def close(self) -> None:
