@@ -108,6 +108,14 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError>
         .ok_or(FrameError::BadPayload("part count too large"))?;
     let seg_len = match msg.fds.first() {
         Some(fd) => {
+            // Only a segment sealed against shrinking is mapped: one its
+            // sender could still truncate would make reads fault (SIGBUS)
+            // after every length here was checked.
+            let seals = rustix::fs::fcntl_get_seals(fd)
+                .map_err(|_| FrameError::BadPayload("segment is not a sealed memfd"))?;
+            if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+                return Err(FrameError::BadPayload("segment is not sealed"));
+            }
             let st = rustix::fs::fstat(fd).map_err(|_| FrameError::BadPayload("segment fstat"))?;
             Some(st.st_size as u64)
         }

@@ -48,6 +48,8 @@ pub(super) struct Engine {
     fns: HashMap<FnId, Message>,
     init: Message,
     shutting_down: bool,
+    /// `terminate` was called: queued work is dropped, not run.
+    terminated: bool,
     start_failures: u32,
     broken: Option<(Option<Vec<u8>>, Crash)>,
     respawn_at: Option<Instant>,
@@ -84,6 +86,7 @@ impl Engine {
             fns: HashMap::new(),
             init,
             shutting_down: false,
+            terminated: false,
             start_failures: 0,
             broken: None,
             respawn_at: None,
@@ -132,7 +135,9 @@ impl Engine {
     pub fn is_finished(&self) -> bool {
         // Queued work still runs after `shutdown` (or fails as StartFailed
         // if no worker can start): it is never dropped without an outcome.
-        self.shutting_down && self.workers.is_empty() && self.pending.is_empty()
+        self.shutting_down
+            && self.workers.is_empty()
+            && (self.terminated || self.pending.is_empty())
     }
 
     // ---- commands from callers -------------------------------------------
@@ -192,6 +197,7 @@ impl Engine {
 
     pub fn terminate(&mut self) {
         self.shutting_down = true;
+        self.terminated = true;
         drop(self.pending.take_all());
         for w in self.workers.values_mut() {
             w.kill(KillReason::Shutdown);
@@ -215,7 +221,7 @@ impl Engine {
     pub fn fill_workers(&mut self) {
         // While shutting down, workers are still started for queued work
         // (tasks submitted just before `shutdown`, or re-queued by a crash).
-        let nothing_to_do = self.shutting_down && self.pending.is_empty();
+        let nothing_to_do = self.shutting_down && (self.terminated || self.pending.is_empty());
         if nothing_to_do || self.broken.is_some() || self.session.is_none() {
             return;
         }
