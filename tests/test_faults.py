@@ -9,6 +9,7 @@ generous (the machine is small and noisy); benches/ checks the tight figures.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import signal
 import time
@@ -186,6 +187,21 @@ def test_leaking_worker_is_replaced_between_tasks():
         assert info.last_exit == "recycled: memory limit"
         assert info.restarts >= 2
         assert 0 < info.rss <= limit + step * MB + 10 * MB
+
+
+def test_quick_leaking_tasks_never_start_on_a_worker_over_the_limit():
+    """Same rule for tasks quick enough to be sent ahead (prefetched) to a worker."""
+    step = 2
+    with ironpool.Pool(1) as probe:
+        _, base, _ = probe.submit(faultlib.leak, 0).result(timeout=30)  # a fresh worker's RSS
+    # The tenth task takes the worker 1 MiB over the limit; the slack below (0.5 MiB, for what
+    # a worker allocates between two tasks) cannot hide a task started after that.
+    limit = base + 9 * step * MB + MB
+    with ironpool.Pool(1, max_memory_per_worker=limit) as pool:
+        results = [f.result(timeout=30) for f in [pool.submit(faultlib.leak, step) for _ in range(200)]]
+        assert len({pid for pid, _, _ in results}) >= 5
+        started_over = [round((before - limit) / MB, 2) for _, before, _ in results if before > limit + MB // 2]
+        assert not started_over, f"{len(started_over)} tasks began over the limit by (MiB) {started_over[:5]}"
 
 
 def test_task_growing_memory_is_killed_at_the_hard_limit():
@@ -371,10 +387,11 @@ def test_stats_per_worker_figures(beacon):
 
         # A task in progress shows as busy on its worker.
         fut = pool.submit(faultlib.wait_on, beacon)
-        (pid,) = beacon.started(1)
-        busy = {w.pid: w.busy for w in pool.stats()}
-        assert busy[int(pid)] is True and list(busy.values()).count(True) == 1, busy
-        beacon.release()
+        try:
+            (pid,) = beacon.started(1)
+            busy = {w.pid: w.busy for w in pool.stats()}
+        finally:
+            beacon.release()
         assert fut.result(timeout=10) == int(pid)
 
         # rss follows the worker's memory.
@@ -391,6 +408,29 @@ def test_stats_per_worker_figures(beacon):
         assert info.last_exit == "exited with code 7" and info.pid != exc.pid and info.tasks_done == 0
         pids = {w.pid for w in pool.stats()}
     assert all(wait_until(lambda p=p: not running(p)) for p in pids)
+    # Checked last so that a stale flag does not hide the figures above.
+    assert busy[int(pid)] is True and list(busy.values()).count(True) == 1, f"while a task ran: {busy}"
+
+
+def test_shutdown_releases_fds(tmp_path):
+    """After shutdown(wait=True) a pool holds no fds, even while the caller keeps a reference to it."""
+    with ironpool.Pool(1) as warm_up:  # the template and its keeper live on: start them first
+        warm_up.submit(pow, 2, 2).result(timeout=30)
+    del warm_up
+    gc.collect()
+    before = faultlib.fd_table()
+    pool = ironpool.Pool(2, task_timeout=0.5)
+    assert pool.submit(faultlib.leak, 1).result(timeout=30)
+    assert isinstance(pool.submit(faultlib.sleep_for, 3600).exception(timeout=30), ironpool.TaskTimeout)
+    pool.shutdown(wait=True)
+    gc.collect()
+    extra = {fd: t for fd, t in faultlib.fd_table().items() if before.get(fd) != t}
+    assert not extra, f"fds still open after shutdown: {extra}"
+    del pool
+    gc.collect()
+    extra = {fd: t for fd, t in faultlib.fd_table().items() if before.get(fd) != t}
+    assert not extra, f"fds still open after the pool was dropped: {extra}"
+    assert not faultlib.ironpool_memfds()
 
 
 def _strays() -> set[int]:

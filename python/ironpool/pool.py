@@ -196,15 +196,17 @@ class _TaskFuture(Future):
 
 
 class _Entry:
-    __slots__ = ("args", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on")
+    __slots__ = ("args", "attempts", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on", "timeout")
 
-    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False, keep=()):
+    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False, keep=(), timeout=None):
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.retry_on = retry_on
-        self.retries = retries
+        self.retries = retries  # re-runs left, for crashes, timeouts and retry_on alike
+        self.timeout = timeout
+        self.attempts: list[dict] = []  # failed attempts so far, oldest first
         self.chunk = chunk
         self.keep = keep  # shared handles the payload refers to
 
@@ -303,6 +305,9 @@ class _State:
                 core.kick()
 
     def _resolve(self, task_id, entry: _Entry, kind, parts, info, attempts) -> None:
+        # The engine spent one re-run per crash or timeout it retried.
+        entry.retries = max(0, entry.retries - len(attempts))
+        attempts = entry.attempts + list(attempts)
         if kind == "ok":
             try:
                 value = loads(parts)
@@ -317,8 +322,11 @@ class _State:
         elif kind == "raised":
             exc = unpack_exception(loads(parts))
             if entry.retries > 0 and entry.retry_on and isinstance(exc, entry.retry_on) and not self.closed:
-                self._retry(entry, exc)
+                entry.attempts = [*attempts, {"raised": f"{type(exc).__name__}: {exc}"}]
+                self._retry(entry)
                 return
+            if attempts:
+                exc.add_note("earlier attempts:\n" + "\n".join(_describe_attempt(a) for a in attempts))
             _settle(entry.future, error=exc)
         elif kind == "timeout":
             limit = info.get("limit", 0.0)
@@ -337,13 +345,16 @@ class _State:
         else:
             _settle(entry.future, error=RuntimeError(f"unknown outcome {kind!r}"))
 
-    def _retry(self, entry: _Entry, exc: BaseException) -> None:
+    def _retry(self, entry: _Entry) -> None:
+        """Runs a task again after it raised one of its ``retry_on`` types,
+        with the same time limit and what is left of the one retry budget."""
         entry.retries -= 1
         parts, needs, entry.keep = self.dumps_args(entry.args, entry.kwargs, self.threshold)
         task_id = next(self.ids)
         self.entries[task_id] = entry
+        entry.future._task_id = task_id  # type: ignore[attr-defined]
         fn_id = self.fn_id(entry.fn)
-        self.core.submit(task_id, fn_id, parts, None, 0, needs=needs)
+        self.core.submit(task_id, fn_id, parts, entry.timeout, entry.retries, needs=needs)
 
     # Submitting ----------------------------------------------------------
 
@@ -472,10 +483,18 @@ class _State:
                 self.thread.join()
 
 
+def _describe_attempt(a: dict) -> str:
+    if "raised" in a:
+        return f"raised {a['raised']}"
+    return (
+        f"{a.get('killed_by') or 'crashed'} (pid {a.get('pid')}, exitcode {a.get('exitcode')}, "
+        f"signal {a.get('signal')})"
+    )
+
+
 def _with_attempts(err: BaseException, attempts: list) -> BaseException:
     if attempts:
-        lines = [f"attempt {i + 1}: {a.get('killed_by') or 'crashed'} (pid {a.get('pid')}, "
-                 f"exitcode {a.get('exitcode')}, signal {a.get('signal')})" for i, a in enumerate(attempts)]
+        lines = [f"attempt {i + 1}: {_describe_attempt(a)}" for i, a in enumerate(attempts)]
         err.args = (f"{err.args[0]}\nearlier attempts:\n" + "\n".join(lines),)
         err.attempts = attempts  # type: ignore[attr-defined]
     return err
@@ -680,7 +699,7 @@ class Pool(Executor):
         task_id = next(state.ids)
         future._pool_state = state
         future._task_id = task_id
-        state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep)
+        state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
         state.core.submit(task_id, fn_id, parts, timeout, retries, needs=needs)
         return future
 

@@ -3,6 +3,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::RwLock;
 
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
@@ -202,17 +203,22 @@ pub struct Ready {
     pub writable: bool,
 }
 
-/// Level-triggered readiness over many descriptors (epoll).
+/// Level-triggered readiness over many descriptors (epoll). Closable, so a
+/// finished pool gives its descriptor back while its handle lives on.
 #[derive(Debug)]
 pub struct Poller {
-    ep: OwnedFd,
+    ep: RwLock<Option<OwnedFd>>,
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "poller closed")
 }
 
 impl Poller {
     pub fn new() -> io::Result<Self> {
         use rustix::event::epoll;
         Ok(Self {
-            ep: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            ep: RwLock::new(Some(epoll::create(epoll::CreateFlags::CLOEXEC)?)),
         })
     }
 
@@ -225,30 +231,34 @@ impl Poller {
         }
     }
 
+    fn with<T>(&self, f: impl FnOnce(&OwnedFd) -> io::Result<T>) -> io::Result<T> {
+        let guard = self.ep.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map_or_else(|| Err(closed()), f)
+    }
+
     pub fn add(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
         use rustix::event::epoll;
-        epoll::add(
-            &self.ep,
-            fd,
-            epoll::EventData::new_u64(token),
-            Self::flags(write),
-        )?;
-        Ok(())
+        self.with(|ep| {
+            epoll::add(ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+            Ok(())
+        })
     }
 
     pub fn modify(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
         use rustix::event::epoll;
-        epoll::modify(
-            &self.ep,
-            fd,
-            epoll::EventData::new_u64(token),
-            Self::flags(write),
-        )?;
-        Ok(())
+        self.with(|ep| {
+            epoll::modify(ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+            Ok(())
+        })
     }
 
     pub fn delete(&self, fd: impl AsFd) {
-        let _ = rustix::event::epoll::delete(&self.ep, fd);
+        let _ = self.with(|ep| Ok(rustix::event::epoll::delete(ep, fd)?));
+    }
+
+    /// Closes the epoll descriptor; later waits return no events at once.
+    pub fn close(&self) {
+        self.ep.write().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Waits up to `timeout` (forever if `None`); EINTR counts as no events.
@@ -259,14 +269,15 @@ impl Poller {
             tv_nsec: d.subsec_nanos() as i64,
         });
         let mut events = Vec::with_capacity(64);
-        match epoll::wait(
-            &self.ep,
-            rustix::buffer::spare_capacity(&mut events),
-            ts.as_ref(),
-        ) {
+        let guard = self.ep.read().unwrap_or_else(|p| p.into_inner());
+        let Some(ep) = guard.as_ref() else {
+            return Ok(Vec::new());
+        };
+        match epoll::wait(ep, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
+        drop(guard);
         Ok(events
             .iter()
             .map(|e| {
@@ -283,33 +294,50 @@ impl Poller {
     }
 }
 
-/// Wakes a thread blocked in [`Poller::wait`] (eventfd).
+/// Wakes a thread blocked in [`Poller::wait`] (eventfd). Closable like the
+/// poller; waking a closed one does nothing.
 #[derive(Debug)]
 pub struct Waker {
-    fd: OwnedFd,
+    fd: RwLock<Option<OwnedFd>>,
 }
 
 impl Waker {
     pub fn new() -> io::Result<Self> {
         use rustix::event::EventfdFlags;
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Self {
-            fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+            fd: RwLock::new(Some(fd)),
         })
     }
 
+    fn with(&self, f: impl FnOnce(&OwnedFd)) {
+        if let Some(fd) = self.fd.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            f(fd);
+        }
+    }
+
     pub fn wake(&self) {
-        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+        self.with(|fd| {
+            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+        });
     }
 
     pub fn drain(&self) {
-        let mut b = [0u8; 8];
-        let _ = rustix::io::read(&self.fd, &mut b);
+        self.with(|fd| {
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(fd, &mut b);
+        });
     }
-}
 
-impl AsFd for Waker {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// Registers this waker with `poller` under `token`.
+    pub fn register(&self, poller: &Poller, token: u64) -> io::Result<()> {
+        let guard = self.fd.read().unwrap_or_else(|p| p.into_inner());
+        let fd = guard.as_ref().ok_or_else(closed)?;
+        poller.add(fd, token, false)
+    }
+
+    pub fn close(&self) {
+        self.fd.write().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 

@@ -71,7 +71,7 @@ impl Engine {
     ) -> io::Result<Self> {
         session.set_nonblocking(true)?;
         let poller = &shared.poller;
-        poller.add(&shared.waker, WAKER, false)?;
+        shared.waker.register(poller, WAKER)?;
         poller.add(&session, SESSION, false)?;
         lock(&shared.sizer).set_workers(cfg.workers);
         let slots = cfg.workers;
@@ -634,14 +634,17 @@ impl Engine {
         // Queue a task behind a running one only when that one is known to be
         // quick and has just begun: a long task must not strand work behind
         // it while another worker is free.
+        // A memory limit is checked between tasks: nothing may wait behind one.
+        let may_prefetch = self.cfg.max_memory.is_none();
         let quick = |w: &Worker| {
-            w.in_flight.iter().all(|f| {
-                sizer
-                    .mean(f.task.fn_id)
-                    .is_some_and(|ns| ns * f64::from(f.task.items) < PREFETCH_BELOW_NS)
-                    && f.started
-                        .is_none_or(|s| now.duration_since(s) < PREFETCH_WINDOW)
-            })
+            may_prefetch
+                && w.in_flight.iter().all(|f| {
+                    sizer
+                        .mean(f.task.fn_id)
+                        .is_some_and(|ns| ns * f64::from(f.task.items) < PREFETCH_BELOW_NS)
+                        && f.started
+                            .is_none_or(|s| now.duration_since(s) < PREFETCH_WINDOW)
+                })
         };
         loop {
             let Some(key) = self
@@ -674,6 +677,7 @@ impl Engine {
                 }
             }
             let started = w.in_flight.is_empty().then(Instant::now);
+            self.stats_dirty |= started.is_some();
             w.outbox.push_back(Outgoing::Task(task.id));
             w.in_flight.push_back(InFlight { task, started });
             self.flush(key);
@@ -864,6 +868,11 @@ impl Engine {
             w.kill(KillReason::Shutdown);
         }
         self.publish();
+        // Give back the pool's descriptors now, not when its handle goes.
+        self.workers.clear();
+        self.session = None;
+        self.shared.poller.close();
+        self.shared.waker.close();
         let mut done = lock(&self.shared.done);
         done.finished = true;
         drop(done);
