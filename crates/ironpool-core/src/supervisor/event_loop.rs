@@ -593,6 +593,12 @@ impl Engine {
         let Some((error, crash)) = self.broken.clone() else {
             return;
         };
+        // Workers still setting up would only fail the same way: stop them.
+        for w in self.workers.values_mut() {
+            if w.state == State::Starting {
+                w.kill(KillReason::Shutdown);
+            }
+        }
         for task in self.pending.take_all() {
             let outcome = Outcome::StartFailed {
                 error: error.clone(),
