@@ -32,7 +32,7 @@ demo: build
 lint: $(VENV)/.deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests benches demo
+	$(VENV)/bin/ruff check .
 
 test-rust:
 	cargo test --workspace
