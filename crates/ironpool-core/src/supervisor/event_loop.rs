@@ -211,11 +211,22 @@ impl Engine {
 
     // ---- worker lifecycle --------------------------------------------------
 
+    /// A worker that will take more tasks. One that has been sent its last
+    /// task under `max_tasks_per_worker` no longer counts, so its replacement
+    /// is forked while that task runs rather than after it.
+    fn has_future(&self, w: &Worker) -> bool {
+        match w.state {
+            State::Starting => true,
+            State::Ready => self
+                .cfg
+                .max_tasks_per_worker
+                .is_none_or(|n| w.tasks_done + (w.in_flight.len() as u64) < n),
+            State::Retiring | State::Dead => false,
+        }
+    }
+
     fn active_workers(&self) -> usize {
-        self.workers
-            .values()
-            .filter(|w| matches!(w.state, State::Starting | State::Ready))
-            .count()
+        self.workers.values().filter(|w| self.has_future(w)).count()
     }
 
     pub fn fill_workers(&mut self) {
@@ -235,7 +246,7 @@ impl Engine {
             let used: Vec<usize> = self
                 .workers
                 .values()
-                .filter(|w| matches!(w.state, State::Starting | State::Ready))
+                .filter(|w| self.has_future(w))
                 .map(|w| w.slot)
                 .collect();
             let slot = (0..self.cfg.workers)
@@ -630,6 +641,14 @@ impl Engine {
     // ---- sending ----------------------------------------------------------
 
     fn dispatch(&mut self) {
+        self.send_pending();
+        if self.cfg.max_tasks_per_worker.is_some() {
+            // A worker just sent its last task: fork its successor now.
+            self.fill_workers();
+        }
+    }
+
+    fn send_pending(&mut self) {
         if self.pending.is_empty() {
             return;
         }
