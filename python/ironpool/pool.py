@@ -147,6 +147,8 @@ def _immutable_large(v: Any, threshold: int) -> bool:
 #: How long a caller waiting in ``result()`` polls the workers itself before
 #: sleeping. Tiny tasks answer within this, saving two thread wake-ups.
 _SPIN_SECONDS = 200e-6
+#: Longest uninterruptible wait inside the engine.
+_WAIT_SLICE = 0.05
 
 
 class _TaskFuture(Future):
@@ -297,7 +299,10 @@ class _State:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
-            batch = core.pump(generation, _SPIN_SECONDS, remaining)
+            # Sleep in slices: Ctrl-C is handled between them (the wait itself
+            # runs detached in Rust, where Python cannot see signals).
+            step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+            batch = core.pump(generation, _SPIN_SECONDS, step)
             if batch is None:
                 return
             if batch:
