@@ -355,11 +355,16 @@ class _State:
         with the same time limit and what is left of the one retry budget."""
         entry.retries -= 1
         parts, needs, entry.keep = self.dumps_args(entry.args, entry.kwargs, self.threshold)
+        self.enqueue(entry, self.fn_id(entry.fn), parts, needs)
+
+    def enqueue(self, entry: _Entry, fn_id: int, parts: list, needs: list, items: int = 1, flags: int = 0) -> None:
+        """Hands a pickled task to the engine under a fresh id."""
         task_id = next(self.ids)
+        future = entry.future
+        future._pool_state = self  # type: ignore[attr-defined]
+        future._task_id = task_id  # type: ignore[attr-defined]
         self.entries[task_id] = entry
-        entry.future._task_id = task_id  # type: ignore[attr-defined]
-        fn_id = self.fn_id(entry.fn)
-        self.core.submit(task_id, fn_id, parts, entry.timeout, entry.retries, needs=needs)
+        self.core.submit(task_id, fn_id, parts, entry.timeout, entry.retries, items, flags, needs=needs)
 
     # Submitting ----------------------------------------------------------
 
@@ -486,6 +491,14 @@ class _State:
             self.core.join()
             if threading.current_thread() is not self.thread:
                 self.thread.join()
+
+
+def _argument_error(exc: Exception, where: str) -> SerializationError:
+    if isinstance(exc, SerializationError):
+        return exc
+    err = SerializationError(f"the arguments of {where} could not be pickled: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def _describe_attempt(a: dict) -> str:
@@ -690,22 +703,11 @@ class Pool(Executor):
         try:
             fn_id = state.fn_id(fn)
             parts, needs, keep = state.dumps_args(args, kwargs, self._threshold)
-        except SerializationError as exc:
-            future.set_exception(exc)
-            return future
         except Exception as exc:
-            err = SerializationError(
-                f"the arguments of {describe_call(fn, args, kwargs)} could not be pickled: "
-                f"{type(exc).__name__}: {exc}"
-            )
-            err.__cause__ = exc
-            future.set_exception(err)
+            future.set_exception(_argument_error(exc, describe_call(fn, args, kwargs)))
             return future
-        task_id = next(state.ids)
-        future._pool_state = state
-        future._task_id = task_id
-        state.entries[task_id] = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
-        state.core.submit(task_id, fn_id, parts, timeout, retries, needs=needs)
+        entry = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
+        state.enqueue(entry, fn_id, parts, needs)
         return future
 
     def map(
@@ -855,22 +857,15 @@ class _MapRun:
         future = _TaskFuture()
         future._batch = batch  # type: ignore[attr-defined]
         try:
-            parts, needs, keep = self.state.dumps_args(batch, None, self.pool._threshold)
+            parts, needs, keep = state.dumps_args(batch, None, self.pool._threshold)
         except Exception as exc:
-            err = SerializationError(
-                f"the arguments of {describe_call(self.fn, batch[0])} (or a neighbour in its chunk) "
-                f"could not be pickled: {type(exc).__name__}: {exc}"
-            )
-            err.__cause__ = exc
-            future.set_exception(err)
+            where = f"{describe_call(self.fn, batch[0])} (or a neighbour in its chunk)"
+            future.set_exception(_argument_error(exc, where))
             return future
-        task_id = next(state.ids)
-        future._pool_state = state
-        future._task_id = task_id
-        state.entries[task_id] = _Entry(future, self.fn, batch, None, (), self.pool._retries, chunk=True, keep=keep)
-        state.core.submit(
-            task_id, self.fn_id, parts, self.task_timeout, self.pool._retries, len(batch), CHUNK, needs=needs
+        entry = _Entry(
+            future, self.fn, batch, None, (), self.pool._retries, chunk=True, keep=keep, timeout=self.task_timeout
         )
+        state.enqueue(entry, self.fn_id, parts, needs, len(batch), CHUNK)
         return future
 
     def _fill(self) -> None:

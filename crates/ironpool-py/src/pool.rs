@@ -144,14 +144,7 @@ impl PoolCore {
         timeout: Option<f64>,
     ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
-        let Some(batch) = py.detach(|| self.pool.wait_completions(timeout)) else {
-            return Ok(None);
-        };
-        batch
-            .into_iter()
-            .map(|c| completion(py, c))
-            .collect::<PyResult<Vec<_>>>()
-            .map(Some)
+        completions(py, py.detach(|| self.pool.wait_completions(timeout)))
     }
 
     /// Like `wait_completions`, but for a caller that wants one result now:
@@ -167,14 +160,7 @@ impl PoolCore {
     ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         let spin = Duration::from_secs_f64(spin.max(0.0));
-        let Some(batch) = py.detach(|| self.pool.pump(generation, spin, timeout)) else {
-            return Ok(None);
-        };
-        batch
-            .into_iter()
-            .map(|c| completion(py, c))
-            .collect::<PyResult<Vec<_>>>()
-            .map(Some)
+        completions(py, py.detach(|| self.pool.pump(generation, spin, timeout)))
     }
 
     fn generation(&self) -> u64 {
@@ -210,6 +196,20 @@ impl PoolCore {
     fn chunk_size(&self, fn_id: u64, remaining: Option<usize>) -> usize {
         self.pool.chunk_size(fn_id, remaining)
     }
+}
+
+/// Outcome tuples for Python; `None` stays `None` (the pool has finished).
+fn completions(
+    py: Python<'_>,
+    batch: Option<Vec<Completion>>,
+) -> PyResult<Option<Vec<Bound<'_, PyTuple>>>> {
+    batch
+        .map(|b| {
+            b.into_iter()
+                .map(|c| completion(py, c))
+                .collect::<PyResult<Vec<_>>>()
+        })
+        .transpose()
 }
 
 fn crash_info<'py>(py: Python<'py>, c: &Crash) -> PyResult<Bound<'py, PyDict>> {
