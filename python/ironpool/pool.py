@@ -10,7 +10,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, InvalidStateError
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import wait as _wait
 from concurrent.futures._base import PENDING as _PENDING
 from concurrent.futures._base import RUNNING as _RUNNING
@@ -727,7 +727,7 @@ class Pool(Executor):
             raise TypeError("map() needs at least one iterable")
         items = zip(*iterables, strict=False)
         total = _common_len(iterables)
-        return _MapRun(self, fn, items, total, timeout, chunksize, task_timeout, ordered=True)
+        return _MapRun(self, fn, items, total, timeout, chunksize, task_timeout, ordered=True).results()
 
     def starmap(
         self,
@@ -740,7 +740,7 @@ class Pool(Executor):
         """Ordered ``fn(*args)`` for each ``args`` in ``iterable``."""
         total = _common_len((iterable,))
         items = (tuple(a) for a in iterable)
-        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=True)
+        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=True).results()
 
     def imap_unordered(
         self,
@@ -753,7 +753,7 @@ class Pool(Executor):
         """Results of ``fn`` over ``iterable`` in the order they finish."""
         total = _common_len((iterable,))
         items = ((x,) for x in iterable)
-        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=False)
+        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=False).results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops the pool once queued work is done (pending work is dropped with
@@ -847,7 +847,6 @@ class _MapRun:
         self.ordered = ordered
         self.window = max(4, 4 * state.workers)
         self.inflight: deque[Future] = deque()
-        self.ready: deque[Any] = deque()
         self.error: BaseException | None = None
         self.exhausted = False
         self._fill()
@@ -879,27 +878,19 @@ class _MapRun:
                 self.remaining -= len(batch)
             self.inflight.append(self._submit_chunk(batch))
 
-    def __iter__(self) -> _MapRun:
-        return self
-
-    def __next__(self) -> Any:
-        if self.ready:
-            return self.ready.popleft()
-        if self.error is not None:
-            self.close()
-            raise self._pop_error()  # no local may hold it (its traceback has this frame)
-        if not self.inflight:
-            raise StopIteration
+    def results(self) -> Iterator[Any]:
+        """The generator handed to the caller: yields whole chunks' values at C
+        speed, refills the window as chunks are taken, and withdraws what is
+        left when closed, interrupted or garbage collected."""
         try:
-            future = self._take()
-            values, failure = self._chunk_outcome(future)
-        except BaseException:
+            while self.inflight:
+                values, self.error = self._chunk_outcome(self._take())
+                self._fill()
+                yield from values
+                if self.error is not None:
+                    raise self._pop_error()  # no local may hold it: its traceback has this frame
+        finally:
             self.close()
-            raise
-        self._fill()
-        self.ready.extend(values)
-        self.error = failure
-        return self.__next__()
 
     def _pop_error(self) -> BaseException:
         err, self.error = self.error, None
@@ -909,8 +900,12 @@ class _MapRun:
         remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         if self.ordered:
             future = self.inflight[0]
-            if not _wait([future], remaining).done:
-                raise TimeoutError("map() results not ready within the timeout")
+            try:
+                future.exception(remaining)  # collects results in this thread while it waits
+            except TimeoutError:
+                raise TimeoutError("map() results not ready within the timeout") from None
+            except CancelledError:
+                pass
             self.inflight.popleft()
             return future
         done, _ = _wait(self.inflight, remaining, return_when=FIRST_COMPLETED)
@@ -943,15 +938,10 @@ class _MapRun:
         return values, None
 
     def close(self) -> None:
-        """Withdraws chunks not yet started (also on Ctrl-C and garbage collection)."""
+        """Withdraws chunks not yet started."""
         for f in self.inflight:
             f.cancel()
         self.inflight.clear()
         self.exhausted = True
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
