@@ -21,9 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pandas as pd  # noqa: E402 - the parent concatenates; forked stdlib workers inherit it
-
-import csvjob  # noqa: E402
+import csvjob
+import pandas as pd  # the parent concatenates; forked stdlib workers inherit it
 
 
 def cpu_count() -> int:
@@ -59,10 +58,13 @@ MODES = [
 def same(a, b) -> str | None:
     """None if the two (summary, full) results are identical, else why not."""
     for name, x, y in (("summary", a[0], b[0]), ("full frame", a[1], b[1])):
+        if x.equals(y) and list(x.columns) == list(y.columns) and x.index.equals(y.index):
+            continue  # exact: same dtypes, values, labels
         try:
             pd.testing.assert_frame_equal(x, y, check_exact=True)
         except AssertionError as exc:
             return f"{name} differs: {str(exc).splitlines()[0]}"
+        return f"{name} differs"
     return None
 
 

@@ -1,0 +1,322 @@
+"""ironpool against its peers, side by side, in one run.
+
+    python benches/run.py                 # everything, full size (make bench)
+    python benches/run.py --quick         # smaller sizes (make bench-quick)
+    python benches/run.py --only roundtrip,big_output
+    python benches/run.py --list
+
+Every measurement (one scenario, one library) runs in a fresh child process
+with a time limit, so a library that hangs or crashes shows up as "timeout"
+or "error" in its row and the run always ends. Every pool has 2 workers.
+Tables show medians; "ratio" is peer / ironpool for the column marked with
+"*" (lower is better for all of them, so > 1 means ironpool did better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEMO = os.path.join(ROOT, "demo")
+for _p in (HERE, DEMO):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import peers  # noqa: E402
+import scen_basic  # noqa: E402
+import scen_data  # noqa: E402
+import scen_faults  # noqa: E402
+from common import PARTIAL, RESULT, WORKERS, Ctx, Scenario, median, pid_alive  # noqa: E402
+
+SCENARIOS: list[Scenario] = scen_basic.SCENARIOS + scen_data.SCENARIOS + scen_faults.SCENARIOS
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+# Child side ---------------------------------------------------------------------
+
+
+def child_main(args: argparse.Namespace) -> int:
+    scenario = BY_NAME[args.child[0]]
+    ctx = Ctx(quick=args.quick, variant=args.variant, files_dir=args.files_dir)
+    try:
+        result = scenario.run(args.child[1], ctx)
+        print(RESULT + json.dumps(result, default=str), flush=True)
+    finally:
+        peers.finish()
+    return 0
+
+
+# Runner side --------------------------------------------------------------------
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes in session ``sid``: what a child left behind (it was started
+    in a session of its own)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            pid = int(name)
+            try:
+                if os.getsid(pid) == sid:
+                    found.append(pid)
+            except OSError:
+                pass
+    return found
+
+
+def _reap(sid: int, grace: float = 2.0) -> int:
+    """SIGKILLs what is left of the child's session after ``grace`` seconds;
+    returns how many were still there."""
+    deadline = time.monotonic() + grace
+    left = _session_members(sid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in _session_members(sid) if pid_alive(p)]
+    left = [p for p in left if pid_alive(p)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(left)
+
+
+def run_child(scenario: Scenario, case: str, variant: str, quick: bool, files_dir: str | None,
+              logdir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", scenario.name, case, "--variant", variant]
+    if quick:
+        cmd.append("--quick")
+    if files_dir:
+        cmd += ["--files-dir", files_dir]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, DEMO] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    log_path = os.path.join(logdir, f"{scenario.name}-{variant}-{case}.log".replace("/", "_").replace(" ", "_"))
+    timeout = scenario.timeout(quick)
+    results: list[dict] = []
+    partials: queue.Queue = queue.Queue()
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, cwd=ROOT)
+
+        def reader() -> None:
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith(RESULT):
+                    results.append(json.loads(line[len(RESULT):]))
+                elif line.startswith(PARTIAL):
+                    partials.put(json.loads(line[len(PARTIAL):]))
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        status = None
+        if scenario.driver is not None:
+            out = scenario.driver(proc, partials, timeout)
+            status = out.pop("status", None)
+            if not status:
+                results.append(out)
+        try:
+            proc.wait(timeout=max(0.0, timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        th.join(5)
+        leftover = _reap(proc.pid) if scenario.driver is None else 0
+    if results:
+        res = results[-1]
+        if status == "timeout":
+            res["exit"] = f"did not exit within {timeout:.0f} s"
+        elif proc.returncode not in (0, None) and scenario.driver is None:
+            res["exit"] = f"exit status {proc.returncode}"
+        if leftover:
+            res["exit"] = (res.get("exit", "") + f" {leftover} processes still running 2 s after exit").strip()
+        return res
+    last = None
+    while not partials.empty():
+        last = partials.get()
+    if status is None:
+        status = f"error (exit {proc.returncode})"
+        tail = _tail(log_path)
+        if tail:
+            status += f": {tail}"
+    res = dict(last or {})
+    res["status"] = status
+    return res
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1][:100] if lines else ""
+    except OSError:
+        return ""
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Medians of numeric fields over repeated fresh-process runs."""
+    ok = [r for r in runs if "status" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for key, value in ok[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = median([r.get(key) for r in ok])
+    if len(ok) > 1:
+        out["repeats"] = len(ok)
+    return out
+
+
+def print_table(scenario: Scenario, variant: str, rows: list[tuple[str, dict]]) -> None:
+    headers = ["library"] + [c.header + ("*" if c.key == scenario.ratio_key else "") for c in scenario.columns]
+    if scenario.ratio_key:
+        headers.append("ratio")
+    if any(r.get("exit") for _, r in rows):
+        headers.append("after the measurement")
+    ref = next((r for case, r in rows if case.startswith("ironpool")), None)
+    ref_value = ref.get(scenario.ratio_key) if ref and scenario.ratio_key else None
+    table = []
+    for case, r in rows:
+        cells = [peers.label(case)]
+        if "status" in r:
+            cells.append(r["status"])
+            cells += [c.render(r[c.key]) if c.key in r else "" for c in scenario.columns[1:]]
+        else:
+            cells += [c.render(r.get(c.key)) for c in scenario.columns]
+        if scenario.ratio_key:
+            v = r.get(scenario.ratio_key) if "status" not in r else None
+            if isinstance(v, (int, float)) and isinstance(ref_value, (int, float)) and ref_value > 0:
+                cells.append(f"{v / ref_value:.2f}x")
+            else:
+                cells.append("")
+        if any(x.get("exit") for _, x in rows):
+            cells.append(r.get("exit", ""))
+        table.append(cells)
+    widths = [max(len(str(row[i])) for row in [headers, *table]) for i in range(len(headers))]
+    for i in range(len(widths)):
+        widths[i] = min(widths[i], 56)
+
+    def fmt(row: list[str]) -> str:
+        parts = []
+        for i, cell in enumerate(row):
+            cell = str(cell)
+            if len(cell) > widths[i]:
+                cell = cell[: widths[i] - 3] + "..."
+            parts.append(cell.ljust(widths[i]) if i == 0 or not _numeric(cell) else cell.rjust(widths[i]))
+        return "  " + "  ".join(parts).rstrip()
+
+    title = scenario.title + (f"  [variant: {variant}]" if variant else "")
+    print()
+    print(title)
+    print(fmt(headers))
+    print("  " + "  ".join("-" * w for w in widths))
+    for row in table:
+        print(fmt(row))
+    sys.stdout.flush()
+
+
+def _numeric(cell: str) -> bool:
+    c = cell.replace(",", "").replace(".", "").replace("x", "").replace("-", "")
+    return c.isdigit()
+
+
+def versions() -> str:
+    from importlib import metadata
+
+    out = []
+    for dist in ("ironpool", "joblib", "loky", "mpire", "pebble", "ray", "numpy", "pandas"):
+        try:
+            out.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist} (not installed)")
+    return ", ".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="ironpool benchmarks against its peers")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--only", help="comma-separated scenario names (see --list)")
+    ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--keep-logs", action="store_true", help="keep each child's stderr log and say where")
+    ap.add_argument("--child", nargs=2, metavar=("SCENARIO", "CASE"), help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--files-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child_main(args)
+    if args.list:
+        for s in SCENARIOS:
+            print(f"{s.name:20} {s.title}")
+        return 0
+    chosen = SCENARIOS
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BY_NAME]
+        if unknown:
+            ap.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+        chosen = [BY_NAME[n] for n in names]
+
+    ray_missing = peers.ray_available()
+    started = time.perf_counter()
+    print(f"ironpool benchmarks ({'quick' if args.quick else 'full'} size), {WORKERS} workers per pool")
+    print(f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), Linux {platform.release()}, "
+          f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"versions: {versions()}")
+    if ray_missing:
+        print(f"ray: skipped, {ray_missing}")
+    print(__doc__.strip().split("\n\n")[-1].replace("\n", " "))
+    logdir = tempfile.mkdtemp(prefix="ironpool-bench-logs-")
+    files_dir = None
+    try:
+        for scenario in chosen:
+            if scenario.needs_files and files_dir is None:
+                import csvjob
+
+                files_dir = tempfile.mkdtemp(prefix="ironpool-bench-files-")
+                n = 16 if args.quick else 48
+                _, nbytes = csvjob.make_files(files_dir, n, 100_000)
+                print(f"\n(file_job: generated {n} CSV files x 100,000 rows, {nbytes / 1e6:.0f} MB)")
+            cases = [c for c in scenario.cases(args.quick) if not (ray_missing and c.split(":")[0] == "ray")]
+            for variant in scenario.variants:
+                rows = []
+                for case in cases:
+                    reps = scenario.repeats(args.quick)
+                    if case == "ray":
+                        reps = min(reps, 3)
+                    runs = [run_child(scenario, case, variant, args.quick, files_dir, logdir) for _ in range(reps)]
+                    rows.append((case, aggregate(runs)))
+                print_table(scenario, variant, rows)
+                for note in scenario.notes:
+                    print(f"  note: {note}")
+    finally:
+        if args.keep_logs:
+            print(f"\nchild logs kept in {logdir}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+        if files_dir:
+            shutil.rmtree(files_dir, ignore_errors=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f} "
+          "(the machine is shared: other processes compete for its CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
