@@ -23,6 +23,7 @@ LABELS = {
     "loky": "loky reusable",
     "mpire": "mpire",
     "mpire_shared": "mpire shared_objects",
+    "ironpool_share": "ironpool pool.share()",
     "pebble": "pebble",
     "ray": "ray Pool",
 }
@@ -395,5 +396,7 @@ CLASSES = {"ironpool": Ironpool, "ppe": PPE, "mp": MP, "joblib": Joblib, "loky":
 
 
 def make(case: str, **opts: Any) -> Peer:
+    if case == "ironpool_share":
+        case = "ironpool"
     name = case.partition(":")[0]
     return CLASSES[name](**opts)

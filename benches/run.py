@@ -250,6 +250,28 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def ironpool_fingerprint() -> str:
+    """The git commit and the state of ironpool's sources and extension, to
+    tell whether the package changed while the benchmarks ran (it is an
+    editable install)."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(ROOT, "python", "ironpool", "*"))):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            pass
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    return f"commit {commit or '?'}, sources {h.hexdigest()[:10]}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="ironpool benchmarks against its peers")
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
@@ -280,6 +302,8 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), Linux {platform.release()}, "
           f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
     print(f"versions: {versions()}")
+    fingerprint = ironpool_fingerprint()
+    print(f"ironpool: {fingerprint}")
     if ray_missing:
         print(f"ray: skipped, {ray_missing}")
     print(__doc__.strip().split("\n\n")[-1].replace("\n", " "))
@@ -313,6 +337,9 @@ def main() -> int:
             shutil.rmtree(logdir, ignore_errors=True)
         if files_dir:
             shutil.rmtree(files_dir, ignore_errors=True)
+    if ironpool_fingerprint() != fingerprint:
+        print(f"\nWARNING: ironpool's sources changed during the run (now {ironpool_fingerprint()}); "
+              "rows measured before and after the change are not comparable")
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f} "
           "(the machine is shared: other processes compete for its CPUs)")
     return 0
