@@ -125,6 +125,10 @@ def main() -> int:
     else:
         print(f"  results identical across the three ({args.runs} runs each): yes")
     print(f"  total demo time {time.perf_counter() - t_total:.1f} s")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) * 0.75:
+        print(f"  note: load average {load:.1f} on {os.cpu_count()} CPUs: other processes competed for the CPUs,")
+        print("        so these timings are noisy; run again on a quiet machine to compare")
     return 1 if problems else 0
 
 
