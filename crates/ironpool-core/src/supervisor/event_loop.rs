@@ -754,10 +754,8 @@ impl Engine {
             return;
         };
         let cap = if stderr { &mut w.stderr } else { &mut w.stdout };
-        let open = cap.pump();
-        if !open {
-            // EOF: the fd was closed by `pump`, which removed it from epoll.
-        }
+        // At EOF `pump` closes the pipe, which also takes it out of epoll.
+        cap.pump();
     }
 
     // ---- time ------------------------------------------------------------
