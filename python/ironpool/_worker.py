@@ -6,7 +6,6 @@ payloads into calls and results back into payloads.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import sys
 
@@ -113,13 +112,8 @@ class Handler:
 
 
 def run(channel: object) -> None:
-    """Serves tasks until the pool is done, then exits the process."""
-    faulthandler.enable()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.reconfigure(line_buffering=True)
-        except (AttributeError, ValueError):
-            pass
+    """Serves tasks until the pool is done, then exits the process. (The
+    template already enabled faulthandler and line buffering for us.)"""
     code = 0
     try:
         _core.worker_main(channel, Handler())

@@ -79,6 +79,21 @@ def main() -> None:
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
+    # Set up once what every worker needs, so a fork inherits it: the
+    # faulthandler (its dumps go to fd 2, which each worker points at its
+    # pipe) and line-buffered output.
+    import faulthandler
+    import gc
+
+    faulthandler.enable()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+    # Move the template's objects out of the collector's reach: a worker's
+    # collections then do not write to (and copy) the pages it shares with us.
+    gc.freeze()
     channel = _core.zygote_serve(fd)
     if channel is None:
         os._exit(0)
