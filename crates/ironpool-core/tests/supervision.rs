@@ -544,13 +544,16 @@ fn terminate_kills_running_tasks_and_drops_queued_ones() {
     let pool = start(&z, config(2));
     pool.submit(task(100, b"warm"));
     collect(&pool, 1);
+    // A function with no measured time is never queued behind a running task,
+    // so each hang waits for a worker of its own, however late the second
+    // worker comes up.
     for id in 0..2 {
-        pool.submit(task(id, b"hang"));
+        pool.submit(task_fn(id, 7, b"hang"));
     }
     // Let both hang for a moment, then queue more behind them.
     std::thread::sleep(Duration::from_millis(100));
     for id in 2..6 {
-        pool.submit(task(id, b"queued"));
+        pool.submit(task_fn(id, 7, b"queued"));
     }
     let t0 = Instant::now();
     pool.terminate();
