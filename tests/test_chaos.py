@@ -133,7 +133,11 @@ def test_chaos(tmp_path):
     del pool
 
     runs_per_task = collections.Counter(int(x) for x in faultlib.read_log(runs))
-    lost = [i for i, _, _ in plan if runs_per_task[i] == 0]
+    # A time limit counts from the moment a worker is handed the task, which
+    # includes unpickling its function (an import, on a fresh worker): under
+    # load a 0.4 s "hang" can time out before its body logs. It still ended
+    # with its own TaskTimeout (checked above); every other kind must have run.
+    lost = [i for i, kind, _ in plan if runs_per_task[i] == 0 and kind != "hang"]
     repeated = {i: n for i, n in runs_per_task.items() if n > 1}
     planned = collections.Counter(kind for _, kind, _ in plan)
     print(f"\nchaos seed={SEED} tasks={TASKS} in {elapsed:.1f} s, worker restarts={restarts}")
