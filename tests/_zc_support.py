@@ -396,3 +396,22 @@ def assert_same(got, want, path: str = "obj") -> None:
             assert_same(g, w, f"{path}[{i}]")
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def dev_shm_files_open() -> list[str]:
+    """Files under /dev/shm that this process tree holds open or maps."""
+    out = []
+    for pid in tree_pids(os.getpid()):
+        for d in ("fd", "map_files"):
+            try:
+                names = os.listdir(f"/proc/{pid}/{d}")
+            except OSError:
+                continue
+            for n in names:
+                try:
+                    t = os.readlink(f"/proc/{pid}/{d}/{n}")
+                except OSError:
+                    continue
+                if t.startswith("/dev/shm"):
+                    out.append(t)
+    return out

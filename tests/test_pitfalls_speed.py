@@ -32,9 +32,8 @@ def test_p2_default_workers_honours_cpu_affinity():
     assert out.stdout.strip() == "1"
 
 
-def test_p2_cgroup_cpu_max_parsing_is_used_by_default_workers():
-    # The quota reader is unit-tested in Rust; here: the default never exceeds
-    # the CPUs this process may use.
+def test_p2_default_workers_never_exceed_the_usable_cpus():
+    # The cgroup quota parser is unit-tested in Rust (platform::parse_cpu_max).
     assert 1 <= _core.default_workers() <= len(os.sched_getaffinity(0))
 
 

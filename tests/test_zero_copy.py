@@ -33,6 +33,7 @@ from _zc_support import (
     buffer_spans,
     build_result,
     bytes_in_segments,
+    dev_shm_files_open,
     expected_frame_sum,
     has_shared_base,
     ident,
@@ -42,7 +43,6 @@ from _zc_support import (
     mutate_then_sum,
     segment_report,
     settle,
-    tree_pids,
 )
 from ironpool import _core
 
@@ -662,7 +662,7 @@ import numpy as np
 import ironpool
 
 sys.path.insert(0, TESTS_DIR)
-from _zc_support import tree_pids
+from _zc_support import dev_shm_files_open, tree_pids
 
 MIB = 1 << 20
 
@@ -679,24 +679,6 @@ def shm_size():
 
 def scale(a, k):
     return a * k
-
-
-def dev_shm_files_open():
-    out = []
-    for pid in tree_pids(os.getpid()):
-        for d in ("fd", "map_files"):
-            try:
-                names = os.listdir(f"/proc/{pid}/{d}")
-            except OSError:
-                continue
-            for n in names:
-                try:
-                    t = os.readlink(f"/proc/{pid}/{d}/{n}")
-                except OSError:
-                    continue
-                if t.startswith("/dev/shm"):
-                    out.append(t)
-    return out
 
 
 peak = [0]
@@ -764,17 +746,6 @@ def test_p2_no_dev_shm_file_is_used_while_big_data_is_in_flight(pool):
     a = np.arange(16 * MIB // 8, dtype="f8")
     futs = [pool.submit(ident, a) for _ in range(3)]
     results = [f.result(timeout=60) for f in futs]
-    for pid in tree_pids(os.getpid()):
-        for d in ("fd", "map_files"):
-            try:
-                names = os.listdir(f"/proc/{pid}/{d}")
-            except OSError:
-                continue
-            for n in names:
-                try:
-                    target = os.readlink(f"/proc/{pid}/{d}/{n}")
-                except OSError:
-                    continue
-                assert not target.startswith("/dev/shm"), (pid, target)
+    assert dev_shm_files_open() == []
     assert all(has_shared_base(r) for r in results)
     assert memfd_inodes(os.getpid()), "results should map ironpool memfds"

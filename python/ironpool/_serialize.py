@@ -13,6 +13,7 @@ from __future__ import annotations
 # process ~10 ms of start-up (re, enum, functools) for nothing we use.
 import _pickle as pickle
 import _thread
+import io
 import sys
 
 _repr = None
@@ -114,8 +115,6 @@ def _pickle_dumps(obj: object, buffer_callback) -> bytes:
     table = _numpy_table()
     if table is None:
         return pickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
-    import io
-
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=5, buffer_callback=buffer_callback)
     pickler.dispatch_table = table

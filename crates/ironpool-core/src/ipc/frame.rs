@@ -171,8 +171,6 @@ pub enum FrameError {
     Truncated,
     #[error("payload table is inconsistent: {0}")]
     BadPayload(&'static str),
-    #[error("unexpected {0:?} message")]
-    Unexpected(Kind),
 }
 
 #[cfg(test)]

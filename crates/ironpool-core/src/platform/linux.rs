@@ -34,10 +34,6 @@ impl Pidfd {
         self.pid
     }
 
-    pub fn into_fd(self) -> OwnedFd {
-        self.fd
-    }
-
     /// Sends SIGKILL. ESRCH (already gone) is not an error.
     pub fn kill(&self) -> io::Result<()> {
         match rustix::process::pidfd_send_signal(&self.fd, Signal::KILL) {

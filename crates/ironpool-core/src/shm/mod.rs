@@ -8,4 +8,4 @@ mod mapping;
 mod segment;
 
 pub use mapping::{Mapping, live_mappings};
-pub use segment::{ALIGN, SegmentWriter, align_up};
+pub use segment::{SegmentWriter, align_up};

@@ -5,7 +5,7 @@
 //! short-lived worker thread). A process-wide keeper thread does the spawns.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::mpsc;
@@ -178,10 +178,6 @@ impl Zygote {
         )];
         let _ = rustix::event::poll(&mut fds, None);
         self.pidfd.try_reap().map(|_| ())
-    }
-
-    pub fn pidfd(&self) -> impl AsFd + '_ {
-        &self.pidfd
     }
 }
 
