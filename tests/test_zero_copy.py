@@ -662,7 +662,7 @@ import numpy as np
 import ironpool
 
 sys.path.insert(0, TESTS_DIR)
-from _zc_support import dev_shm_files_open, tree_pids
+from _zc_support import dev_shm_files_open
 
 MIB = 1 << 20
 
