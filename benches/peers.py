@@ -24,6 +24,7 @@ LABELS = {
     "mpire": "mpire",
     "mpire_shared": "mpire shared_objects",
     "ironpool_share": "ironpool pool.share()",
+    "ironpool_shm": "ironpool shared_memory()",
     "pebble": "pebble",
     "ray": "ray Pool",
 }
@@ -396,7 +397,7 @@ CLASSES = {"ironpool": Ironpool, "ppe": PPE, "mp": MP, "joblib": Joblib, "loky":
 
 
 def make(case: str, **opts: Any) -> Peer:
-    if case == "ironpool_share":
+    if case in ("ironpool_share", "ironpool_shm"):
         case = "ironpool"
     name = case.partition(":")[0]
     return CLASSES[name](**opts)

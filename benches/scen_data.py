@@ -50,6 +50,15 @@ def big_input(case: str, ctx: Ctx) -> dict:
         pool = peers.make(case, shared=arr)
         pool.calls(workloads.array_sum_shared, [(i,) for i in range(2 * WORKERS)])
         fn, arglist = workloads.array_sum_shared, [(i,) for i in range(n_tasks)]
+    elif case == "ironpool_shm":
+        # The array is born in shared memory (made inside ironpool.shared_memory()).
+        import ironpool
+
+        pool = peers.make(case)
+        _warm(pool)
+        with ironpool.shared_memory():
+            arr = np.random.default_rng(0).random(mib * 2**20 // 8)
+        fn, arglist = workloads.array_sum, [(arr,)] * n_tasks
     else:
         pool = peers.make(case)
         _warm(pool)
@@ -77,15 +86,16 @@ BIG_INPUT = Scenario(
     name="big_input",
     title="big_input: one 256 MiB float64 array passed to each of 8 tasks that sum it",
     run=big_input,
-    cases=lambda quick: ["ironpool", "ironpool_share", "ppe", "mp", "joblib", "loky", "mpire", "mpire_shared",
-                         "pebble", "ray"],
+    cases=lambda quick: ["ironpool", "ironpool_share", "ironpool_shm", "ppe", "mp", "joblib", "loky", "mpire",
+                         "mpire_shared", "pebble", "ray"],
     columns=[Column("seconds", "seconds"), *MEM_COLUMNS, Column("runs", "runs", "int"), Column("correct", "ok")],
     ratio_key="seconds",
     timeout=lambda quick: 120.0 if quick else 240.0,
     notes=["64 MiB with --quick. The array is made after the pool started (fork-based pools do not inherit it), "
            "except for 'mpire shared_objects', whose workers inherit it at start. joblib memory-maps it "
            "(default max_nbytes='1M'). 'ironpool' passes the (writable) array itself, which is copied per task; "
-           "'ironpool pool.share()' shares it once inside the timed call.", MEM_NOTE],
+           "'ironpool pool.share()' shares it once inside the timed call. 'ironpool shared_memory()' makes the "
+           "array inside `with ironpool.shared_memory():`, so it lives in a memfd and no task copies it.", MEM_NOTE],
 )
 
 

@@ -29,6 +29,7 @@ _EXPORTS = {
     "Pool": "pool",
     "Shared": "pool",
     "WorkerInfo": "pool",
+    "shared_memory": "_shared_memory",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -51,6 +52,7 @@ def __dir__() -> list[str]:
 
 
 if False:  # for type checkers; typing itself is not imported at run time
+    from ._shared_memory import shared_memory
     from .errors import (
         IronpoolError,
         MemoryLimitExceeded,

@@ -49,25 +49,15 @@ fn check_decoded(bytes: &[u8], m: &Message) {
 
 /// Every range a successful payload decode hands out lies inside its buffer.
 fn check_parts(msg: &Message) -> Option<Vec<Vec<u8>>> {
-    let (parts, mapping) = payload::decode(msg).ok()?;
+    let (parts, maps) = payload::decode(msg).ok()?;
     let mut out = Vec::new();
     for p in &parts {
-        match p {
-            Part::Inline(r) => {
-                assert!(r.start <= r.end && r.end <= msg.body.len(), "{r:?}");
-                out.push(msg.body[r.clone()].to_vec());
-            }
-            Part::Segment(r) => {
-                let m = mapping
-                    .as_ref()
-                    .expect("a segment part comes with a mapping");
-                assert!(r.start <= r.end && r.end <= m.len(), "{r:?} of {}", m.len());
-                // SAFETY: just checked against the mapping's length.
-                out.push(unsafe {
-                    std::slice::from_raw_parts(m.as_ptr().add(r.start), r.len()).to_vec()
-                });
-            }
+        if let Part::Segment { fd, .. } = p {
+            assert!(maps[*fd].is_some(), "a segment part comes with a mapping");
         }
+        let bytes = payload::part_bytes(msg, &maps, p);
+        assert!(bytes.is_some(), "{p:?} lies outside its buffer");
+        out.push(bytes?.to_vec());
     }
     Some(out)
 }
@@ -249,7 +239,7 @@ fn send_raw(chan: &Channel, bytes: &[u8], fds: &[OwnedFd]) {
     use std::mem::MaybeUninit;
     use std::os::fd::{AsFd, BorrowedFd};
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS + 8))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !borrowed.is_empty() {
         assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));

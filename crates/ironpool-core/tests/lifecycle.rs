@@ -85,11 +85,12 @@ fn round() {
 
     // Refused descriptors are closed, not leaked.
     let (tx, mut rx) = Channel::pair().expect("pair");
-    let fds: Vec<OwnedFd> = (0..8)
+    const TOO_MANY: usize = ironpool_core::ipc::channel::MAX_FDS + 4;
+    let fds: Vec<OwnedFd> = (0..TOO_MANY)
         .map(|_| rustix::pipe::pipe().expect("pipe").0)
         .collect();
     let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(TOO_MANY))];
     let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
     assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&borrowed)));
     let frame = ironpool_core::ipc::Message::new(Kind::Task, 1, 0).header();

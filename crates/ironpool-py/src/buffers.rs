@@ -125,23 +125,22 @@ pub fn encode(
 /// Turns a received payload into a list of parts: `bytes` for inline parts,
 /// [`SharedBuffer`] views for parts in the segment (read-only if `readonly`).
 pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<Bound<'py, PyList>> {
-    let (parts, mapping) = payload::decode(msg)
+    let (parts, mappings) = payload::decode(msg)
         .map_err(|e| crate::errors::engine_error(format!("corrupt payload: {e}")))?;
-    let mapping = mapping.map(Arc::new);
     let list = PyList::empty(py);
     for part in parts {
         match part {
             Part::Inline(r) => list.append(PyBytes::new(py, &msg.body[r]))?,
-            Part::Segment(r) => {
-                let map = mapping.clone().ok_or_else(|| {
+            Part::Segment { fd, range } => {
+                let map = mappings.get(fd).cloned().flatten().ok_or_else(|| {
                     crate::errors::engine_error("segment part without segment".into())
                 })?;
                 list.append(Bound::new(
                     py,
                     SharedBuffer {
                         map,
-                        offset: r.start,
-                        len: r.len(),
+                        offset: range.start,
+                        len: range.len(),
                         readonly,
                     },
                 )?)?

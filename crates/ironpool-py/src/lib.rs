@@ -3,6 +3,7 @@
 
 mod buffers;
 mod errors;
+mod numpy_alloc;
 mod pool;
 mod worker;
 mod zygote;
@@ -37,6 +38,8 @@ fn resident_bytes(pid: i32) -> Option<u64> {
 mod _core {
     #[pymodule_export]
     use super::buffers::SharedBuffer;
+    #[pymodule_export]
+    use super::numpy_alloc::{set_numpy_handler, shared_memory_handler, shared_memory_stats};
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]

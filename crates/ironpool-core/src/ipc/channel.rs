@@ -17,7 +17,7 @@ use rustix::net::{
 use super::frame::{FrameError, MAX_FRAME, Message};
 
 /// Descriptors one message may carry.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 16;
 
 /// What a receive produced.
 #[derive(Debug)]

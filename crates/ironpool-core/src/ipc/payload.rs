@@ -1,16 +1,21 @@
 //! A payload is a list of byte parts: part 0 is the in-band pickle stream,
 //! the others are out-of-band buffers (pickle protocol 5). Small parts ride
 //! inline in the frame; large ones are written once into a memfd segment
-//! whose descriptor travels with the frame.
+//! whose descriptor travels with the frame, or, when they already lie in a
+//! memfd block (see [`crate::shm::blocks`]), travel as that block's sealed
+//! descriptor with no copy at all.
 //!
 //! Body layout: `u32 n_parts, u32 0`, then per part `u32 where (0 inline,
-//! 1 segment), u32 0, u64 offset, u64 len`, then the inline bytes.
+//! 1 segment), u32 descriptor index, u64 offset, u64 len`, then the inline
+//! bytes.
 
 use std::ops::Range;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
+use super::channel::MAX_FDS;
 use super::frame::{FrameError, HEADER_LEN, Kind, MAX_FRAME, Message};
-use crate::shm::{Mapping, SegmentWriter, align_up};
+use crate::shm::{Mapping, SegmentWriter, align_up, blocks};
 
 const ENTRY: usize = 24;
 const INLINE: u32 = 0;
@@ -24,12 +29,14 @@ pub const DEFAULT_SEGMENT_THRESHOLD: usize = 64 * 1024;
 pub enum Part {
     /// A range of the message body.
     Inline(Range<usize>),
-    /// A range of the segment mapping.
-    Segment(Range<usize>),
+    /// A range of the mapping of descriptor `fd` (an index into the
+    /// message's descriptors).
+    Segment { fd: usize, range: Range<usize> },
 }
 
 /// Builds a message carrying `parts`. Parts of `threshold` bytes or more,
-/// and any part that would overflow the frame, go to one shared segment.
+/// and any part that would overflow the frame, are lent from their memfd
+/// block if they lie in one, else copied into one shared segment.
 pub fn encode(
     kind: Kind,
     id: u64,
@@ -45,52 +52,72 @@ pub fn encode(
         )));
     }
     let mut room = MAX_FRAME - HEADER_LEN - table_len;
+    // (location, descriptor index, offset, len); the copy segment, if any,
+    // is descriptor 0 and lent blocks follow it.
     let mut entries = Vec::with_capacity(parts.len());
+    let mut lent: Vec<OwnedFd> = Vec::new();
     let mut inline_len = 0u64;
     let mut seg_len = 0u64;
     for p in parts {
         let len = p.len();
         if len < threshold && len <= room {
             room -= len;
-            entries.push((INLINE, inline_len, len as u64));
+            entries.push((INLINE, 0, inline_len, len as u64));
             inline_len += len as u64;
-        } else {
-            let off = align_up(seg_len);
-            entries.push((SEGMENT, off, len as u64));
-            seg_len = off + len as u64;
+            continue;
         }
+        if lent.len() + 1 < MAX_FDS
+            && let Some((fd, off)) = blocks::lend(p.as_ptr(), len)
+        {
+            lent.push(fd);
+            entries.push((SEGMENT, lent.len() as u32, off, len as u64));
+            continue;
+        }
+        let off = align_up(seg_len);
+        entries.push((SEGMENT, 0, off, len as u64));
+        seg_len = off + len as u64;
     }
+    let copies = entries.iter().any(|e| e.0 == SEGMENT && e.1 == 0);
+    let shift = u32::from(!copies);
     let mut body = Vec::with_capacity(table_len + inline_len as usize);
     body.extend_from_slice(&(parts.len() as u32).to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
-    for &(loc, off, len) in &entries {
+    for &(loc, fd, off, len) in &entries {
+        // Without a copy segment, lent descriptors start at index 0.
+        let fd = if loc == SEGMENT { fd - shift } else { 0 };
         body.extend_from_slice(&loc.to_le_bytes());
-        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&fd.to_le_bytes());
         body.extend_from_slice(&off.to_le_bytes());
         body.extend_from_slice(&len.to_le_bytes());
     }
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    let any_segment = entries.iter().any(|e| e.0 == SEGMENT);
-    let writer = if any_segment {
+    let writer = if copies {
         Some(SegmentWriter::new(seg_len.max(1))?)
     } else {
         None
     };
-    for (p, &(loc, off, _)) in parts.iter().zip(&entries) {
+    for (p, &(loc, fd, off, _)) in parts.iter().zip(&entries) {
         match (loc, &writer) {
-            (SEGMENT, Some(w)) => w.write_at(off, p)?,
-            _ => body.extend_from_slice(p),
+            (INLINE, _) => body.extend_from_slice(p),
+            (_, Some(w)) if fd == 0 => w.write_at(off, p)?,
+            _ => {}
         }
     }
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(lent.len() + 1);
     if let Some(w) = writer {
         fds.push(w.finish()?);
     }
+    fds.extend(lent);
     Ok(Message::new(kind, id, aux).with_body(body).with_fds(fds))
 }
 
+/// The mappings of a message's descriptors, by index; `None` for one no
+/// part refers to.
+pub type Mappings = Vec<Option<Arc<Mapping>>>;
+
 /// Checks the part table of a received payload against the body and the
-/// segment size, and maps the segment. Never trusts a length unchecked.
-pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError> {
+/// sizes of its segments, and maps each segment a part refers to. Never
+/// trusts a length unchecked.
+pub fn decode(msg: &Message) -> Result<(Vec<Part>, Mappings), FrameError> {
     let body = &msg.body;
     let read = |at: usize, n: usize| -> Result<u64, FrameError> {
         let bytes = body
@@ -106,26 +133,26 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError>
         .and_then(|t| t.checked_add(8))
         .filter(|&t| t <= body.len())
         .ok_or(FrameError::BadPayload("part count too large"))?;
-    let seg_len = match msg.fds.first() {
-        Some(fd) => {
-            // Only a segment sealed against shrinking is mapped: one its
-            // sender could still truncate would make reads fault (SIGBUS)
-            // after every length here was checked.
-            let seals = rustix::fs::fcntl_get_seals(fd)
-                .map_err(|_| FrameError::BadPayload("segment is not a sealed memfd"))?;
-            if !seals.contains(rustix::fs::SealFlags::SHRINK) {
-                return Err(FrameError::BadPayload("segment is not sealed"));
-            }
-            let st = rustix::fs::fstat(fd).map_err(|_| FrameError::BadPayload("segment fstat"))?;
-            Some(st.st_size as u64)
+    let mut seg_lens = Vec::with_capacity(msg.fds.len());
+    for fd in &msg.fds {
+        // Only a segment sealed against shrinking is mapped: one its sender
+        // could still truncate would make reads fault (SIGBUS) after every
+        // length here was checked.
+        let seals = rustix::fs::fcntl_get_seals(fd)
+            .map_err(|_| FrameError::BadPayload("segment is not a sealed memfd"))?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(FrameError::BadPayload("segment is not sealed"));
         }
-        None => None,
-    };
+        let st = rustix::fs::fstat(fd).map_err(|_| FrameError::BadPayload("segment fstat"))?;
+        seg_lens.push(st.st_size as u64);
+    }
+    let mut used = vec![false; msg.fds.len()];
     let mut parts = Vec::with_capacity(n);
     let mut inline_at = table_end as u64;
     for i in 0..n {
         let at = 8 + i * ENTRY;
         let loc = read(at, 4)? as u32;
+        let fd = read(at + 4, 4)? as usize;
         let off = read(at + 8, 8)?;
         let len = read(at + 16, 8)?;
         match loc {
@@ -138,40 +165,64 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Option<Mapping>), FrameError>
                 inline_at = end;
             }
             SEGMENT => {
-                let limit =
-                    seg_len.ok_or(FrameError::BadPayload("segment part without segment"))?;
+                let limit = *seg_lens
+                    .get(fd)
+                    .ok_or(FrameError::BadPayload("segment part without segment"))?;
                 let end = off
                     .checked_add(len)
                     .filter(|&e| e <= limit)
                     .ok_or(FrameError::BadPayload("segment part past end"))?;
-                parts.push(Part::Segment(off as usize..end as usize));
+                used[fd] = true;
+                parts.push(Part::Segment {
+                    fd,
+                    range: off as usize..end as usize,
+                });
             }
             _ => return Err(FrameError::BadPayload("unknown part location")),
         }
     }
-    let mapping = match (msg.fds.first(), seg_len) {
-        (Some(fd), Some(len)) => Some(
-            Mapping::private(fd, len as usize)
-                .map_err(|_| FrameError::BadPayload("segment mmap"))?,
-        ),
-        _ => None,
-    };
-    Ok((parts, mapping))
+    let mut mappings = Vec::with_capacity(msg.fds.len());
+    for ((fd, len), used) in msg.fds.iter().zip(seg_lens).zip(used) {
+        mappings.push(if used {
+            Some(
+                Mapping::private(fd, len as usize)
+                    .map(Arc::new)
+                    .map_err(|_| FrameError::BadPayload("segment mmap"))?,
+            )
+        } else {
+            None
+        });
+    }
+    Ok((parts, mappings))
+}
+
+/// The bytes of a decoded part: `maps` are the mappings that [`decode`]
+/// returned with it. `None` if the part does not lie in them.
+pub fn part_bytes<'a>(
+    msg: &'a Message,
+    maps: &'a [Option<Arc<Mapping>>],
+    part: &Part,
+) -> Option<&'a [u8]> {
+    match part {
+        Part::Inline(r) => msg.body.get(r.clone()),
+        Part::Segment { fd, range } => {
+            let m = maps.get(*fd)?.as_ref()?;
+            if range.start > range.end || range.end > m.len() {
+                return None;
+            }
+            // SAFETY: the range was just checked against the mapping, which
+            // lives as long as the borrow of `maps`.
+            Some(unsafe { std::slice::from_raw_parts(m.as_ptr().add(range.start), range.len()) })
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn bytes_of<'a>(msg: &'a Message, map: &'a Option<Mapping>, part: &Part) -> &'a [u8] {
-        match part {
-            Part::Inline(r) => &msg.body[r.clone()],
-            Part::Segment(r) => {
-                let m = map.as_ref().unwrap();
-                // SAFETY: decode checked r against the segment size.
-                unsafe { std::slice::from_raw_parts(m.as_ptr().add(r.start), r.len()) }
-            }
-        }
+    fn bytes_of<'a>(msg: &'a Message, maps: &'a [Option<Arc<Mapping>>], part: &Part) -> &'a [u8] {
+        part_bytes(msg, maps, part).unwrap()
     }
 
     #[test]
@@ -181,10 +232,36 @@ mod tests {
         assert_eq!(msg.fds.len(), 1);
         let (parts, map) = decode(&msg).unwrap();
         assert!(matches!(parts[0], Part::Inline(_)));
-        assert!(matches!(parts[1], Part::Segment(_)));
+        assert!(matches!(parts[1], Part::Segment { fd: 0, .. }));
         assert_eq!(bytes_of(&msg, &map, &parts[0]), b"head");
         assert_eq!(bytes_of(&msg, &map, &parts[1]), &big[..]);
         assert_eq!(bytes_of(&msg, &map, &parts[2]), b"");
+    }
+
+    #[test]
+    fn parts_in_blocks_are_lent_not_copied() {
+        let _turn = blocks::TEST_TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let n = 1 << 20;
+        let block = blocks::alloc(n).unwrap();
+        // SAFETY: `block` is a live allocation of n bytes, freed below.
+        let lent = unsafe {
+            std::ptr::write_bytes(block, 3, n);
+            std::slice::from_raw_parts(block, n)
+        };
+        let copied = vec![4u8; 100_000];
+        let msg = encode(Kind::Task, 1, 0, &[b"head", &copied, lent], 64 * 1024).unwrap();
+        assert_eq!(msg.fds.len(), 2, "one copy segment, one lent block");
+        let (parts, maps) = decode(&msg).unwrap();
+        assert!(matches!(parts[1], Part::Segment { fd: 0, .. }));
+        assert!(matches!(parts[2], Part::Segment { fd: 1, .. }));
+        assert_eq!(bytes_of(&msg, &maps, &parts[2]), lent);
+        assert_eq!(bytes_of(&msg, &maps, &parts[1]), &copied[..]);
+        // Only lent parts: the block is descriptor 0.
+        let msg = encode(Kind::Task, 1, 0, &[b"head", lent], 64 * 1024).unwrap();
+        assert_eq!(msg.fds.len(), 1);
+        let (parts, maps) = decode(&msg).unwrap();
+        assert_eq!(bytes_of(&msg, &maps, &parts[1]), lent);
+        assert!(blocks::free(block));
     }
 
     #[test]

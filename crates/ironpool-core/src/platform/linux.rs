@@ -155,6 +155,41 @@ pub fn seal_readonly(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether no page of `[addr, addr + len)` was written since the range was
+/// mapped privately from a file: no page is anonymous (copied on write) or
+/// swapped out. Reads `/proc/self/pagemap`, whose flag bits need no privilege.
+pub fn pages_unmodified(addr: usize, len: usize) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_PAGE: u64 = 1 << 61;
+    if len == 0 {
+        return Ok(true);
+    }
+    let page = rustix::param::page_size();
+    let first = addr / page;
+    let last = (addr + len - 1) / page;
+    // Opened per call: a descriptor kept across fork would read the parent.
+    let map = fs::File::open("/proc/self/pagemap")?;
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut at = first;
+    while at <= last {
+        let n = (last + 1 - at).min(8192);
+        let bytes = &mut buf[..8 * n];
+        map.read_exact_at(bytes, (at * 8) as u64)?;
+        for entry in bytes.chunks_exact(8) {
+            let mut e = [0u8; 8];
+            e.copy_from_slice(entry);
+            let e = u64::from_le_bytes(e);
+            if e & SWAPPED != 0 || (e & PRESENT != 0 && e & FILE_PAGE == 0) {
+                return Ok(false);
+            }
+        }
+        at += n;
+    }
+    Ok(true)
+}
+
 /// Number of memfds this process holds open (tests and leak checks).
 pub fn open_memfds() -> usize {
     let Ok(dir) = fs::read_dir("/proc/self/fd") else {

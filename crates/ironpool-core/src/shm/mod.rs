@@ -4,6 +4,7 @@
 //! mapping of it. The kernel frees it after the last one goes, including when
 //! the holder is SIGKILLed, so nothing here needs a cleanup pass.
 
+pub mod blocks;
 mod mapping;
 mod segment;
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ironpool_core::ipc::payload::{self, DEFAULT_SEGMENT_THRESHOLD, Part};
+use ironpool_core::ipc::payload::{self, DEFAULT_SEGMENT_THRESHOLD};
 use ironpool_core::ipc::{Kind, Message};
 use ironpool_core::supervisor::{Pool, PoolConfig};
 use ironpool_core::task::{Completion, Outcome, Task};
@@ -101,16 +101,13 @@ pub fn task_fn(id: u64, fn_id: u64, cmd: &[u8]) -> Task {
 
 /// Every part of a result payload, concatenated in order.
 pub fn parts(msg: &Message) -> Vec<Vec<u8>> {
-    let (parts, mapping) = payload::decode(msg).expect("valid payload");
+    let (parts, maps) = payload::decode(msg).expect("valid payload");
     parts
         .iter()
-        .map(|p| match p {
-            Part::Inline(r) => msg.body[r.clone()].to_vec(),
-            Part::Segment(r) => {
-                let m = mapping.as_ref().expect("segment mapped");
-                // SAFETY: decode checked the range against the segment size.
-                unsafe { std::slice::from_raw_parts(m.as_ptr().add(r.start), r.len()).to_vec() }
-            }
+        .map(|p| {
+            payload::part_bytes(msg, &maps, p)
+                .expect("part in range")
+                .to_vec()
         })
         .collect()
 }

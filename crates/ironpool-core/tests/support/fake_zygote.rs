@@ -34,7 +34,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use ironpool_core::ipc::payload::{self, DEFAULT_SEGMENT_THRESHOLD, Part};
+use ironpool_core::ipc::payload::{self, DEFAULT_SEGMENT_THRESHOLD};
 use ironpool_core::ipc::{Channel, Kind, Message, Recv};
 use ironpool_core::zygote::{self, Served};
 
@@ -86,21 +86,15 @@ fn main() {
 
 /// The parts of a payload message, copied out.
 fn parts_of(msg: &Message) -> Vec<Vec<u8>> {
-    let Ok((parts, mapping)) = payload::decode(msg) else {
+    let Ok((parts, maps)) = payload::decode(msg) else {
         return Vec::new();
     };
     parts
         .iter()
-        .map(|p| match p {
-            Part::Inline(r) => msg.body[r.clone()].to_vec(),
-            Part::Segment(r) => match &mapping {
-                // SAFETY: decode checked the range against the segment size,
-                // and the mapping lives until the end of this closure.
-                Some(m) => unsafe {
-                    std::slice::from_raw_parts(m.as_ptr().add(r.start), r.len()).to_vec()
-                },
-                None => Vec::new(),
-            },
+        .map(|p| {
+            payload::part_bytes(msg, &maps, p)
+                .unwrap_or_default()
+                .to_vec()
         })
         .collect()
 }

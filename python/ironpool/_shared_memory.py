@@ -1,0 +1,80 @@
+"""numpy arrays born in shared memory, so they travel without a copy.
+
+While ironpool's allocator is installed (``with ironpool.shared_memory():``),
+every numpy array of 1 MiB or more gets its own memfd. Sending such
+an array passes the memfd's descriptor, and the receiver maps the same pages:
+no copy at either end.
+
+Sending freezes what was sent: the memfd is sealed and the sender's pages
+become copy-on-write, so later writes by the sender stay private and the
+receiver always sees the array as it was when it was sent. An array written
+after it was sent is copied on its next send, like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from . import _core
+
+
+def _array_api() -> object | None:
+    """numpy's C API capsule, if numpy is loaded and has allocator hooks (>= 1.22)."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    multiarray = sys.modules.get("numpy._core.multiarray") or sys.modules.get("numpy.core.multiarray")
+    if multiarray is None or not hasattr(multiarray, "get_handler_name"):
+        return None
+    return getattr(multiarray, "_ARRAY_API", None)
+
+
+def install() -> object | None:
+    """Makes ironpool's allocator numpy's, in the current context (thread).
+    Returns the handler it replaced, or None if numpy is not loaded."""
+    api = _array_api()
+    if api is None:
+        return None
+    return _core.set_numpy_handler(api, _core.shared_memory_handler())
+
+
+def restore(previous: object) -> None:
+    """Puts back the handler :func:`install` replaced."""
+    api = _array_api()
+    if api is not None:
+        _core.set_numpy_handler(api, previous)
+
+
+@contextlib.contextmanager
+def shared_memory() -> Iterator[None]:
+    """numpy arrays made inside this block live in shared memory, so passing
+    them to tasks costs no copy, however often they are sent::
+
+        import numpy as np
+        import ironpool
+
+        with ironpool.shared_memory():
+            big = np.random.default_rng(0).random(32_000_000)   # 256 MB
+        with ironpool.Pool() as pool:
+            sums = list(pool.map(np.sum, [big] * 8))             # nothing copied
+
+    Arrays keep their memory after the block ends; only new allocations go
+    back to numpy's allocator. Each task sees the array as it was when the
+    task was submitted; if you change it afterwards, the next task that gets
+    it gets a fresh copy. Applies to the current thread; needs numpy
+    imported first.
+    """
+    if "numpy" not in sys.modules:
+        import numpy  # noqa: F401
+    previous = install()
+    try:
+        yield
+    finally:
+        restore(previous)
+
+
+def stats() -> tuple[int, int]:
+    """(arrays alive in shared memory, buffers sent without a copy) in this process."""
+    return _core.shared_memory_stats()
