@@ -198,6 +198,31 @@ def test_map_raises_at_the_failing_item(pool, chunksize):
         next(results)
 
 
+def test_map_over_one_iterable_passes_each_item_whole(pool):
+    # One iterable travels as a plain list of items (no argument tuples):
+    # an item that is itself a tuple must still arrive as one argument.
+    items = [(1, 2), (3,), "abcd", [0] * 5, ()]
+    assert list(pool.map(len, items)) == [2, 1, 4, 5, 0]
+    assert sorted(pool.imap_unordered(len, items)) == [0, 1, 2, 4, 5]
+    # Errors name the item as the call it is.
+    import threading
+
+    with pytest.raises(ironpool.SerializationError, match=r"of len\(<unlocked _thread\..*\) \(or a neighbour"):
+        list(pool.map(len, [threading.Lock()]))
+
+
+def test_closing_a_map_withdraws_what_has_not_started(beacon):
+    with ironpool.Pool(1) as pool:
+        results = pool.map(blocking, [beacon] * 20, range(20), chunksize=1)
+        beacon.started(1)
+        results.close()  # like a generator's close(): the rest is withdrawn
+        beacon.release(20)
+        with pytest.raises(StopIteration):
+            next(results)
+        pool.shutdown(wait=True)
+        assert sum(w.tasks_done for w in pool.stats()) <= 2
+
+
 def test_starmap(pool):
     assert list(pool.starmap(pow, [(2, 3), (3, 2), (10, 0)])) == [8, 9, 1]
     assert list(pool.starmap(add, ((i, i) for i in range(5)), chunksize=2)) == [0, 2, 4, 6, 8]

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import wait as _wait
 from concurrent.futures._base import PENDING as _PENDING
@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _core, _zygote
 from ._serialize import SharedRef, describe_call, dumps, dumps_function, dumps_task, loads, unpack_exception
-from ._worker import CHUNK
+from ._worker import CHUNK, SINGLE
 from .errors import (
     PoolClosed,
     SerializationError,
@@ -200,7 +200,7 @@ class _TaskFuture(Future):
 class _Entry:
     __slots__ = ("args", "attempts", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on", "timeout")
 
-    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=False, keep=(), timeout=None):
+    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=0, keep=(), timeout=None):
         self.future = future
         self.fn = fn
         self.args = args
@@ -209,14 +209,21 @@ class _Entry:
         self.retries = retries  # re-runs left, for crashes, timeouts and retry_on alike
         self.timeout = timeout
         self.attempts: list[dict] = []  # failed attempts so far, oldest first
-        self.chunk = chunk
+        self.chunk = chunk  # task flags: 0, or CHUNK (| SINGLE) for a map chunk
         self.keep = keep  # shared handles the payload refers to
 
     def describe(self) -> str:
         if self.chunk:
-            first = describe_call(self.fn, self.args[0] if self.args else ())
+            first = describe_call(self.fn, _first_args(self.args, self.chunk))
             return f"a map chunk of {len(self.args)} items starting with {first}"
         return describe_call(self.fn, self.args, self.kwargs)
+
+
+def _first_args(batch: list, flags: int) -> tuple:
+    """The arguments of the first item of a map chunk."""
+    if not batch:
+        return ()
+    return (batch[0],) if flags & SINGLE else batch[0]
 
 
 def _copy_exception(exc: BaseException) -> BaseException:
@@ -459,15 +466,20 @@ class _State:
                 self.auto_shared.popitem(last=False)
         return handle
 
-    def dumps_args(self, args: Any, kwargs: Any, threshold: int) -> tuple[list, list, tuple]:
-        """Pickles task arguments, sending immutable large ones once. Returns
-        the parts, the shared ids they refer to, and the handles to keep alive
-        until the task is done."""
+    def dumps_args(self, args: Any, kwargs: Any, threshold: int, single: bool = False) -> tuple[list, list, tuple]:
+        """Pickles task arguments (or, with ``single``, a list of single
+        arguments), sending immutable large ones once. Returns the parts, the
+        shared ids they refer to, and the handles to keep alive until the
+        task is done."""
         call = (args, kwargs) if kwargs is not None else args
         parts, needs = dumps_task(call, threshold)
         keep: tuple = ()
         if len(parts) > 1:  # large buffers: worth looking for repeats
-            new_args = self.auto_share(args, threshold)
+            if single:
+                rows = self.auto_share([(x,) for x in args], threshold)
+                new_args = None if rows is None else [row[0] for row in rows]
+            else:
+                new_args = self.auto_share(args, threshold)
             new_kwargs = self.auto_share(kwargs, threshold) if kwargs else None
             if new_args is not None or new_kwargs is not None:
                 args = args if new_args is None else new_args
@@ -725,9 +737,12 @@ class Pool(Executor):
         bounds each chunk's run time on a worker."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        items = zip(*iterables, strict=False)
         total = _common_len(iterables)
-        return _MapRun(self, fn, items, total, timeout, chunksize, task_timeout, ordered=True).results()
+        if len(iterables) == 1:
+            items, single = iter(iterables[0]), True
+        else:
+            items, single = zip(*iterables, strict=False), False
+        return _MapRun(self, fn, items, total, timeout, chunksize, task_timeout, True, single).results()
 
     def starmap(
         self,
@@ -740,7 +755,7 @@ class Pool(Executor):
         """Ordered ``fn(*args)`` for each ``args`` in ``iterable``."""
         total = _common_len((iterable,))
         items = (tuple(a) for a in iterable)
-        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=True).results()
+        return _MapRun(self, fn, items, total, timeout, chunksize, None, True, False).results()
 
     def imap_unordered(
         self,
@@ -752,8 +767,7 @@ class Pool(Executor):
     ) -> Iterator[Any]:
         """Results of ``fn`` over ``iterable`` in the order they finish."""
         total = _common_len((iterable,))
-        items = ((x,) for x in iterable)
-        return _MapRun(self, fn, items, total, timeout, chunksize, None, ordered=False).results()
+        return _MapRun(self, fn, iter(iterable), total, timeout, chunksize, None, False, True).results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops the pool once queued work is done (pending work is dropped with
@@ -819,11 +833,32 @@ def _common_len(iterables: tuple) -> int | None:
         return None
 
 
+class _Results:
+    """The iterator ``map`` returns. Iterating it runs at C speed over whole
+    chunks (``__iter__`` hands out a ``chain`` over them); ``close()``, or
+    dropping it, withdraws the chunks not yet started."""
+
+    __slots__ = ("_chunks", "_items")
+
+    def __init__(self, chunks: Generator[list, None, None]) -> None:
+        self._chunks = chunks
+        self._items = itertools.chain.from_iterable(chunks)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
 class _MapRun:
     """The iterator behind ``map``/``starmap``/``imap_unordered``: keeps a
     bounded window of chunks in flight and refills it as results are taken."""
 
-    def __init__(self, pool: Pool, fn, items, total, timeout, chunksize, task_timeout, ordered) -> None:
+    def __init__(self, pool: Pool, fn, items, total, timeout, chunksize, task_timeout, ordered, single) -> None:
         state = pool._state
         if state is None:
             raise pool._start_error or PoolClosed("pool is not running")
@@ -845,6 +880,7 @@ class _MapRun:
         self.chunksize = chunksize
         self.task_timeout = task_timeout
         self.ordered = ordered
+        self.flags = CHUNK | SINGLE if single else CHUNK  # single: items are arguments, not tuples
         self.window = max(4, 4 * state.workers)
         self.inflight: deque[Future] = deque()
         self.error: BaseException | None = None
@@ -856,15 +892,15 @@ class _MapRun:
         future = _TaskFuture()
         future._batch = batch  # type: ignore[attr-defined]
         try:
-            parts, needs, keep = state.dumps_args(batch, None, self.pool._threshold)
+            parts, needs, keep = state.dumps_args(batch, None, self.pool._threshold, bool(self.flags & SINGLE))
         except Exception as exc:
-            where = f"{describe_call(self.fn, batch[0])} (or a neighbour in its chunk)"
+            where = f"{describe_call(self.fn, _first_args(batch, self.flags))} (or a neighbour in its chunk)"
             future.set_exception(_argument_error(exc, where))
             return future
         entry = _Entry(
-            future, self.fn, batch, None, (), self.pool._retries, chunk=True, keep=keep, timeout=self.task_timeout
+            future, self.fn, batch, None, (), self.pool._retries, chunk=self.flags, keep=keep, timeout=self.task_timeout
         )
-        state.enqueue(entry, self.fn_id, parts, needs, len(batch), CHUNK)
+        state.enqueue(entry, self.fn_id, parts, needs, len(batch), self.flags)
         return future
 
     def _fill(self) -> None:
@@ -879,14 +915,17 @@ class _MapRun:
             self.inflight.append(self._submit_chunk(batch))
 
     def results(self) -> Iterator[Any]:
-        """The generator handed to the caller: yields whole chunks' values at C
-        speed, refills the window as chunks are taken, and withdraws what is
-        left when closed, interrupted or garbage collected."""
+        """What the caller iterates: the values of each chunk in turn."""
+        return _Results(self._chunks())
+
+    def _chunks(self) -> Iterator[list]:
+        """Each chunk's values in order, refilling the window as chunks are
+        taken; withdraws what is left when closed, interrupted or collected."""
         try:
             while self.inflight:
                 values, self.error = self._chunk_outcome(self._take())
                 self._fill()
-                yield from values
+                yield values
                 if self.error is not None:
                     raise self._pop_error()  # no local may hold it: its traceback has this frame
         finally:
