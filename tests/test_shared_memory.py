@@ -179,3 +179,63 @@ def test_without_numpy_loaded_the_block_imports_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def mapping_flags(a: np.ndarray) -> str:
+    """The permission field ("rw-s", "rw-p") of the mapping holding `a`."""
+    addr = a.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= addr < hi:
+                return perms
+    raise LookupError("no mapping holds the array")
+
+
+def test_starting_a_pool_leaves_unsent_arrays_alone(big):
+    # A new preload set makes this process start a new template process (a
+    # fork that only execs): that must not turn the array copy-on-write.
+    assert mapping_flags(big) == "rw-s"
+    with ironpool.Pool(1, preload=("colorsys",)) as pool:
+        assert pool.submit(where_and_first, np.zeros(1)).result(timeout=60)[1] == 0.0
+    assert mapping_flags(big) == "rw-s"
+
+
+def test_an_impossible_size_fails_with_memoryerror_as_outside():
+    huge = 4 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        np.empty(huge, dtype=np.uint8)
+    except MemoryError:
+        pass
+    else:
+        pytest.skip("this machine's overcommit policy lets numpy reserve 4x its memory")
+    with ironpool.shared_memory(), pytest.raises(MemoryError):
+        np.empty(huge, dtype=np.uint8)
+
+
+def make_filled(value: float) -> np.ndarray:
+    return np.full(MIB, value)
+
+
+def ident(x):
+    return x
+
+
+def test_received_buffers_are_sent_on_without_a_copy():
+    with ironpool.Pool(2) as pool:
+        results = list(pool.map(make_filled, range(4)))
+        inodes = [inode_of(r) for r in results]
+        assert all(inodes)
+        lent = stats()[1]
+        # Results fed to the next map travel as the same memfds.
+        got = list(pool.map(where_and_first, results))
+        assert [g[0] for g in got] == inodes and [g[1] for g in got] == [0.0, 1.0, 2.0, 3.0]
+        assert stats()[1] - lent == 4
+        # A task that returns its argument unchanged returns the same pages.
+        back = pool.submit(ident, results[2]).result(timeout=30)
+        assert inode_of(back) == inodes[2] and back[5] == 2.0
+        # Once the caller writes to a result, it is copied again, with the write.
+        results[1][0] = 9.0
+        inode, first, _ = pool.submit(where_and_first, results[1]).result(timeout=30)
+        assert inode != inodes[1] and first == 9.0

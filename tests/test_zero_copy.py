@@ -507,7 +507,9 @@ def test_segment_is_unmapped_when_the_result_is_dropped(kind):
         del fut
         if kind != "bytes":
             assert _core.live_mappings() > base_maps, "a large result should be held in a mapped segment"
-        assert _core.open_memfds() == base_fds, "the parent should hold a mapping, not a descriptor"
+        # One descriptor per mapped segment, kept so that the result can be
+        # sent on without a copy (see docs/decisions.md).
+        assert _core.open_memfds() - base_fds <= _core.live_mappings() - base_maps
         del r
         settle()
         assert _core.live_mappings() == base_maps, "the segment outlived the result"

@@ -112,6 +112,7 @@ const CAPSULE_NAME: &CStr = c"mem_handler";
 /// The handler as numpy wants it: a capsule named "mem_handler".
 #[pyfunction]
 pub fn shared_memory_handler(py: Python<'_>) -> PyResult<Py<PyCapsule>> {
+    blocks::init();
     static CAPSULE: OnceLock<Py<PyCapsule>> = OnceLock::new();
     if let Some(c) = CAPSULE.get() {
         return Ok(c.clone_ref(py));

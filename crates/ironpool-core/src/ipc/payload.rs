@@ -185,7 +185,7 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Mappings), FrameError> {
     for ((fd, len), used) in msg.fds.iter().zip(seg_lens).zip(used) {
         mappings.push(if used {
             Some(
-                Mapping::private(fd, len as usize)
+                Mapping::private_lendable(fd, len as usize)
                     .map(Arc::new)
                     .map_err(|_| FrameError::BadPayload("segment mmap"))?,
             )

@@ -16,11 +16,19 @@
 //!    buffer is copied like any other.
 //!
 //! Before any `fork()`, every block still mapped shared is sealed the same
-//! way, so that a forked child and its parent never write to one page.
+//! way, so that a forked child and its parent never write to one page. (A
+//! fork made only to exec, like ironpool's own template start, is exempt:
+//! see [`spawning`].) That makes the caller's later writes copy-on-write,
+//! so a fork costs memory for every page written afterwards.
+//!
+//! Segments received from another process are registered too ([`adopt`], by
+//! [`crate::shm::Mapping::private_lendable`]): they are private mappings of
+//! sealed memfds already, so a received buffer sent on to another task (a
+//! result fed to the next `map`, an argument returned) travels without a
+//! copy as long as no page of it was written.
 
 use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,9 +37,23 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::platform;
 
-/// Blocks alive at once. Each holds a descriptor; past this many, new
-/// allocations are left to the ordinary allocator.
-pub const MAX_BLOCKS: usize = 256;
+/// Blocks alive at once, at most (each holds a descriptor; past the limit,
+/// new allocations are left to the ordinary allocator). Lower when the
+/// descriptor limit is low: see [`limit`].
+pub const MAX_BLOCKS: usize = 128;
+
+/// Received segments registered at once, at most (each keeps its
+/// descriptor open); past the limit, further ones are not lendable.
+pub const MAX_ADOPTED: usize = 128;
+
+/// `max`, or an eighth of this process's descriptor limit if that is lower,
+/// so that blocks never take the descriptors the application needs.
+fn limit(max: usize) -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    max.min(usize::try_from(soft / 8).unwrap_or(usize::MAX))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -41,6 +63,9 @@ enum State {
     Sealed,
     /// Sealing failed (someone else writes it too): never lent.
     Unlendable,
+    /// A received segment's private mapping, owned by a `Mapping`, not by
+    /// the registry: lent like `Sealed`, never freed here.
+    Adopted,
 }
 
 #[derive(Debug)]
@@ -66,8 +91,32 @@ static REGISTRY: Registry = Registry {
     blocks: UnsafeCell::new(BTreeMap::new()),
 };
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+static ADOPTED: AtomicUsize = AtomicUsize::new(0);
 static LENT: AtomicUsize = AtomicUsize::new(0);
 static FORK_HOOK: Once = Once::new();
+
+thread_local! {
+    /// Set while this thread forks a child that only execs (see `spawning`).
+    static EXEC_FOLLOWS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `spawn`, which forks a child that does nothing but exec, without
+/// sealing blocks first: the child never touches them before its exec
+/// drops them, and sealing would make the caller's pages copy-on-write for
+/// nothing.
+pub fn spawning<R>(spawn: impl FnOnce() -> R) -> R {
+    EXEC_FOLLOWS.with(|f| f.set(true));
+    let r = spawn();
+    EXEC_FOLLOWS.with(|f| f.set(false));
+    r
+}
+
+/// Registers the pre-fork hook. Call it before the first block can exist
+/// (the Python binding does when it installs the allocator): registering
+/// while another thread forks could leave the child's `Once` stuck.
+pub fn init() {
+    FORK_HOOK.call_once(install_fork_hook);
+}
 
 impl Registry {
     fn lock(&self) {
@@ -98,6 +147,11 @@ pub fn live_blocks() -> usize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// Whether the registry is empty (most processes never use it).
+fn empty() -> bool {
+    LIVE.load(Ordering::Relaxed) == 0 && ADOPTED.load(Ordering::Relaxed) == 0
+}
+
 /// Buffers sent without a copy so far in this process.
 pub fn lent_count() -> usize {
     LENT.load(Ordering::Relaxed)
@@ -107,30 +161,62 @@ pub fn lent_count() -> usize {
 /// the block limit is reached or the kernel refuses; the caller then uses
 /// its ordinary allocator.
 pub fn alloc(size: usize) -> Option<*mut u8> {
-    if size == 0 || LIVE.load(Ordering::Relaxed) >= MAX_BLOCKS {
+    if size == 0 {
         return None;
     }
-    FORK_HOOK.call_once(install_fork_hook);
+    if LIVE.fetch_add(1, Ordering::Relaxed) >= limit(MAX_BLOCKS) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let ptr = new_block(size);
+    if ptr.is_none() {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+    ptr
+}
+
+fn new_block(size: usize) -> Option<*mut u8> {
+    init();
     let page = rustix::param::page_size();
     let len = size.checked_next_multiple_of(page)?;
     let fd = platform::memfd("ironpool-array").ok()?;
     rustix::fs::ftruncate(&fd, len as u64).ok()?;
-    // SAFETY: a fresh mapping at an address the kernel picks aliases nothing.
-    let ptr = unsafe {
-        rustix::mm::mmap(
+    // A shared mapping of a memfd is not charged against the commit limit,
+    // so an absurd size would only fail at first touch (OOM, SIGBUS). A
+    // trial private mapping is charged like numpy's own allocation: if the
+    // kernel refuses it, so does this, and numpy raises MemoryError.
+    // SAFETY: a fresh mapping at an address the kernel picks, unmapped at once.
+    unsafe {
+        let trial = rustix::mm::mmap(
             std::ptr::null_mut(),
             len,
             ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED,
+            MapFlags::PRIVATE,
             &fd,
             0,
         )
+        .ok()?;
+        let _ = rustix::mm::munmap(trial, len);
     }
-    .ok()?;
-    let state = State::Shared;
-    REGISTRY.with(|blocks| blocks.insert(ptr as usize, Block { fd, len, state }));
-    LIVE.fetch_add(1, Ordering::Relaxed);
-    Some(ptr.cast())
+    // Mapped and registered under the lock, so that a fork in between
+    // never leaves a child an unregistered shared mapping.
+    REGISTRY.with(|blocks| {
+        // SAFETY: a fresh mapping at an address the kernel picks aliases nothing.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .ok()?;
+        let state = State::Shared;
+        blocks.insert(ptr as usize, Block { fd, len, state });
+        Some(ptr.cast())
+    })
 }
 
 /// Size of the block starting at `ptr`, if `ptr` is one.
@@ -138,7 +224,10 @@ pub fn block_len(ptr: *const u8) -> Option<usize> {
     if LIVE.load(Ordering::Relaxed) == 0 {
         return None;
     }
-    REGISTRY.with(|blocks| blocks.get(&(ptr as usize)).map(|b| b.len))
+    REGISTRY.with(|blocks| {
+        let b = blocks.get(&(ptr as usize))?;
+        (b.state != State::Adopted).then_some(b.len)
+    })
 }
 
 /// Frees the block starting at `ptr`. Returns false, doing nothing, if
@@ -147,15 +236,26 @@ pub fn free(ptr: *mut u8) -> bool {
     if LIVE.load(Ordering::Relaxed) == 0 {
         return false;
     }
-    let Some(block) = REGISTRY.with(|blocks| blocks.remove(&(ptr as usize))) else {
+    let key = ptr as usize;
+    // Unmapped under the lock (see `new_block`); the descriptor is closed
+    // after it, which is when the kernel frees the pages.
+    let block = REGISTRY.with(|blocks| {
+        if blocks.get(&key)?.state == State::Adopted {
+            return None;
+        }
+        let block = blocks.remove(&key)?;
+        // SAFETY: ptr/len are a mapping made by `alloc` (or remapped in
+        // place by `seal_in_place`), now out of the registry, so unmapped
+        // exactly once. The allocator's caller owns no view of it any more.
+        unsafe {
+            let _ = rustix::mm::munmap(ptr.cast(), block.len);
+        }
+        Some(block)
+    });
+    let Some(block) = block else {
         return false;
     };
-    // SAFETY: ptr/len are a mapping made by `alloc` (or remapped in place by
-    // `seal_in_place`), now out of the registry, so unmapped exactly once.
-    // The allocator's caller owns no view of it any more.
-    unsafe {
-        let _ = rustix::mm::munmap(ptr.cast(), block.len);
-    }
+    drop(block.fd);
     LIVE.fetch_sub(1, Ordering::Relaxed);
     true
 }
@@ -163,7 +263,7 @@ pub fn free(ptr: *mut u8) -> bool {
 /// A sealed memfd holding exactly the `len` bytes at `ptr`, and their
 /// offset in it, if they lie in a block; `None` means copy them instead.
 pub fn lend(ptr: *const u8, len: usize) -> Option<(OwnedFd, u64)> {
-    if LIVE.load(Ordering::Relaxed) == 0 || len == 0 {
+    if empty() || len == 0 {
         return None;
     }
     let addr = ptr as usize;
@@ -173,12 +273,9 @@ pub fn lend(ptr: *const u8, len: usize) -> Option<(OwnedFd, u64)> {
             return None;
         }
         if block.state == State::Shared {
-            block.state = match seal_in_place(start, block) {
-                Ok(()) => State::Sealed,
-                Err(_) => State::Unlendable,
-            };
+            block.state = seal_in_place(start, block);
         }
-        if block.state != State::Sealed {
+        if !matches!(block.state, State::Sealed | State::Adopted) {
             return None;
         }
         let fd = block.fd.try_clone().ok()?;
@@ -193,38 +290,74 @@ pub fn lend(ptr: *const u8, len: usize) -> Option<(OwnedFd, u64)> {
     Some(found)
 }
 
+/// Registers the private mapping `[ptr, ptr + len)` of the sealed segment
+/// `fd`, received from another process, so that [`lend`] can send it on.
+/// False (and `fd` closed) if the registry is full.
+pub fn adopt(ptr: *const u8, len: usize, fd: OwnedFd) -> bool {
+    if len == 0 || ADOPTED.fetch_add(1, Ordering::Relaxed) >= MAX_ADOPTED {
+        ADOPTED.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    let state = State::Adopted;
+    REGISTRY.with(|blocks| blocks.insert(ptr as usize, Block { fd, len, state }));
+    true
+}
+
+/// Unregisters an adopted mapping before its owner unmaps it.
+pub fn forget(ptr: *const u8) {
+    let key = ptr as usize;
+    let gone = REGISTRY.with(|blocks| match blocks.get(&key) {
+        Some(b) if b.state == State::Adopted => blocks.remove(&key),
+        _ => None,
+    });
+    if gone.is_some() {
+        ADOPTED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Replaces the shared mapping of `block` at `start` by a private one of
 /// the same memfd, then seals the memfd: its contents are final, and the
-/// owner's later writes go to private copies of the pages.
-fn seal_in_place(start: usize, block: &Block) -> io::Result<()> {
+/// owner's later writes go to private copies of the pages. Returns the new
+/// state: still `Shared` if the remap failed (nothing changed), `Unlendable`
+/// if only the seal did.
+fn seal_in_place(start: usize, block: &Block) -> State {
     // SAFETY: [start, start + len) is exactly this block's mapping, owned by
     // the registry. MAP_FIXED swaps it atomically with respect to the
     // owner's accesses: a write before the swap reached the memfd and shows
     // through the new mapping; one after it copies the page privately.
-    unsafe {
+    // NORESERVE: the swap must not fail on the commit limit (the memory
+    // was checked at allocation), which could leave the range unmapped on
+    // older kernels.
+    let remapped = unsafe {
         rustix::mm::mmap(
             start as *mut _,
             block.len,
             ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::FIXED,
+            MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
             &block.fd,
             0,
-        )?;
+        )
+    };
+    if remapped.is_err() {
+        return State::Shared;
     }
-    platform::seal_readonly(block.fd.as_fd())
+    match platform::seal_readonly(block.fd.as_fd()) {
+        Ok(()) => State::Sealed,
+        Err(_) => State::Unlendable,
+    }
 }
 
 fn install_fork_hook() {
     extern "C" fn prepare() {
         REGISTRY.lock();
+        if EXEC_FOLLOWS.with(std::cell::Cell::get) {
+            return;
+        }
         // SAFETY: the lock is held until `release` runs after fork().
         let blocks = unsafe { &mut *REGISTRY.blocks.get() };
         for (&start, block) in blocks.iter_mut() {
             if block.state == State::Shared {
-                block.state = match seal_in_place(start, block) {
-                    Ok(()) => State::Sealed,
-                    Err(_) => State::Unlendable,
-                };
+                block.state = seal_in_place(start, block);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! A memory mapping of a segment, unmapped when the last owner drops it.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,6 +20,8 @@ pub fn live_mappings() -> usize {
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// Registered with `blocks` (see [`Mapping::private_lendable`]).
+    adopted: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; it is only unmapped
@@ -36,6 +38,7 @@ impl Mapping {
             return Ok(Self {
                 ptr: NonNull::dangling(),
                 len: 0,
+                adopted: false,
             });
         }
         // SAFETY: a fresh mapping at an address the kernel chooses cannot alias
@@ -54,7 +57,22 @@ impl Mapping {
         LIVE.fetch_add(1, Ordering::Relaxed);
         let ptr =
             NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
-        Ok(Self { ptr, len })
+        Ok(Self {
+            ptr,
+            len,
+            adopted: false,
+        })
+    }
+
+    /// Like [`Mapping::private`], and registers the mapping so that its
+    /// bytes can be sent on to another process without a copy while they
+    /// are unchanged (see `blocks`). Keeps a duplicate of `fd` for that.
+    pub fn private_lendable(fd: &OwnedFd, len: usize) -> io::Result<Self> {
+        let mut m = Self::private(fd, len)?;
+        if let Ok(dup) = fd.try_clone() {
+            m.adopted = super::blocks::adopt(m.ptr.as_ptr(), len, dup);
+        }
+        Ok(m)
     }
 
     pub fn len(&self) -> usize {
@@ -75,6 +93,9 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         if self.len == 0 {
             return;
+        }
+        if self.adopted {
+            super::blocks::forget(self.ptr.as_ptr());
         }
         // SAFETY: ptr/len came from a successful mmap and are unmapped once.
         // Views exported to Python hold an Arc to this value, so none is alive.

@@ -90,7 +90,8 @@ impl Zygote {
                     Ok(())
                 });
             }
-            let child = cmd.spawn()?;
+            // The child only execs: no need to seal memfd blocks for it.
+            let child = crate::shm::blocks::spawning(|| cmd.spawn())?;
             drop(theirs);
             let pid = child.id() as i32;
             // The keeper owns reaping through the pidfd; std's Child would not.
