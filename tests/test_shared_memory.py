@@ -239,3 +239,34 @@ def test_received_buffers_are_sent_on_without_a_copy():
         results[1][0] = 9.0
         inode, first, _ = pool.submit(where_and_first, results[1]).result(timeout=30)
         assert inode != inodes[1] and first == 9.0
+
+
+@pytest.mark.parametrize("trigger", ["send", "fork"])
+def test_no_write_is_lost_when_a_block_turns_copy_on_write_under_a_writer(trigger):
+    """Sealing swaps the caller's mapping while other threads may be writing
+    to it (numpy releases the GIL in np.add): every write must survive."""
+    passes = 40
+    with ironpool.Pool(1) as pool:
+        for _ in range(6):
+            with ironpool.shared_memory():
+                a = np.zeros(4 * MIB // 8, dtype=np.int64)
+            writing = threading.Event()
+
+            def add_ones(a=a, writing=writing):
+                for i in range(passes):
+                    np.add(a, 1, out=a)
+                    if i == 0:
+                        writing.set()
+
+            t = threading.Thread(target=add_ones)
+            t.start()
+            assert writing.wait(30)
+            if trigger == "send":  # the first send seals the block in place
+                assert pool.submit(len, a).result(timeout=30) == a.size
+            else:  # so does a fork
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                os.waitpid(pid, 0)
+            t.join()
+            assert (a == passes).all(), f"lost writes: values {np.unique(a)[:5]}"

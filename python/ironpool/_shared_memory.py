@@ -26,31 +26,18 @@ from collections.abc import Iterator
 from . import _core
 
 
-def _array_api() -> object | None:
-    """numpy's C API capsule, if numpy is loaded and has allocator hooks (>= 1.22)."""
-    np = sys.modules.get("numpy")
-    if np is None:
-        return None
-    multiarray = sys.modules.get("numpy._core.multiarray") or sys.modules.get("numpy.core.multiarray")
-    if multiarray is None or not hasattr(multiarray, "get_handler_name"):
-        return None
-    return getattr(multiarray, "_ARRAY_API", None)
-
-
 def install() -> object | None:
     """Makes ironpool's allocator numpy's, in the current context (thread).
     Returns the handler it replaced, or None if numpy is not loaded."""
-    api = _array_api()
-    if api is None:
+    if "numpy" not in sys.modules:
         return None
-    return _core.set_numpy_handler(api, _core.shared_memory_handler())
+    return _core.set_numpy_handler(_core.shared_memory_handler())
 
 
 def restore(previous: object) -> None:
     """Puts back the handler :func:`install` replaced."""
-    api = _array_api()
-    if api is not None:
-        _core.set_numpy_handler(api, previous)
+    if "numpy" in sys.modules:
+        _core.set_numpy_handler(previous)
 
 
 @contextlib.contextmanager

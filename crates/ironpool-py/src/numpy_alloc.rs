@@ -125,21 +125,35 @@ pub fn shared_memory_handler(py: Python<'_>) -> PyResult<Py<PyCapsule>> {
     Ok(CAPSULE.get_or_init(|| capsule).clone_ref(py))
 }
 
-/// Calls numpy's `PyDataMem_SetHandler` (slot 304 of its C API table, given
-/// as the `_ARRAY_API` capsule) with `handler` in the current context; None
-/// restores numpy's default. Returns the handler it replaced.
+/// numpy's C API table (the `_ARRAY_API` capsule of its `multiarray`
+/// module), if numpy is new enough (1.22) to have allocator hooks.
+fn numpy_api<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyCapsule>> {
+    let multiarray = py
+        .import("numpy._core.multiarray")
+        .or_else(|_| py.import("numpy.core.multiarray"))?;
+    if !multiarray.hasattr("get_handler_name")? {
+        return Err(PyRuntimeError::new_err(
+            "numpy is older than 1.22 and has no allocator hooks",
+        ));
+    }
+    Ok(multiarray.getattr("_ARRAY_API")?.cast_into::<PyCapsule>()?)
+}
+
+/// Calls numpy's `PyDataMem_SetHandler` (slot 304 of its C API table) with
+/// `handler` in the current context; None restores numpy's default.
+/// Returns the handler it replaced.
 #[pyfunction]
 pub fn set_numpy_handler(
     py: Python<'_>,
-    api: &Bound<'_, PyCapsule>,
     handler: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     const SET_HANDLER: usize = 304;
     type SetHandler = unsafe extern "C" fn(*mut pyo3::ffi::PyObject) -> *mut pyo3::ffi::PyObject;
+    let api = numpy_api(py)?;
     let table = api.pointer_checked(None)?.as_ptr().cast::<*const c_void>();
-    // SAFETY: `api` is numpy's `_ARRAY_API` capsule (checked by the caller),
-    // a table of function pointers whose slot 304 is PyDataMem_SetHandler
-    // since numpy 1.22 (the caller checks the version).
+    // SAFETY: `api` is numpy's own `_ARRAY_API` capsule, a table of function
+    // pointers whose slot 304 is PyDataMem_SetHandler since numpy 1.22
+    // (checked above). The slot is stable: numpy never renumbers its C API.
     let previous = unsafe {
         let f: SetHandler =
             std::mem::transmute::<*const c_void, SetHandler>(*table.add(SET_HANDLER));
