@@ -270,3 +270,21 @@ def test_no_write_is_lost_when_a_block_turns_copy_on_write_under_a_writer(trigge
                 os.waitpid(pid, 0)
             t.join()
             assert (a == passes).all(), f"lost writes: values {np.unique(a)[:5]}"
+
+
+def build_in_shared_memory(n: int) -> tuple[np.ndarray, int | None]:
+    """Run in a worker: a result made inside shared_memory(), and where it lives."""
+    with ironpool.shared_memory():
+        out = np.empty(n)
+    out[:] = np.arange(n)
+    return out, inode_of(out)
+
+
+def test_a_task_can_build_its_result_in_shared_memory():
+    # Opt-in inside the task: the result then reaches the caller with no copy.
+    with ironpool.Pool(1) as pool:
+        result, worker_inode = pool.submit(build_in_shared_memory, MIB).result(timeout=30)
+    assert worker_inode is not None and inode_of(result) == worker_inode
+    assert result[12345] == 12345.0
+    result[0] = -1.0  # writable, and the caller's own
+    assert result[0] == -1.0

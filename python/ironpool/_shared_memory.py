@@ -15,6 +15,12 @@ process starts do not.
 
 Buffers received from another process (results, arguments in a worker) are
 sealed memfds already: sending one on unchanged costs no copy either.
+
+Inside a task, the same block makes a large result travel to the caller
+with no copy at all. It is not the default in workers: memfd memory has
+4 KiB pages where numpy's own large arrays get huge pages, so first touch
+is slower, and for results built from temporaries that costs more than the
+one copy it saves (measured in ``docs/decisions.md``).
 """
 
 from __future__ import annotations
