@@ -288,3 +288,44 @@ def test_a_task_can_build_its_result_in_shared_memory():
     assert result[12345] == 12345.0
     result[0] = -1.0  # writable, and the caller's own
     assert result[0] == -1.0
+
+
+def test_threads_allocating_freeing_and_sending_while_the_process_forks():
+    """Stress: the registry is shared by every thread; allocations, frees,
+    sends and forks must interleave without a deadlock, a lost block or a
+    wrong value."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn(seed: int) -> None:
+        try:
+            with ironpool.shared_memory():
+                while not stop.is_set():
+                    a = np.full(MIB // 8 + seed, float(seed))
+                    a[::4096] += 1.0
+                    assert a[1] == float(seed)
+                    del a
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    base_blocks = stats()[0]
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        with ironpool.Pool(2) as pool:
+            for round_ in range(15):
+                with ironpool.shared_memory():
+                    arr = np.full(MIB, float(round_))
+                assert pool.submit(where_and_first, arr).result(timeout=30)[1:] == (round_, round_ * MIB)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0 if arr[0] == round_ else 1)
+                assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    del arr
+    assert stats()[0] == base_blocks
