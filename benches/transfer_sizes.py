@@ -4,8 +4,10 @@
 
 One worker; median of 1,000 round trips per row, after 100 warm-up calls.
 Also times writing 1 MB into a fresh memfd against copying 1 MB into memory
-already faulted in: the difference is what a pool of reusable segments
-could save (see docs/benchmarks.md).
+already faulted in (the difference is what a pool of reusable segments could
+save), and first touch and a full read of 256 MiB made by numpy's allocator
+against one made inside ``ironpool.shared_memory()`` (memfd pages). See
+docs/benchmarks.md and docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -63,6 +65,24 @@ def main() -> None:
         dst[:] = src
     warm = (time.perf_counter() - t) * 1000
     print(f"1 MB into a fresh memfd: {fresh:.0f} us; into warm memory: {warm:.0f} us")
+    n = 256 * 2**20 // 8
+    for label, ctx in (("numpy's allocator", None), ("shared_memory()", ironpool.shared_memory)):
+        touch, read = [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            if ctx is None:
+                a = np.ones(n)
+            else:
+                with ctx():
+                    a = np.ones(n)
+            touch.append(time.perf_counter() - t)
+            a.sum()
+            t = time.perf_counter()
+            a.sum()
+            read.append(time.perf_counter() - t)
+            del a
+        print(f"256 MiB, {label}: first touch {statistics.median(touch) * 1e3:.0f} ms, "
+              f"warm sum {statistics.median(read) * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class Handler:
             )
             return False, self._error(err)
         if flags & CHUNK:
-            return self._result(self._run_chunk(fn, call, flags & SINGLE), fn, ())
+            return self._result(self._run_chunk(fn, call, bool(flags & SINGLE)), fn, ())
         args, kwargs = call
         try:
             value = fn(*args, **kwargs)
@@ -91,7 +91,7 @@ class Handler:
             del call
         return self._result(value, fn, args)
 
-    def _run_chunk(self, fn: object, items: list, single: int) -> tuple[list, tuple | None]:
+    def _run_chunk(self, fn: object, items: list, single: bool) -> tuple[list, tuple | None]:
         results = []
         try:
             if single:

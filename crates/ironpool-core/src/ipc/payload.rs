@@ -52,8 +52,12 @@ pub fn encode(
         )));
     }
     let mut room = MAX_FRAME - HEADER_LEN - table_len;
-    // (location, descriptor index, offset, len); the copy segment, if any,
-    // is descriptor 0 and lent blocks follow it.
+    // Where each part goes, with its offset there.
+    enum To {
+        Inline,
+        Copy,
+        Lent(u32),
+    }
     let mut entries = Vec::with_capacity(parts.len());
     let mut lent: Vec<OwnedFd> = Vec::new();
     let mut inline_len = 0u64;
@@ -62,43 +66,46 @@ pub fn encode(
         let len = p.len();
         if len < threshold && len <= room {
             room -= len;
-            entries.push((INLINE, 0, inline_len, len as u64));
+            entries.push((To::Inline, inline_len));
             inline_len += len as u64;
-            continue;
-        }
-        if lent.len() + 1 < MAX_FDS
-            && let Some((fd, off)) = blocks::lend(p.as_ptr(), len)
+        } else if let Some((fd, off)) = (lent.len() + 1 < MAX_FDS)
+            .then(|| blocks::lend(p.as_ptr(), len))
+            .flatten()
         {
+            entries.push((To::Lent(lent.len() as u32), off));
             lent.push(fd);
-            entries.push((SEGMENT, lent.len() as u32, off, len as u64));
-            continue;
+        } else {
+            let off = align_up(seg_len);
+            entries.push((To::Copy, off));
+            seg_len = off + len as u64;
         }
-        let off = align_up(seg_len);
-        entries.push((SEGMENT, 0, off, len as u64));
-        seg_len = off + len as u64;
     }
-    let copies = entries.iter().any(|e| e.0 == SEGMENT && e.1 == 0);
-    let shift = u32::from(!copies);
+    // The copy segment, if any, is descriptor 0; lent blocks follow it.
+    let copies = entries.iter().any(|e| matches!(e.0, To::Copy));
+    let first_lent = u32::from(copies);
     let mut body = Vec::with_capacity(table_len + inline_len as usize);
     body.extend_from_slice(&(parts.len() as u32).to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
-    for &(loc, fd, off, len) in &entries {
-        // Without a copy segment, lent descriptors start at index 0.
-        let fd = if loc == SEGMENT { fd - shift } else { 0 };
+    for (p, (to, off)) in parts.iter().zip(&entries) {
+        let (loc, fd) = match to {
+            To::Inline => (INLINE, 0),
+            To::Copy => (SEGMENT, 0),
+            To::Lent(i) => (SEGMENT, first_lent + i),
+        };
         body.extend_from_slice(&loc.to_le_bytes());
         body.extend_from_slice(&fd.to_le_bytes());
         body.extend_from_slice(&off.to_le_bytes());
-        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(&(p.len() as u64).to_le_bytes());
     }
     let writer = if copies {
         Some(SegmentWriter::new(seg_len.max(1))?)
     } else {
         None
     };
-    for (p, &(loc, fd, off, _)) in parts.iter().zip(&entries) {
-        match (loc, &writer) {
-            (INLINE, _) => body.extend_from_slice(p),
-            (_, Some(w)) if fd == 0 => w.write_at(off, p)?,
+    for (p, (to, off)) in parts.iter().zip(&entries) {
+        match (to, &writer) {
+            (To::Inline, _) => body.extend_from_slice(p),
+            (To::Copy, Some(w)) => w.write_at(*off, p)?,
             _ => {}
         }
     }

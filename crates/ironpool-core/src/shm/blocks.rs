@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rustix::mm::{MapFlags, ProtFlags};
 
+use super::Mapping;
 use crate::platform;
 
 /// Blocks alive at once, at most (each holds a descriptor; past the limit,
@@ -185,19 +186,7 @@ fn new_block(size: usize) -> Option<*mut u8> {
     // so an absurd size would only fail at first touch (OOM, SIGBUS). A
     // trial private mapping is charged like numpy's own allocation: if the
     // kernel refuses it, so does this, and numpy raises MemoryError.
-    // SAFETY: a fresh mapping at an address the kernel picks, unmapped at once.
-    unsafe {
-        let trial = rustix::mm::mmap(
-            std::ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE,
-            &fd,
-            0,
-        )
-        .ok()?;
-        let _ = rustix::mm::munmap(trial, len);
-    }
+    drop(Mapping::private(&fd, len).ok()?);
     // Mapped and registered under the lock, so that a fork in between
     // never leaves a child an unregistered shared mapping.
     REGISTRY.with(|blocks| {
@@ -380,7 +369,6 @@ pub(crate) static TEST_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shm::Mapping;
 
     fn fill(ptr: *mut u8, len: usize, byte: u8) {
         // SAFETY: the caller passes a live block of at least `len` bytes.
