@@ -97,6 +97,43 @@ def raise_after_touching(a):
     raise ValueError("task failed after reading its argument")
 
 
+def segment_inode(obj) -> int | None:
+    """Run in a worker: the inode of the segment holding `obj`'s first large
+    buffer (which segment it was sent in), or None if it is not in one."""
+    spans = [addr for addr, n in buffer_spans(obj) if n >= THRESHOLD]
+    if not spans:
+        return None
+    return next((ino for lo, hi, ino in segment_ranges() if lo <= spans[0] < hi), None)
+
+
+def keys_then_add_one(d: dict) -> list:
+    """The keys `d` arrived with; then adds one (should a later task see it?)."""
+    keys = sorted(d)
+    d["added_by_a_task"] = True
+    return keys
+
+
+def columns_then_add_one(df) -> list:
+    """The columns `df` arrived with; then adds one."""
+    cols = list(df.columns)
+    df["added_by_a_task"] = 1.0
+    return cols
+
+
+def _refuse_outside(pid: int):
+    if os.getpid() != pid:
+        raise ImportError(f"this object cannot be rebuilt outside process {pid}")
+    return LoadsOnlyHere()
+
+
+class LoadsOnlyHere:
+    """Pickles anywhere, unpickles only in the process that pickled it: an
+    object a worker cannot rebuild (a missing module, a broken __setstate__)."""
+
+    def __reduce__(self):
+        return (_refuse_outside, (os.getpid(),))
+
+
 # --- where buffers live -------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import wait
 
 import faultlib
 import ironpool
+import psutil
 import pytest
 from conftest import running, stray_workers, wait_until
 
@@ -165,6 +166,28 @@ def test_recycling_by_task_count_under_load_loses_and_repeats_nothing(tmp_path):
         assert ok, f"{len(pool.stats())} workers listed for a pool of 2: {pool.stats()}"
         assert sum(w.restarts for w in pool.stats()) >= len(per_pid) - 2
         assert {w.last_exit for w in pool.stats()} == {"recycled: task limit"}
+
+
+def test_stats_list_each_slot_once_while_its_worker_is_replaced(beacon):
+    """A recycled worker's successor is forked while the worker runs its last
+    task; stats() still lists one worker per slot: the old one while it runs
+    that task, then the new one."""
+    with ironpool.Pool(1, max_tasks_per_worker=1) as pool:
+        fut = pool.submit(faultlib.wait_on, beacon)
+        (old,) = beacon.started(1)
+        try:
+            zygote = psutil.Process(int(old)).parent()
+            # The successor is forked once the old worker has been sent its task.
+            assert wait_until(lambda: len(zygote.children()) == 2), zygote.children()
+            listed = pool.stats()
+            assert [(w.pid, w.busy) for w in listed] == [(int(old), True)], listed
+        finally:
+            beacon.release()  # or the pool's shutdown would wait on the task forever
+        assert fut.result(timeout=30) == int(old)
+        assert wait_until(lambda: [w.pid for w in pool.stats()] != [int(old)]), pool.stats()
+        (info,) = pool.stats()
+        assert info.pid != int(old) and not info.busy
+        assert wait_until(lambda: [w.restarts for w in pool.stats()] == [1]), pool.stats()
 
 
 # ---- max_memory_per_worker (P6) ------------------------------------------------------------

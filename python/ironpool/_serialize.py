@@ -30,43 +30,99 @@ def _short(value: object) -> str:
     return _repr.repr(value)
 
 
-#: Objects registered with the pool (functions and shared arguments), in a
-#: worker: id -> object. Filled by the worker handler.
-REGISTRY: dict = {}
+def serialization_error(message: str) -> BaseException:
+    # errors.py imports the pickle module, which a template need not load.
+    from .errors import SerializationError
+
+    return SerializationError(message)
+
+
+class Registered:
+    """A payload the pool sent this worker once: a function, or an object
+    shared by ``pool.share()``. Functions are unpickled once; a shared object
+    is unpickled afresh for each task that uses it (unless its handle says to
+    reuse one), so that no task sees another's changes to it. The large
+    buffers stay in one read-only mapping either way: only the pickle stream
+    is read again."""
+
+    __slots__ = ("error", "parts", "value")
+
+    def __init__(self, parts: list) -> None:
+        self.parts: list | None = parts
+        self.value: object = None
+        self.error: BaseException | None = None
+
+    def load(self, what: str) -> object:
+        try:
+            return loads(self.parts)  # type: ignore[arg-type]
+        except BaseException as exc:
+            raise serialization_error(
+                f"{what} could not be unpickled in the worker: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def get(self, what: str) -> object:
+        """The one object unpickled at first use (its error, if it failed)."""
+        if self.parts is not None:
+            try:
+                self.value = self.load(what)
+            except BaseException as exc:
+                self.error = exc
+            self.parts = None
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+#: Payloads registered with the pool, in a worker: id -> Registered. Filled
+#: by the worker handler.
+REGISTRY: dict[int, Registered] = {}
 
 _collecting = _thread._local()
 
 
-def _shared_lookup(ref_id: int) -> object:
-    """Unpickles a shared reference in a worker: the registered object itself."""
-    try:
-        return REGISTRY[ref_id]
-    except KeyError:
-        raise LookupError(
-            f"shared object {ref_id} is not known to this worker: pass handles from "
-            "pool.share() only to tasks of the same pool"
-        ) from None
+def _shared_lookup(ref_id: int, reuse: bool = False) -> object:
+    """Unpickles a shared reference in a worker: the shared object."""
+    entry = REGISTRY.get(ref_id)
+    if entry is None:
+        raise LookupError(f"shared object {ref_id} is not known to this worker (it was released)")
+    what = f"the object shared as handle {ref_id}"
+    return entry.get(what) if reuse else entry.load(what)
 
 
 class SharedRef:
     """Pickles as a reference to an object the pool registered once; the
-    worker receives the object itself."""
+    worker receives the object itself. Only the pool that registered it can
+    send it, and only until it is released."""
 
-    __slots__ = ("id",)
+    __slots__ = ("id", "pool", "released", "reuse")
 
-    def __init__(self, ref_id: int) -> None:
+    def __init__(self, ref_id: int, pool: int, reuse: bool) -> None:
         self.id = ref_id
+        self.pool = pool
+        self.reuse = reuse
+        self.released = False
 
     def __reduce__(self):
         ids = getattr(_collecting, "ids", None)
-        if ids is not None:
-            ids.append(self.id)
-        return (_shared_lookup, (self.id,))
+        if ids is None or _collecting.pool != self.pool:
+            raise serialization_error(
+                f"ironpool.Shared handle {self.id} belongs to "
+                + ("another pool" if ids is not None else "a pool")
+                + ": pass it only in the arguments of tasks of the pool whose share() made it"
+            )
+        if self.released:
+            raise serialization_error(
+                f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
+            )
+        ids.append(self.id)
+        return (_shared_lookup, (self.id, self.reuse))
 
 
-def dumps_task(obj: object, threshold: int) -> tuple[list, list]:
-    """Like ``dumps``, also returning the ids of shared objects ``obj`` refers to."""
+def dumps_task(obj: object, threshold: int, pool: int) -> tuple[list, list]:
+    """Like ``dumps`` for the arguments of a task of pool ``pool``, also
+    returning the ids of the shared objects they refer to."""
     _collecting.ids = ids = []
+    _collecting.pool = pool
     try:
         return dumps(obj, threshold), ids
     finally:
@@ -148,6 +204,9 @@ def dumps(obj: object, threshold: int) -> list:
         import cloudpickle
 
         buffers.clear()
+        ids = getattr(_collecting, "ids", None)
+        if ids:
+            ids.clear()
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     return [data, *buffers]
 

@@ -62,8 +62,16 @@ def shared_memory() -> Iterator[None]:
     Arrays keep their memory after the block ends; only new allocations go
     back to numpy's allocator. Each task sees the array as it was when the
     task was submitted; if you change it afterwards, the next task that gets
-    it gets a fresh copy. Applies to the current thread; needs numpy
-    imported first.
+    it gets a fresh copy.
+
+    Limits: only arrays of 1 MiB or more are placed in shared memory (smaller
+    ones are cheap to copy and would waste a descriptor each), and at most
+    128 such arrays are alive at once (fewer when the descriptor limit is
+    under 1024: an eighth of it); beyond that numpy's usual allocator is
+    used, silently and correctly. The allocator is numpy's per-context
+    handler: it applies to the current thread and to asyncio tasks created
+    inside the block (they copy the context), not to other threads. numpy is
+    imported if it was not.
     """
     if "numpy" not in sys.modules:
         import numpy  # noqa: F401

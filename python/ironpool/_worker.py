@@ -10,29 +10,13 @@ import os
 import sys
 
 from . import _core
-from ._serialize import REGISTRY, describe_call, dumps, loads, pack_exception
-
-
-def SerializationError(message: str) -> BaseException:
-    from .errors import SerializationError as cls
-
-    return cls(message)
+from ._serialize import REGISTRY, Registered, describe_call, dumps, loads, pack_exception, serialization_error
 
 #: Task flag: the payload is a list of argument tuples (a ``map`` chunk).
 CHUNK = 1
 #: With CHUNK: the list holds single arguments, not tuples (``map`` over one
 #: iterable), which pickles several times faster.
 SINGLE = 2
-
-
-class _Unloadable:
-    """A function that could not be unpickled in the worker."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        raise SerializationError(f"the function could not be unpickled in the worker: {self.error!r}")
 
 
 class Handler:
@@ -60,22 +44,23 @@ class Handler:
             return dumps(pack_exception(exc), 1 << 62)
 
     def register(self, fn_id: int, parts: list) -> None:
-        try:
-            self.fns[fn_id] = loads(parts)
-        except BaseException as exc:
-            self.fns[fn_id] = _Unloadable(exc)
+        self.fns[fn_id] = Registered(parts)  # unpickled when a task needs it
 
     def forget(self, ref_id: int) -> None:
         self.fns.pop(ref_id, None)
 
     def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[bool, list]:
-        fn = self.fns.get(fn_id)
-        if fn is None:
+        entry = self.fns.get(fn_id)
+        if entry is None:
             return False, self._error(RuntimeError(f"function {fn_id} was never registered"))
+        try:
+            fn = entry.get("the function")
+        except BaseException as exc:
+            return False, self._error(exc)
         try:
             call = loads(parts)
         except BaseException as exc:
-            err = SerializationError(
+            err = serialization_error(
                 f"the arguments of task {task_id} for {describe_call(fn)} could not be unpickled "
                 f"in the worker: {type(exc).__name__}: {exc}"
             )
@@ -108,7 +93,7 @@ class Handler:
         try:
             return True, dumps(value, self.threshold)
         except BaseException as exc:
-            err = SerializationError(
+            err = serialization_error(
                 f"the result of {describe_call(fn, args)} could not be pickled: "
                 f"{type(value).__module__}.{type(value).__qualname__} object: {type(exc).__name__}: {exc}"
             )

@@ -72,16 +72,16 @@ impl SharedBuffer {
     }
 }
 
-/// Builds a frame from Python buffer-like parts. The copy into the segment
-/// runs with the interpreter detached.
-pub fn encode(
-    py: Python<'_>,
-    kind: Kind,
-    id: u64,
-    aux: u64,
-    parts: &Bound<'_, PyList>,
-    threshold: usize,
-) -> PyResult<Message> {
+/// Python buffers held open, so their memory stays put, with the address
+/// and length of each (plain numbers, which can cross into a detached
+/// closure).
+struct Pinned {
+    _views: Vec<PyUntypedBuffer>,
+    spans: Vec<(usize, usize)>,
+}
+
+/// Pins each part's memory for as long as the returned value lives.
+fn pin_parts(parts: &Bound<'_, PyList>) -> PyResult<Pinned> {
     let mut views = Vec::with_capacity(parts.len());
     for (i, p) in parts.iter().enumerate() {
         let view = PyUntypedBuffer::get(&p)?;
@@ -92,34 +92,85 @@ pub fn encode(
         }
         views.push(view);
     }
-    let spans: Vec<(usize, usize)> = views
+    let spans = views
         .iter()
         .map(|v| (v.buf_ptr() as usize, v.len_bytes()))
         .collect();
+    Ok(Pinned {
+        _views: views,
+        spans,
+    })
+}
+
+/// The parts' bytes as slices.
+///
+/// # Safety
+/// The views the spans came from must stay alive while the slices are used.
+unsafe fn slices_of(spans: &[(usize, usize)]) -> Vec<&[u8]> {
+    spans
+        .iter()
+        .map(|&(ptr, len)| {
+            if len == 0 {
+                &[][..]
+            } else {
+                // SAFETY: the caller keeps the exporting views alive; the
+                // bytes are only read. Another thread mutating the object
+                // meanwhile can tear the read, exactly as it would tear a
+                // pickle.
+                unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
+            }
+        })
+        .collect()
+}
+
+/// Copies above this run with the interpreter detached; below it, a GIL
+/// hand-off would cost more than the work.
+const DETACH_BYTES: usize = 32 * 1024;
+
+/// Builds a frame from Python buffer-like parts. The copy into the segment
+/// runs with the interpreter detached.
+pub fn encode(
+    py: Python<'_>,
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    parts: &Bound<'_, PyList>,
+    threshold: usize,
+) -> PyResult<Message> {
+    let pinned = pin_parts(parts)?;
+    let spans = &pinned.spans;
     let large = spans.iter().any(|&(_, len)| len >= threshold)
-        || spans.iter().map(|s| s.1).sum::<usize>() > 32 * 1024;
+        || spans.iter().map(|s| s.1).sum::<usize>() > DETACH_BYTES;
     let build = || {
-        let slices: Vec<&[u8]> = spans
-            .iter()
-            .map(|&(ptr, len)| {
-                if len == 0 {
-                    &[][..]
-                } else {
-                    // SAFETY: each view pins its exporter's memory until
-                    // `views` drops, after this closure; the bytes are only
-                    // read. Another thread mutating the object meanwhile can
-                    // tear the copy, exactly as it would tear a pickle.
-                    unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
-                }
-            })
-            .collect();
+        // SAFETY: `pinned` outlives this closure.
+        let slices = unsafe { slices_of(spans) };
         payload::encode(kind, id, aux, &slices, threshold)
     };
-    // Detach only for real copies: releasing the GIL for a small message
-    // invites a GIL hand-off that costs more than the copy.
     let msg = if large { py.detach(build) } else { build() };
-    drop(views);
+    drop(pinned);
     msg.map_err(|e| crate::errors::engine_error(format!("could not build message: {e}")))
+}
+
+/// A 128-bit digest of the bytes of `parts` (a payload from `dumps`), as 16
+/// bytes: send-once reuses an automatically shared object only while its
+/// digest is unchanged.
+#[pyfunction]
+pub fn digest<'py>(py: Python<'py>, parts: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyBytes>> {
+    let pinned = pin_parts(parts)?;
+    let spans = &pinned.spans;
+    let run = || {
+        // SAFETY: `pinned` outlives this closure.
+        let slices = unsafe { slices_of(spans) };
+        ironpool_core::shm::digest::digest(&slices)
+    };
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let d = if total > DETACH_BYTES {
+        py.detach(run)
+    } else {
+        run()
+    };
+    drop(pinned);
+    Ok(PyBytes::new(py, &d.to_le_bytes()))
 }
 
 /// Turns a received payload into a list of parts: `bytes` for inline parts,

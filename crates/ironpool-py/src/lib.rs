@@ -37,7 +37,7 @@ fn resident_bytes(pid: i32) -> Option<u64> {
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use super::buffers::SharedBuffer;
+    use super::buffers::{SharedBuffer, digest};
     #[pymodule_export]
     use super::numpy_alloc::{set_numpy_handler, shared_memory_handler, shared_memory_stats};
     #[pymodule_export]

@@ -859,10 +859,23 @@ impl Engine {
     pub fn publish(&mut self) {
         if self.stats_dirty {
             self.stats_dirty = false;
-            let mut stats: Vec<WorkerStats> = self
+            // A recycled worker's successor is forked while it finishes its
+            // last task, so a slot may have two live workers: show the one
+            // doing the slot's work (the old one while it runs, then the new).
+            let rank = |w: &Worker| match (w.state == State::Retiring, w.running().is_some()) {
+                (true, true) => 0,
+                (false, _) => 1,
+                (true, false) => 2,
+            };
+            let mut live: Vec<&Worker> = self
                 .workers
                 .values()
                 .filter(|w| w.state != State::Dead)
+                .collect();
+            live.sort_by_key(|w| (w.slot, rank(w), w.pid));
+            live.dedup_by_key(|w| w.slot);
+            let stats: Vec<WorkerStats> = live
+                .into_iter()
                 .map(|w| WorkerStats {
                     slot: w.slot,
                     pid: w.pid.unwrap_or(0),
@@ -874,7 +887,6 @@ impl Engine {
                     busy_ns: w.busy_ns,
                 })
                 .collect();
-            stats.sort_by_key(|s| (s.slot, s.pid));
             *lock(&self.shared.stats) = stats;
         }
         if !self.done.is_empty() {

@@ -1,0 +1,150 @@
+"""Send once (pitfall P10): an object passed to many tasks crosses to each
+worker once, automatically or through ``pool.share()``, and never hands a task
+stale, foreign or half-built data."""
+
+from __future__ import annotations
+
+import pickle
+
+import ironpool
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from _zc_support import (
+    MIB,
+    LoadsOnlyHere,
+    array_sum,
+    columns_then_add_one,
+    ident,
+    keys_then_add_one,
+    segment_inode,
+)
+
+
+def _inodes_and_sums(pool, arg, n=4):
+    futs = [(pool.submit(segment_inode, arg), pool.submit(array_sum, arg)) for _ in range(n)]
+    return {f.result(timeout=60) for f, _ in futs}, {g.result(timeout=60) for _, g in futs}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ironpool.Pool(2) as p:
+        yield p
+
+
+# --- automatic send-once is exact -------------------------------------------------
+
+
+def test_unchanged_read_only_array_travels_once(pool):
+    a = np.arange(4 * MIB // 8, dtype="f8")
+    a.flags.writeable = False
+    inodes, sums = _inodes_and_sums(pool, a)
+    assert sums == {float(a.sum())}
+    assert len(inodes) == 1 and None not in inodes, f"sent more than once: segments {inodes}"
+
+
+def test_read_only_array_written_through_an_older_view_is_sent_anew(pool):
+    a = np.zeros(4 * MIB // 8)
+    alias = a[:]  # writable, made before a was frozen
+    a.flags.writeable = False
+    first, _ = _inodes_and_sums(pool, a, 2)
+    alias[:] = 2.0
+    second, sums = _inodes_and_sums(pool, a, 2)
+    assert sums == {2.0 * a.size}, "a task saw the array as it was before the write"
+    assert first.isdisjoint(second)
+
+
+def test_array_made_writable_changed_and_frozen_again_is_sent_anew(pool):
+    a = np.ones(4 * MIB // 8)
+    a.flags.writeable = False
+    assert pool.submit(array_sum, a).result(timeout=60) == a.size
+    a.flags.writeable = True
+    a[123] = 1000.0
+    a.flags.writeable = False
+    assert pool.submit(array_sum, a).result(timeout=60) == a.size + 999.0
+
+
+def test_arrow_array_over_numpy_memory_changed_underneath_is_sent_anew(pool):
+    backing = np.arange(4 * MIB // 8, dtype="i8")
+    arr = pa.array(backing)
+    assert arr.buffers()[1].address == backing.ctypes.data, "pyarrow copied: the test needs a zero-copy array"
+    assert pool.submit(array_sum, arr).result(timeout=60) == float(backing.sum())
+    backing[:] = 1
+    assert pool.submit(array_sum, arr).result(timeout=60) == float(backing.size)
+
+
+def test_writable_array_is_never_sent_once_automatically(pool):
+    a = np.ones(4 * MIB // 8)
+    r1 = pool.submit(array_sum, a).result(timeout=60)
+    a[:] = 3.0
+    r2 = pool.submit(array_sum, a).result(timeout=60)
+    assert (r1, r2) == (a.size, 3.0 * a.size)
+
+
+# --- handles belong to one pool and live until released ---------------------------
+
+
+def test_handle_of_another_pool_is_refused_with_a_clear_error(pool):
+    with ironpool.Pool(1) as other:
+        theirs = other.share(np.full(MIB // 8, 7.0))
+        # Ids are counted per pool: this pool has an object under the same id.
+        fut = pool.submit(array_sum, theirs)
+        with pytest.raises(ironpool.SerializationError, match="another pool"):
+            fut.result(timeout=60)
+        assert other.submit(array_sum, theirs).result(timeout=60) == 7.0 * (MIB // 8)
+
+
+def test_handle_pickled_outside_a_task_is_refused(pool):
+    handle = pool.share(b"x" * MIB)
+    with pytest.raises(ironpool.SerializationError, match="arguments of tasks"):
+        pickle.dumps(handle)
+
+
+def test_released_handle_says_so(pool):
+    handle = pool.share(np.ones(MIB // 8))
+    assert pool.submit(array_sum, handle).result(timeout=60) == MIB // 8
+    handle.release()
+    with pytest.raises(ironpool.SerializationError, match="was released"):
+        pool.submit(array_sum, handle).result(timeout=60)
+    with pytest.raises(ironpool.SerializationError, match="was released"):
+        list(pool.map(array_sum, [handle]))
+
+
+def test_shared_object_a_worker_cannot_unpickle_fails_its_tasks():
+    with ironpool.Pool(1) as p:
+        handle = p.share({"data": np.ones(MIB // 8), "broken": LoadsOnlyHere()})
+        for _ in range(2):  # and every later task too, not just the first
+            with pytest.raises(ironpool.SerializationError, match="could not be unpickled in the worker") as info:
+                p.submit(ident, handle).result(timeout=60)
+            assert "cannot be rebuilt outside process" in str(info.value)
+        assert p.submit(ident, 5).result(timeout=60) == 5
+
+
+# --- each task gets its own shared object ----------------------------------------
+
+
+def test_a_task_adding_a_key_to_a_shared_dict_changes_nothing_for_the_next():
+    with ironpool.Pool(1) as p:
+        handle = p.share({"x": np.ones(MIB // 8)})
+        keys = [p.submit(keys_then_add_one, handle).result(timeout=60) for _ in range(3)]
+    assert keys == [["x"]] * 3
+
+
+def test_a_task_adding_a_column_to_a_shared_frame_changes_nothing_for_the_next():
+    df = pd.DataFrame({"a": np.arange(200_000.0), "b": np.ones(200_000)})
+    with ironpool.Pool(1) as p:
+        handle = p.share(df)
+        cols = [p.submit(columns_then_add_one, handle).result(timeout=60) for _ in range(3)]
+        cols += list(p.map(columns_then_add_one, [handle] * 3))
+    assert cols == [["a", "b"]] * 6
+    assert list(df.columns) == ["a", "b"]
+
+
+def test_reuse_hands_each_task_on_a_worker_the_same_object():
+    with ironpool.Pool(1) as p:
+        handle = p.share({"x": np.ones(MIB // 8)}, reuse=True)
+        first = p.submit(keys_then_add_one, handle).result(timeout=60)
+        second = p.submit(keys_then_add_one, handle).result(timeout=60)
+    assert first == ["x"]
+    assert second == ["added_by_a_task", "x"], "reuse=True documents that changes persist on the worker"
