@@ -25,6 +25,7 @@ LABELS = {
     "mpire_shared": "mpire shared_objects",
     "ironpool_share": "ironpool pool.share()",
     "ironpool_shm": "ironpool shared_memory()",
+    "ironpool_readonly": "ironpool read-only array",
     "pebble": "pebble",
     "ray": "ray Pool",
 }
@@ -397,7 +398,7 @@ CLASSES = {"ironpool": Ironpool, "ppe": PPE, "mp": MP, "joblib": Joblib, "loky":
 
 
 def make(case: str, **opts: Any) -> Peer:
-    if case in ("ironpool_share", "ironpool_shm"):
+    if case in ("ironpool_share", "ironpool_shm", "ironpool_readonly"):
         case = "ironpool"
     name = case.partition(":")[0]
     return CLASSES[name](**opts)

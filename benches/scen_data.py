@@ -63,6 +63,8 @@ def big_input(case: str, ctx: Ctx) -> dict:
         pool = peers.make(case)
         _warm(pool)
         arr = np.random.default_rng(0).random(mib * 2**20 // 8)
+        if case == "ironpool_readonly":
+            arr.flags.writeable = False  # sent once automatically, checked by digest on every re-send
         fn, arglist = workloads.array_sum, [(arr,)] * n_tasks
     expected = float(arr.sum())
     if case == "ironpool_share":
@@ -86,15 +88,18 @@ BIG_INPUT = Scenario(
     name="big_input",
     title="big_input: one 256 MiB float64 array passed to each of 8 tasks that sum it",
     run=big_input,
-    cases=lambda quick: ["ironpool", "ironpool_share", "ironpool_shm", "ppe", "mp", "joblib", "loky", "mpire",
-                         "mpire_shared", "pebble", "ray"],
+    cases=lambda quick: ["ironpool", "ironpool_share", "ironpool_readonly", "ironpool_shm", "ppe", "mp", "joblib",
+                         "loky", "mpire", "mpire_shared", "pebble", "ray"],
     columns=[Column("seconds", "seconds"), *MEM_COLUMNS, Column("runs", "runs", "int"), Column("correct", "ok")],
     ratio_key="seconds",
     timeout=lambda quick: 120.0 if quick else 240.0,
     notes=["64 MiB with --quick. The array is made after the pool started (fork-based pools do not inherit it), "
            "except for 'mpire shared_objects', whose workers inherit it at start. joblib memory-maps it "
-           "(default max_nbytes='1M'). 'ironpool' passes the (writable) array itself, which is copied per task; "
-           "'ironpool pool.share()' shares it once inside the timed call. 'ironpool shared_memory()' makes the "
+           "(default max_nbytes='1M'). 'ironpool' passes the (writable) array itself: the first task gets its own "
+           "copy, the second shares it, and later ones reuse that copy after a digest shows it unchanged; "
+           "'ironpool pool.share()' shares it once inside the timed call. 'ironpool read-only array' passes it "
+           "with writeable=False: sent once automatically, and each re-send takes a digest to prove it unchanged "
+           "(the timed runs after the first reuse the first run's copy). 'ironpool shared_memory()' makes the "
            "array inside `with ironpool.shared_memory():`, so it lives in a memfd and no task copies it.", MEM_NOTE],
 )
 

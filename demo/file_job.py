@@ -86,6 +86,9 @@ def big_array_part(mib: int, workers: int) -> list[str]:
     with ironpool.Pool(workers, preload=("numpy",)) as pool:
         list(pool.map(array_sum, [np.zeros(1)] * workers))
         t0 = time.perf_counter()
+        got = list(pool.map(array_sum, [plain] * 8))
+        rows.append(("ironpool.Pool, the same array", time.perf_counter() - t0, got))
+        t0 = time.perf_counter()
         got = list(pool.map(array_sum, [shared] * 8))
         rows.append(("ironpool.Pool + ironpool.shared_memory()", time.perf_counter() - t0, got))
     base = rows[0][1]

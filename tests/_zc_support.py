@@ -106,6 +106,19 @@ def segment_inode(obj) -> int | None:
     return next((ino for lo, hi, ino in segment_ranges() if lo <= spans[0] < hi), None)
 
 
+def inode_and_writable(a) -> tuple[int | None, bool]:
+    """Run in a worker: the segment `a` arrived in, and whether it is writable."""
+    return segment_inode(a), bool(a.flags.writeable)
+
+
+def frame_sum_then_scribble(df) -> float:
+    """The sum `df` arrived with; then overwrites a column in place and adds one."""
+    total = float(df.to_numpy().sum())
+    df.iloc[:, 0] = -1.0
+    df["added_by_a_task"] = 1.0
+    return total
+
+
 def keys_then_add_one(d: dict) -> list:
     """The keys `d` arrived with; then adds one (should a later task see it?)."""
     keys = sorted(d)

@@ -16,8 +16,11 @@ from _zc_support import (
     LoadsOnlyHere,
     array_sum,
     columns_then_add_one,
+    frame_sum_then_scribble,
     ident,
+    inode_and_writable,
     keys_then_add_one,
+    mutate_then_sum,
     segment_inode,
 )
 
@@ -74,12 +77,37 @@ def test_arrow_array_over_numpy_memory_changed_underneath_is_sent_anew(pool):
     assert pool.submit(array_sum, arr).result(timeout=60) == float(backing.size)
 
 
-def test_writable_array_is_never_sent_once_automatically(pool):
+def test_writable_array_passed_to_many_tasks_travels_once_and_arrives_writable(pool):
+    a = np.arange(4 * MIB // 8, dtype="f8")
+    got = [f.result(timeout=60) for f in [pool.submit(inode_and_writable, a) for _ in range(6)]]
+    inodes = [inode for inode, _ in got]
+    assert None not in inodes
+    # Passed once, it costs nothing extra; seen again, it is shared, and every
+    # later task maps that one copy.
+    assert inodes[0] != inodes[1] and len(set(inodes[1:])) == 1, inodes
+    assert all(writable for _, writable in got), "a writable argument must arrive writable"
+    sums = [f.result(timeout=60) for f in [pool.submit(mutate_then_sum, a) for _ in range(6)]]
+    assert sums == [float(a.sum())] * 6, "a task's writes reached another task"
+    assert a[0] == 0.0
+
+
+def test_writable_array_changed_between_submits_is_sent_anew(pool):
     a = np.ones(4 * MIB // 8)
-    r1 = pool.submit(array_sum, a).result(timeout=60)
+    futs = [pool.submit(array_sum, a) for _ in range(3)]
     a[:] = 3.0
-    r2 = pool.submit(array_sum, a).result(timeout=60)
-    assert (r1, r2) == (a.size, 3.0 * a.size)
+    futs += [pool.submit(array_sum, a) for _ in range(3)]
+    assert [f.result(timeout=60) for f in futs] == [a.size] * 3 + [3.0 * a.size] * 3
+
+
+def test_dataframe_passed_to_many_tasks_travels_once_and_each_task_gets_its_own(pool):
+    df = pd.DataFrame({"a": np.arange(200_000.0), "b": np.ones(200_000), "s": ["x"] * 200_000})
+    df = df[["a", "b"]]
+    inodes = [f.result(timeout=60) for f in [pool.submit(segment_inode, df) for _ in range(5)]]
+    assert None not in inodes and len(set(inodes[1:])) == 1, inodes
+    want = float(df.to_numpy().sum())
+    futs = [pool.submit(frame_sum_then_scribble, df) for _ in range(8)]
+    assert [f.result(timeout=60) for f in futs] == [want] * 8
+    assert list(df.columns) == ["a", "b"] and float(df.to_numpy().sum()) == want
 
 
 # --- handles belong to one pool and live until released ---------------------------

@@ -37,24 +37,34 @@ def serialization_error(message: str) -> BaseException:
     return SerializationError(message)
 
 
+#: How a worker hands a shared object to a task (a handle's ``mode``):
+#: a fresh object over the one read-only mapping of its buffers,
+FRESH = 0
+#: the same object for every task on the worker,
+REUSE = 1
+#: or a fresh object over private copy-on-write mappings, writable like an
+#: ordinary argument (objects the caller passed writable, sent once).
+PRIVATE = 2
+
+
 class Registered:
-    """A payload the pool sent this worker once: a function, or an object
-    shared by ``pool.share()``. Functions are unpickled once; a shared object
-    is unpickled afresh for each task that uses it (unless its handle says to
-    reuse one), so that no task sees another's changes to it. The large
-    buffers stay in one read-only mapping either way: only the pickle stream
-    is read again."""
+    """A payload the pool sent this worker once (``_core.RegisteredPayload``):
+    a function, or a shared object. Functions are unpickled once; a shared
+    object is unpickled as its handle's mode says. The large buffers stay in
+    the segments either way: only the pickle stream is read again."""
 
-    __slots__ = ("error", "parts", "value")
+    __slots__ = ("error", "payload", "value")
 
-    def __init__(self, parts: list) -> None:
-        self.parts: list | None = parts
+    def __init__(self, payload: object) -> None:
+        self.payload: object = payload
         self.value: object = None
         self.error: BaseException | None = None
 
-    def load(self, what: str) -> object:
+    def load(self, what: str, private: bool = False) -> object:
+        """A new object over the shared read-only mapping, or over private ones."""
         try:
-            return loads(self.parts)  # type: ignore[arg-type]
+            p = self.payload
+            return loads(p.private_parts() if private else p.shared_parts())  # type: ignore[union-attr]
         except BaseException as exc:
             raise serialization_error(
                 f"{what} could not be unpickled in the worker: {type(exc).__name__}: {exc}"
@@ -62,12 +72,12 @@ class Registered:
 
     def get(self, what: str) -> object:
         """The one object unpickled at first use (its error, if it failed)."""
-        if self.parts is not None:
+        if self.payload is not None:
             try:
                 self.value = self.load(what)
             except BaseException as exc:
                 self.error = exc
-            self.parts = None
+            self.payload = None
         if self.error is not None:
             raise self.error
         return self.value
@@ -80,13 +90,15 @@ REGISTRY: dict[int, Registered] = {}
 _collecting = _thread._local()
 
 
-def _shared_lookup(ref_id: int, reuse: bool = False) -> object:
+def _shared_lookup(ref_id: int, mode: int = FRESH) -> object:
     """Unpickles a shared reference in a worker: the shared object."""
     entry = REGISTRY.get(ref_id)
     if entry is None:
         raise LookupError(f"shared object {ref_id} is not known to this worker (it was released)")
     what = f"the object shared as handle {ref_id}"
-    return entry.get(what) if reuse else entry.load(what)
+    if mode == REUSE:
+        return entry.get(what)
+    return entry.load(what, private=mode == PRIVATE)
 
 
 class SharedRef:
@@ -94,12 +106,12 @@ class SharedRef:
     worker receives the object itself. Only the pool that registered it can
     send it, and only until it is released."""
 
-    __slots__ = ("id", "pool", "released", "reuse")
+    __slots__ = ("id", "mode", "pool", "released")
 
-    def __init__(self, ref_id: int, pool: int, reuse: bool) -> None:
+    def __init__(self, ref_id: int, pool: int, mode: int) -> None:
         self.id = ref_id
         self.pool = pool
-        self.reuse = reuse
+        self.mode = mode
         self.released = False
 
     def __reduce__(self):
@@ -115,7 +127,7 @@ class SharedRef:
                 f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
             )
         ids.append(self.id)
-        return (_shared_lookup, (self.id, self.reuse))
+        return (_shared_lookup, (self.id, self.mode))
 
 
 def dumps_task(obj: object, threshold: int, pool: int) -> tuple[list, list]:

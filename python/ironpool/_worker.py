@@ -43,8 +43,8 @@ class Handler:
         except BaseException as exc:  # reported to the pool
             return dumps(pack_exception(exc), 1 << 62)
 
-    def register(self, fn_id: int, parts: list) -> None:
-        self.fns[fn_id] = Registered(parts)  # unpickled when a task needs it
+    def register(self, fn_id: int, payload: object) -> None:
+        self.fns[fn_id] = Registered(payload)  # unpickled when a task needs it
 
     def forget(self, ref_id: int) -> None:
         self.fns.pop(ref_id, None)

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import wait as _wait
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core, _zygote
-from ._serialize import SharedRef, describe_call, dumps, dumps_function, dumps_task, loads, unpack_exception
+from ._send_once import AutoShare, Shared, dumps_shared
+from ._serialize import FRESH, REUSE, describe_call, dumps, dumps_function, dumps_task, loads, unpack_exception
 from ._worker import CHUNK, SINGLE
 from .errors import (
     PoolClosed,
@@ -30,13 +31,6 @@ from .errors import (
 )
 
 __all__ = ["Pool", "Shared", "WorkerInfo"]
-
-#: Large arguments meant not to change (bytes, read-only numpy arrays, Arrow
-#: data) seen again by the same pool are sent once, while a digest of their
-#: bytes shows them unchanged; this many are remembered (weakly where the type
-#: allows it; bytes are held, up to _AUTO_SHARE_HELD_BYTES).
-_AUTO_SHARE_ENTRIES = 16
-_AUTO_SHARE_HELD_BYTES = 256 * 2**20
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
@@ -77,70 +71,6 @@ class WorkerInfo:
     restarts: int
     last_exit: str
     busy_seconds: float
-
-
-class Shared:
-    """An object sent to each worker once, from :meth:`Pool.share`.
-
-    Pass the handle as a task argument (anywhere inside the arguments) and the
-    task receives the object. Large buffers inside it live in shared memory
-    that every worker maps once: no copy per task, no copy per worker, and
-    those buffers arrive **read-only** (one task must not change what the
-    next one reads; copy an array to write into it). Each task gets its own
-    object built over those buffers, so a task adding a column or a dict key
-    changes nothing for other tasks; ``share(obj, reuse=True)`` hands every
-    task on a worker the same object instead (see :meth:`Pool.share`).
-
-    The object is a snapshot taken by ``share()``; later changes to it in the
-    caller are not seen by workers. ``value`` is the original object. A
-    handle works only in the arguments of its own pool's tasks, and only
-    until it is released: anything else is a :class:`SerializationError`.
-
-    Example::
-
-        table = pool.share(big_dataframe)
-        totals = list(pool.map(score, [table] * 1000, range(1000)))
-        table.release()   # or let the handle be garbage collected
-    """
-
-    def __init__(self, state: _State, value: Any, ref_id: int, reuse: bool) -> None:
-        self.value = value
-        self._ref = SharedRef(ref_id, state.token, reuse)
-        self._release = weakref.finalize(self, _unregister, state.core, ref_id, state.pid)
-
-    def __reduce__(self):
-        return self._ref.__reduce__()
-
-    def release(self) -> None:
-        """Frees the workers' copies now; tasks submitted later must not use it."""
-        self._ref.released = True
-        self._release()
-
-    def __repr__(self) -> str:
-        return f"<ironpool.Shared id={self._ref.id} of {type(self.value).__name__}>"
-
-
-def _unregister(core: Any, ref_id: int, pid: int) -> None:
-    if os.getpid() == pid:
-        core.unregister(ref_id)
-
-
-def _auto_shareable(v: Any, threshold: int) -> bool:
-    """Large objects that are meant not to change: bytes, read-only numpy
-    arrays, Arrow data. (Only bytes cannot change at all; the others are
-    checked by digest each time they are sent again.)"""
-    t = type(v)
-    if t is bytes:
-        return len(v) >= threshold
-    module = t.__module__
-    if module == "numpy" and t.__name__ == "ndarray":
-        return v.nbytes >= threshold and not v.flags.writeable and not v.dtype.hasobject
-    if module.startswith("pyarrow"):
-        name = t.__name__
-        if name in ("Table", "RecordBatch", "ChunkedArray") or name.endswith("Array"):
-            nbytes = getattr(v, "nbytes", 0)
-            return isinstance(nbytes, int) and nbytes >= threshold
-    return False
 
 
 #: How long a caller waiting in ``result()`` polls the workers itself before
@@ -261,8 +191,7 @@ class _State:
         self.fn_lock = threading.Lock()
         self.next_fn = itertools.count(1)
         self.token = next(_pool_tokens)  # which pool a Shared handle belongs to
-        # id(value) -> (weakref or value, handle, digest, bytes held strongly)
-        self.auto_shared: OrderedDict[int, tuple[Any, Shared, bytes | None, int]] = OrderedDict()
+        self.auto_share = AutoShare(self._register)
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
         self.thread.start()
 
@@ -406,85 +335,17 @@ class _State:
             self.fn_ids[key] = (fn, fid)
             return fid
 
-    def share(self, value: Any, threshold: int, reuse: bool) -> Shared:
-        return self._register_shared(self._dumps_shared(value, threshold), reuse, value)
+    def share(self, value: Any, threshold: int, mode: int) -> Shared:
+        return self._register(dumps_shared(value, threshold), mode, value)
 
-    @staticmethod
-    def _dumps_shared(value: Any, threshold: int) -> list:
-        try:
-            return dumps(value, threshold)
-        except Exception as exc:
-            raise SerializationError(
-                f"{type(value).__module__}.{type(value).__qualname__} object could not be pickled "
-                f"for sharing: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _register_shared(self, parts: list, reuse: bool, kept: Any) -> Shared:
+    def _register(self, parts: list, mode: int, kept: Any = None) -> Shared:
         ref_id = next(self.next_fn)
         self.core.register_fn(ref_id, parts)
-        return Shared(self, kept, ref_id, reuse)
-
-    def auto_share(self, values: Any, threshold: int) -> Any | None:
-        """``values`` (a tuple, dict or list of argument tuples) with large
-        items meant not to change replaced by shared handles, or None if
-        there are none."""
-        if isinstance(values, dict):
-            swapped = self.auto_share(tuple(values.values()), threshold)
-            return None if swapped is None else dict(zip(values, swapped, strict=True))
-        if isinstance(values, list):
-            rows = [self.auto_share(row, threshold) for row in values]
-            if all(r is None for r in rows):
-                return None
-            return [row if r is None else r for row, r in zip(values, rows, strict=True)]
-        out = list(values)
-        changed = False
-        for i, v in enumerate(out):
-            if _auto_shareable(v, threshold):
-                out[i] = self._cached_share(v, threshold)
-                changed = True
-        return tuple(out) if changed else None
-
-    def _cached_share(self, value: Any, threshold: int) -> Shared:
-        """The handle of an earlier automatic share of this very object if its
-        bytes are unchanged since (by digest: a read-only array can still be
-        written through a writable view, or made writable again), else a new
-        one. The cache never frees a handle itself: tasks that use one hold
-        it (see ``_Entry.keep``), and it is unregistered when the last of
-        them and the cache let go."""
-        key = id(value)
-        immutable = type(value) is bytes
-        parts = self._dumps_shared(value, threshold)  # large buffers as views: no copy
-        digest = None if immutable else _core.digest(parts)
-        with self.fn_lock:
-            hit = self.auto_shared.get(key)
-            if hit is not None:
-                ref, handle, seen, _ = hit
-                alive = ref() if isinstance(ref, weakref.ref) else ref
-                if alive is value and seen == digest:
-                    self.auto_shared.move_to_end(key)
-                    return handle
-        # Arrays get a fresh object per task (cheap, and a task setting
-        # `.shape` changes nothing for the next); bytes and Arrow objects
-        # cannot be changed in place, so one per worker is enough.
-        reuse = immutable or type(value).__module__.startswith("pyarrow")
-        # The handle must not hold the value, or the weak entry never dies.
-        handle = self._register_shared(parts, reuse, None)
-        try:
-            ref = weakref.ref(value, lambda _r, key=key: self.auto_shared.pop(key, None))
-            held = 0
-        except TypeError:  # bytes: no weak references
-            ref, held = value, len(value)
-        with self.fn_lock:
-            self.auto_shared[key] = (ref, handle, digest, held)
-            while len(self.auto_shared) > _AUTO_SHARE_ENTRIES or (
-                len(self.auto_shared) > 1 and sum(e[3] for e in self.auto_shared.values()) > _AUTO_SHARE_HELD_BYTES
-            ):
-                self.auto_shared.popitem(last=False)
-        return handle
+        return Shared(self.core, self.token, kept, ref_id, mode)
 
     def dumps_args(self, args: Any, kwargs: Any, threshold: int, single: bool = False) -> tuple[list, list, tuple]:
         """Pickles task arguments (or, with ``single``, a list of single
-        arguments), sending immutable large ones once. Returns the parts, the
+        arguments), sending large ones seen before once. Returns the parts, the
         shared ids they refer to, and the handles to keep alive until the
         task is done."""
         call = (args, kwargs) if kwargs is not None else args
@@ -492,11 +353,11 @@ class _State:
         keep: tuple = ()
         if len(parts) > 1:  # large buffers: worth looking for repeats
             if single:
-                rows = self.auto_share([(x,) for x in args], threshold)
+                rows = self.auto_share.swap([(x,) for x in args], threshold)
                 new_args = None if rows is None else [row[0] for row in rows]
             else:
-                new_args = self.auto_share(args, threshold)
-            new_kwargs = self.auto_share(kwargs, threshold) if kwargs else None
+                new_args = self.auto_share.swap(args, threshold)
+            new_kwargs = self.auto_share.swap(kwargs, threshold) if kwargs else None
             if new_args is not None or new_kwargs is not None:
                 args = args if new_args is None else new_args
                 kwargs = kwargs if new_kwargs is None else new_kwargs
@@ -829,7 +690,7 @@ class Pool(Executor):
         if state is None:
             raise self._start_error or PoolClosed("pool is not running")
         state.check_open()
-        return state.share(value, self._threshold, bool(reuse))
+        return state.share(value, self._threshold, REUSE if reuse else FRESH)
 
     # Introspection -------------------------------------------------------
 

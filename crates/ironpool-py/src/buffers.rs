@@ -12,7 +12,8 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyList, PyTuple};
 
 /// A view of part of a shared segment. numpy arrays, pandas blocks and Arrow
 /// buffers rebuilt by pickle keep this object alive through the buffer
@@ -199,4 +200,41 @@ pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<B
         }
     }
     Ok(list)
+}
+
+/// A payload a worker keeps for many tasks: a function, or an object shared
+/// with `pool.share()` or sent once automatically. It holds the message
+/// itself, segment descriptors included, so that each task can have either
+/// the one shared read-only view or fresh private mappings of its own.
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct RegisteredPayload {
+    msg: Message,
+    shared: PyOnceLock<Py<PyTuple>>,
+}
+
+impl RegisteredPayload {
+    pub fn new(msg: Message) -> Self {
+        Self {
+            msg,
+            shared: PyOnceLock::new(),
+        }
+    }
+}
+
+#[pymethods]
+impl RegisteredPayload {
+    /// The parts over one read-only mapping per segment, made at first use
+    /// and the same for every task: nothing is mapped or faulted in again.
+    fn shared_parts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let parts = self.shared.get_or_try_init(py, || {
+            decode(py, &self.msg, true).map(|list| list.to_tuple().unbind())
+        })?;
+        Ok(parts.bind(py).clone())
+    }
+
+    /// The parts over new private mappings of the same segments: writable,
+    /// and what a task writes stays in its own copy-on-write pages.
+    fn private_parts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        decode(py, &self.msg, false)
+    }
 }

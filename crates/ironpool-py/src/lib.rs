@@ -37,9 +37,11 @@ fn resident_bytes(pid: i32) -> Option<u64> {
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use super::buffers::{SharedBuffer, digest};
+    use super::buffers::{RegisteredPayload, SharedBuffer, digest};
     #[pymodule_export]
-    use super::numpy_alloc::{set_numpy_handler, shared_memory_handler, shared_memory_stats};
+    use super::numpy_alloc::{
+        in_shared_memory, set_numpy_handler, shared_memory_handler, shared_memory_stats,
+    };
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]

@@ -11,6 +11,7 @@ use std::ffi::{CStr, c_void};
 use std::sync::OnceLock;
 
 use ironpool_core::shm::blocks;
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
@@ -167,6 +168,15 @@ pub fn set_numpy_handler(
 }
 
 /// Blocks alive and buffers lent without a copy, in this process.
+/// Whether `obj`'s buffer lies in shared memory that sending lends without a
+/// copy (an array made inside `shared_memory()`, or received from another
+/// process). False for objects without a contiguous buffer.
+#[pyfunction]
+pub fn in_shared_memory(obj: &Bound<'_, PyAny>) -> bool {
+    PyUntypedBuffer::get(obj)
+        .is_ok_and(|view| blocks::contains(view.buf_ptr().cast(), view.len_bytes()))
+}
+
 #[pyfunction]
 pub fn shared_memory_stats() -> (usize, usize) {
     (blocks::live_blocks(), blocks::lent_count())

@@ -12,7 +12,7 @@ use crate::errors::engine_error;
 use crate::zygote::WorkerChannel;
 
 /// Serves tasks until the pool says Shutdown or goes away. `handler` has
-/// `init(parts)`, `register(fn_id, parts)`, `run(task_id, fn_id, flags,
+/// `init(parts)`, `register(fn_id, payload)`, `run(task_id, fn_id, flags,
 /// parts) -> (ok, parts)` and a `threshold` attribute (segment size).
 #[pyfunction]
 pub fn worker_main(
@@ -49,9 +49,9 @@ pub fn worker_main(
                 }
             }
             Kind::RegisterFn => {
-                // Shared by every task of this worker: read-only.
-                let parts = buffers::decode(py, &msg, true)?;
-                handler.call_method1("register", (msg.id, parts))?;
+                let id = msg.id;
+                let payload = Bound::new(py, buffers::RegisteredPayload::new(msg))?;
+                handler.call_method1("register", (id, payload))?;
                 None
             }
             Kind::Task => {

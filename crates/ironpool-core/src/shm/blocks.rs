@@ -249,6 +249,21 @@ pub fn free(ptr: *mut u8) -> bool {
     true
 }
 
+/// Whether the `len` bytes at `ptr` lie in one block, born here or received
+/// (such bytes are lent, not copied, whenever they are sent unchanged).
+pub fn contains(ptr: *const u8, len: usize) -> bool {
+    if empty() || len == 0 {
+        return false;
+    }
+    let addr = ptr as usize;
+    REGISTRY.with(|blocks| {
+        blocks
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&start, block)| addr + len <= start + block.len)
+    })
+}
+
 /// A sealed memfd holding exactly the `len` bytes at `ptr`, and their
 /// offset in it, if they lie in a block; `None` means copy them instead.
 pub fn lend(ptr: *const u8, len: usize) -> Option<(OwnedFd, u64)> {
@@ -388,6 +403,9 @@ mod tests {
         let p = alloc(n).unwrap();
         assert_eq!(block_len(p), Some(n));
         fill(p, n, 1);
+        assert!(contains(p, n));
+        // SAFETY: the last byte of the block; the range runs one past it.
+        assert!(!contains(unsafe { p.add(n - 1) }, 2));
         let (fd, off) = lend(p, n).unwrap();
         assert_eq!(off, 0);
         // Unchanged: lent again, same memfd.
@@ -413,6 +431,7 @@ mod tests {
         let _turn = TEST_TURN.lock().unwrap_or_else(|e| e.into_inner());
         let v = vec![0u8; 1 << 20];
         assert!(lend(v.as_ptr(), v.len()).is_none());
+        assert!(!contains(v.as_ptr(), v.len()));
         assert!(!free(v.as_ptr().cast_mut()));
         assert_eq!(block_len(v.as_ptr()), None);
     }
