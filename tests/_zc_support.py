@@ -119,6 +119,21 @@ def frame_sum_then_scribble(df) -> float:
     return total
 
 
+_STASH: dict = {}
+
+
+def stash(a, slot: str) -> float:
+    """Keeps its argument alive in this worker after the task."""
+    _STASH[slot] = a
+    return float(a.sum())
+
+
+def write_one_read_other(_a, write: str, read: str) -> float:
+    """Writes into one stashed argument, sums another."""
+    _STASH[write][...] = -1.0
+    return float(_STASH[read].sum())
+
+
 def keys_then_add_one(d: dict) -> list:
     """The keys `d` arrived with; then adds one (should a later task see it?)."""
     keys = sorted(d)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +34,6 @@ _MAX_BYTES = 2 * 2**30
 #: ...of which at most this much in bytes objects, which cannot be weakly
 #: referenced and so are kept alive by the cache.
 _HELD_BYTES = 256 * 2**20
-#: Objects seen once and not shared yet (weakly), to spot the second sighting.
-_SIGHTINGS = 64
 
 
 class Shared:
@@ -95,31 +93,27 @@ def dumps_shared(value: Any, threshold: int) -> list:
         ) from exc
 
 
-def _policy(v: Any, threshold: int) -> tuple[int, bool] | None:
-    """How an argument may be sent once automatically: (the mode its tasks
-    get it in, whether to share it the first time it is seen), or None.
-
-    Objects meant not to change (bytes, read-only arrays, Arrow data) are
-    shared at once. Writable arrays and pandas objects are shared when seen a
-    second time, so that an object passed only once costs nothing extra."""
+def _policy(v: Any, threshold: int) -> int | None:
+    """The mode in which tasks get an argument sent once automatically, or
+    None if it is not a kind worth it (large bytes, numpy, pandas, Arrow)."""
     t = type(v)
     if t is bytes:
-        return (REUSE, True) if len(v) >= threshold else None
+        return REUSE if len(v) >= threshold else None
     module = t.__module__
     if module == "numpy":
         if t.__name__ != "ndarray" or v.nbytes < threshold or v.dtype.hasobject:
             return None
         if _core.in_shared_memory(v):
             return None  # lent on every send, no copy: nothing to save
-        return (PRIVATE, False) if v.flags.writeable else (FRESH, True)
+        return PRIVATE if v.flags.writeable else FRESH
     if module.startswith("pandas") and t.__name__ in ("DataFrame", "Series"):
-        return (PRIVATE, False)  # small ones are dropped once pickled: no buffer out of band
+        return PRIVATE  # small ones are dropped once pickled: no buffer out of band
     if module.startswith("pyarrow"):
         name = t.__name__
         if name in ("Table", "RecordBatch", "ChunkedArray") or name.endswith("Array"):
             nbytes = getattr(v, "nbytes", 0)
             if isinstance(nbytes, int) and nbytes >= threshold:
-                return (REUSE, True)  # Arrow objects have no in-place changes
+                return REUSE  # Arrow objects have no in-place changes
     return None
 
 
@@ -145,43 +139,43 @@ class _Cached:
 
 
 class AutoShare:
-    """A pool's automatic send-once cache. ``register(parts, mode)`` makes
-    a handle for a pickled object.
+    """A pool's automatic send-once cache. ``register(parts, mode)`` makes a
+    handle for a pickled object and returns it with the digest of ``parts``
+    (taken while copying them, so sharing costs no extra pass).
 
-    Objects meant not to change stay cached while they live (within the
-    limits above). A writable object's copy lives only while tasks that use
-    it are queued or running (they hold its handle): it is sent once per
-    burst of tasks, and no copy outlives the burst."""
+    Every candidate is shared the first time it is seen: sharing costs the
+    one copy an ordinary argument costs. Objects meant not to change stay
+    cached while they live (within the limits above). A writable object's
+    copy lives only while tasks that use it are queued or running (they hold
+    its handle, the cache holds it weakly): it is sent once per burst of
+    tasks, and no copy outlives the burst."""
 
-    def __init__(self, register: Callable[[list, int], Shared]) -> None:
+    def __init__(self, register: Callable[[list, int], tuple[Shared, bytes]]) -> None:
         self._register = register
         # Reentrant: the weak-reference callbacks take it too, and may run
         # in any thread that drops the last reference to a cached object.
         self._lock = threading.RLock()
         self._entries: OrderedDict[int, _Cached] = OrderedDict()  # by id(value)
-        self._sightings: OrderedDict[int, weakref.ref] = OrderedDict()
 
     def swap(self, values: Any, threshold: int) -> Any | None:
         """``values`` (an argument tuple, a kwargs dict, or a list of argument
-        tuples: a map chunk) with objects sent before replaced by handles, or
-        None if nothing was replaced."""
+        tuples: a map chunk) with large objects replaced by handles, or None
+        if nothing was replaced."""
         if isinstance(values, dict):
             swapped = self.swap(tuple(values.values()), threshold)
             return None if swapped is None else dict(zip(values, swapped, strict=True))
         rows = values if isinstance(values, list) else [values]
-        # An object in two items of one chunk counts as seen twice already.
-        repeated = Counter(id(v) for row in rows for v in row)
-        digests: dict[int, Shared | None] = {}  # one digest per object per call
+        handles: dict[int, Shared | None] = {}  # one look-up (and digest) per object per call
         out = []
         changed = False
         for row in rows:
             new = list(row)
             for i, v in enumerate(new):
                 key = id(v)
-                if key not in digests:
-                    policy = _policy(v, threshold)
-                    digests[key] = None if policy is None else self._handle(v, threshold, *policy, repeated[key] > 1)
-                handle = digests[key]
+                if key not in handles:
+                    mode = _policy(v, threshold)
+                    handles[key] = None if mode is None else self._handle(v, threshold, mode)
+                handle = handles[key]
                 if handle is not None:
                     new[i] = handle
                     changed = True
@@ -190,21 +184,19 @@ class AutoShare:
             return None
         return out if isinstance(values, list) else out[0]
 
-    def _handle(self, value: Any, threshold: int, mode: int, at_once: bool, repeated: bool) -> Shared | None:
-        """The handle for ``value``: the cached one while its digest matches, a
-        new one, or None while it has been seen only once."""
+    def _handle(self, value: Any, threshold: int, mode: int) -> Shared | None:
+        """The cached handle for ``value`` while its digest matches, else a
+        new one (None if it has no large buffer to share)."""
         key = id(value)
         with self._lock:
             hit = self._entries.get(key)
-            cached = hit is not None and _deref(hit.value) is value
-            handle = _deref(hit.handle) if cached else None  # type: ignore[union-attr]
-        if not (at_once or repeated or handle is not None or self._seen_before(value)):
-            return None
+            handle = _deref(hit.handle) if hit is not None and _deref(hit.value) is value else None
+        if handle is not None and type(value) is bytes:
+            return handle  # cannot have changed
         parts = dumps_shared(value, threshold)  # large buffers as views: no copy
         if len(parts) == 1:
             return None  # nothing large out of band: not worth a registration
-        digest = None if type(value) is bytes else _core.digest(parts)
-        if handle is not None and hit.digest == digest:  # type: ignore[union-attr]
+        if handle is not None and hit.digest == _core.digest(parts):  # type: ignore[union-attr]
             with self._lock:
                 if key in self._entries:
                     self._entries.move_to_end(key)
@@ -213,13 +205,14 @@ class AutoShare:
         if size > _MAX_BYTES:
             return None
         # The handle must not hold the value, or the weak entry never dies.
-        handle = self._register(parts, mode)
+        handle, digest = self._register(parts, mode)
         drop = lambda _r, key=key: self._prune(key)  # noqa: E731
         try:
             ref, held = weakref.ref(value, drop), 0
         except TypeError:  # bytes: no weak references
             ref, held = value, len(value)
-        entry = _Cached(ref, handle if at_once else weakref.ref(handle, drop), digest, size, held)
+        lasting = mode != PRIVATE
+        entry = _Cached(ref, handle if lasting else weakref.ref(handle, drop), digest, size, held)
         with self._lock:
             # Evicting only drops the cache's reference: tasks still using a
             # handle hold it, and it is unregistered once they all let go.
@@ -239,22 +232,3 @@ class AutoShare:
             entry = self._entries.get(key)
             if entry is not None and (_deref(entry.value) is None or _deref(entry.handle) is None):
                 del self._entries[key]
-
-    def _forget_sighting(self, key: int) -> None:
-        with self._lock:
-            self._sightings.pop(key, None)
-
-    def _seen_before(self, value: Any) -> bool:
-        """Records a sighting of ``value``; True if it was seen already."""
-        key = id(value)
-        with self._lock:
-            ref = self._sightings.pop(key, None)
-            if ref is not None and ref() is value:
-                return True
-            try:
-                self._sightings[key] = weakref.ref(value, lambda _r, key=key: self._forget_sighting(key))
-            except TypeError:
-                return False
-            while len(self._sightings) > _SIGHTINGS:
-                self._sightings.popitem(last=False)
-        return False

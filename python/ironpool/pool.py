@@ -191,7 +191,7 @@ class _State:
         self.fn_lock = threading.Lock()
         self.next_fn = itertools.count(1)
         self.token = next(_pool_tokens)  # which pool a Shared handle belongs to
-        self.auto_share = AutoShare(self._register)
+        self.auto_share = AutoShare(self._register_digested)
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
         self.thread.start()
 
@@ -336,12 +336,15 @@ class _State:
             return fid
 
     def share(self, value: Any, threshold: int, mode: int) -> Shared:
-        return self._register(dumps_shared(value, threshold), mode, value)
-
-    def _register(self, parts: list, mode: int, kept: Any = None) -> Shared:
+        parts = dumps_shared(value, threshold)
         ref_id = next(self.next_fn)
         self.core.register_fn(ref_id, parts)
-        return Shared(self.core, self.token, kept, ref_id, mode)
+        return Shared(self.core, self.token, value, ref_id, mode)
+
+    def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes]:
+        ref_id = next(self.next_fn)
+        digest = self.core.register_shared(ref_id, parts)
+        return Shared(self.core, self.token, None, ref_id, mode), digest
 
     def dumps_args(self, args: Any, kwargs: Any, threshold: int, single: bool = False) -> tuple[list, list, tuple]:
         """Pickles task arguments (or, with ``single``, a list of single

@@ -3,11 +3,12 @@
 //! parts to Python as zero-copy buffers.
 
 use std::ffi::c_int;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use ironpool_core::ipc::payload::{self, Part};
+use ironpool_core::ipc::payload::{self, Mappings, Part};
 use ironpool_core::ipc::{Kind, Message};
 use ironpool_core::shm::Mapping;
+use ironpool_core::shm::digest::Digest;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
@@ -138,6 +139,31 @@ pub fn encode(
     parts: &Bound<'_, PyList>,
     threshold: usize,
 ) -> PyResult<Message> {
+    Ok(encode_inner(py, kind, id, aux, parts, threshold, false)?.0)
+}
+
+/// [`encode`], also returning the digest of the parts (see [`digest`]),
+/// taken in the same pass as the copy.
+pub fn encode_digested(
+    py: Python<'_>,
+    kind: Kind,
+    id: u64,
+    parts: &Bound<'_, PyList>,
+    threshold: usize,
+) -> PyResult<(Message, u128)> {
+    let (msg, d) = encode_inner(py, kind, id, 0, parts, threshold, true)?;
+    Ok((msg, d.unwrap_or_default()))
+}
+
+fn encode_inner(
+    py: Python<'_>,
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    parts: &Bound<'_, PyList>,
+    threshold: usize,
+    digested: bool,
+) -> PyResult<(Message, Option<u128>)> {
     let pinned = pin_parts(parts)?;
     let spans = &pinned.spans;
     let large = spans.iter().any(|&(_, len)| len >= threshold)
@@ -145,7 +171,9 @@ pub fn encode(
     let build = || {
         // SAFETY: `pinned` outlives this closure.
         let slices = unsafe { slices_of(spans) };
-        payload::encode(kind, id, aux, &slices, threshold)
+        let mut d = digested.then(Digest::new);
+        payload::encode_digested(kind, id, aux, &slices, threshold, d.as_mut())
+            .map(|m| (m, d.map(|d| d.finish())))
     };
     let msg = if large { py.detach(build) } else { build() };
     drop(pinned);
@@ -177,14 +205,28 @@ pub fn digest<'py>(py: Python<'py>, parts: &Bound<'py, PyList>) -> PyResult<Boun
 /// Turns a received payload into a list of parts: `bytes` for inline parts,
 /// [`SharedBuffer`] views for parts in the segment (read-only if `readonly`).
 pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<Bound<'py, PyList>> {
-    let (parts, mappings) = payload::decode(msg)
-        .map_err(|e| crate::errors::engine_error(format!("corrupt payload: {e}")))?;
+    let (parts, mappings) = map_payload(msg)?;
+    views(py, msg, &parts, &mappings, readonly)
+}
+
+fn map_payload(msg: &Message) -> PyResult<(Vec<Part>, Mappings)> {
+    payload::decode(msg).map_err(|e| crate::errors::engine_error(format!("corrupt payload: {e}")))
+}
+
+/// The parts of `msg` as Python objects over `mappings`.
+fn views<'py>(
+    py: Python<'py>,
+    msg: &Message,
+    parts: &[Part],
+    mappings: &Mappings,
+    readonly: bool,
+) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for part in parts {
         match part {
-            Part::Inline(r) => list.append(PyBytes::new(py, &msg.body[r]))?,
+            Part::Inline(r) => list.append(PyBytes::new(py, &msg.body[r.clone()]))?,
             Part::Segment { fd, range } => {
-                let map = mappings.get(fd).cloned().flatten().ok_or_else(|| {
+                let map = mappings.get(*fd).cloned().flatten().ok_or_else(|| {
                     crate::errors::engine_error("segment part without segment".into())
                 })?;
                 list.append(Bound::new(
@@ -210,6 +252,8 @@ pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<B
 pub struct RegisteredPayload {
     msg: Message,
     shared: PyOnceLock<Py<PyTuple>>,
+    /// The private mappings the last task got, kept to be handed out again.
+    private: Mutex<Option<(Vec<Part>, Mappings)>>,
 }
 
 impl RegisteredPayload {
@@ -217,8 +261,21 @@ impl RegisteredPayload {
         Self {
             msg,
             shared: PyOnceLock::new(),
+            private: Mutex::new(None),
         }
     }
+}
+
+/// Whether private mappings can serve another task as if fresh: nothing
+/// but the payload refers to them any more (no object of an earlier task
+/// can write into them), and no page of them was ever written (each page is
+/// still the segment's own, none a copy-on-write copy).
+fn pristine(mappings: &Mappings) -> bool {
+    mappings.iter().flatten().all(|m| {
+        Arc::strong_count(m) == 1
+            && ironpool_core::platform::pages_unmodified(m.as_ptr() as usize, m.len())
+                .unwrap_or(false)
+    })
 }
 
 #[pymethods]
@@ -232,9 +289,23 @@ impl RegisteredPayload {
         Ok(parts.bind(py).clone())
     }
 
-    /// The parts over new private mappings of the same segments: writable,
-    /// and what a task writes stays in its own copy-on-write pages.
+    /// The parts over private mappings of the same segments: writable, and
+    /// what a task writes stays in its own copy-on-write pages. The last
+    /// task's mappings are reused when they are pristine, which spares
+    /// faulting the pages in again; otherwise they are made anew.
     fn private_parts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        decode(py, &self.msg, false)
+        let mut last = self
+            .private
+            .lock()
+            .map_err(|_| crate::errors::engine_error("registered payload poisoned".into()))?;
+        let reuse = last.as_ref().is_some_and(|(_, maps)| pristine(maps));
+        if !reuse {
+            *last = None; // unmapped now unless an earlier task's objects hold it
+            *last = Some(map_payload(&self.msg)?);
+        }
+        let (parts, maps) = last
+            .as_ref()
+            .ok_or_else(|| crate::errors::engine_error("no mappings".into()))?;
+        views(py, &self.msg, parts, maps, false)
     }
 }

@@ -8,7 +8,7 @@ use ironpool_core::ipc::Kind;
 use ironpool_core::supervisor::{Pool, PoolConfig};
 use ironpool_core::task::{Completion, Crash, ExitStatus, Failure, KillReason, Outcome, Task};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::buffers;
 use crate::errors::io_error;
@@ -102,6 +102,20 @@ impl PoolCore {
         let msg = buffers::encode(py, Kind::RegisterFn, fn_id, 0, parts, self.threshold)?;
         self.pool.register_fn(fn_id, msg);
         Ok(())
+    }
+
+    /// Registers a shared object like [`PoolCore::register_fn`], returning
+    /// the digest of `parts` (`ironpool._core.digest`), taken while copying
+    /// them, so the bytes are read once.
+    fn register_shared<'py>(
+        &self,
+        py: Python<'py>,
+        id: u64,
+        parts: &Bound<'py, PyList>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let (msg, d) = buffers::encode_digested(py, Kind::RegisterFn, id, parts, self.threshold)?;
+        self.pool.register_fn(id, msg);
+        Ok(PyBytes::new(py, &d.to_le_bytes()))
     }
 
     /// Forgets registered object `id` here and in every worker.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::channel::MAX_FDS;
 use super::frame::{FrameError, HEADER_LEN, Kind, MAX_FRAME, Message};
+use crate::shm::digest::Digest;
 use crate::shm::{Mapping, SegmentWriter, align_up, blocks};
 
 const ENTRY: usize = 24;
@@ -43,6 +44,24 @@ pub fn encode(
     aux: u64,
     parts: &[&[u8]],
     threshold: usize,
+) -> std::io::Result<Message> {
+    encode_digested(kind, id, aux, parts, threshold, None)
+}
+
+/// Bytes copied between two digest updates: small enough that the copy
+/// reads them from cache right after the digest did.
+const DIGEST_CHUNK: usize = 256 * 1024;
+
+/// [`encode`], also feeding every part into `digest` (as
+/// [`crate::shm::digest::digest`] would) in the same pass as the copy, so
+/// the bytes are read from memory once.
+pub fn encode_digested(
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    parts: &[&[u8]],
+    threshold: usize,
+    mut digest: Option<&mut Digest>,
 ) -> std::io::Result<Message> {
     let table_len = 8 + ENTRY * parts.len();
     if HEADER_LEN + table_len > MAX_FRAME {
@@ -103,9 +122,23 @@ pub fn encode(
         None
     };
     for (p, (to, off)) in parts.iter().zip(&entries) {
+        if let Some(d) = digest.as_deref_mut() {
+            d.begin_part(p.len());
+            if !matches!((to, &writer), (To::Copy, Some(_))) {
+                d.update(p);
+            }
+        }
         match (to, &writer) {
             (To::Inline, _) => body.extend_from_slice(p),
-            (To::Copy, Some(w)) => w.write_at(*off, p)?,
+            (To::Copy, Some(w)) => match digest.as_deref_mut() {
+                None => w.write_at(*off, p)?,
+                Some(d) => {
+                    for (i, chunk) in p.chunks(DIGEST_CHUNK).enumerate() {
+                        d.update(chunk);
+                        w.write_at(*off + (i * DIGEST_CHUNK) as u64, chunk)?;
+                    }
+                }
+            },
             _ => {}
         }
     }
@@ -243,6 +276,19 @@ mod tests {
         assert_eq!(bytes_of(&msg, &map, &parts[0]), b"head");
         assert_eq!(bytes_of(&msg, &map, &parts[1]), &big[..]);
         assert_eq!(bytes_of(&msg, &map, &parts[2]), b"");
+    }
+
+    #[test]
+    fn digest_taken_while_copying_equals_the_digest_of_the_parts() {
+        let big: Vec<u8> = (0..3 * DIGEST_CHUNK + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let parts: [&[u8]; 3] = [b"head", &big, b"tail"];
+        let mut d = Digest::new();
+        let msg = encode_digested(Kind::RegisterFn, 1, 0, &parts, 64 * 1024, Some(&mut d)).unwrap();
+        assert_eq!(d.finish(), crate::shm::digest::digest(&parts));
+        let (decoded, map) = decode(&msg).unwrap();
+        assert_eq!(bytes_of(&msg, &map, &decoded[1]), &big[..]);
     }
 
     #[test]

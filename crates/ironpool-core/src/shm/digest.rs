@@ -7,15 +7,44 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-/// One digest over several byte slices, in order. Each slice's length is
-/// mixed in, so moving a byte across a slice boundary changes the digest.
+/// A digest built part by part, for hashing bytes while they are copied.
+/// Each part's length is mixed in before its bytes, so moving a byte across
+/// a part boundary changes the digest.
+pub struct Digest(Xxh3);
+
+impl Digest {
+    pub fn new() -> Self {
+        Self(Xxh3::new())
+    }
+
+    /// Starts a part of `len` bytes; its bytes follow through [`Digest::update`].
+    pub fn begin_part(&mut self, len: usize) {
+        self.0.update(&(len as u64).to_le_bytes());
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(&self) -> u128 {
+        self.0.digest128()
+    }
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One digest over several byte slices, in order.
 pub fn digest(parts: &[&[u8]]) -> u128 {
-    let mut h = Xxh3::new();
+    let mut h = Digest::new();
     for part in parts {
-        h.update(&(part.len() as u64).to_le_bytes());
+        h.begin_part(part.len());
         h.update(part);
     }
-    h.digest128()
+    h.finish()
 }
 
 #[cfg(test)]
@@ -34,6 +63,19 @@ mod tests {
         let mut b = a.clone();
         b[123_457] = 1;
         assert_ne!(digest(&[&a]), digest(&[&b]));
+    }
+
+    #[test]
+    fn piecewise_equals_whole() {
+        let a: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut h = super::Digest::new();
+        h.begin_part(a.len());
+        for chunk in a.chunks(4096) {
+            h.update(chunk);
+        }
+        h.begin_part(1);
+        h.update(b"x");
+        assert_eq!(h.finish(), digest(&[&a, b"x"]));
     }
 
     #[test]
