@@ -95,8 +95,8 @@ BIG_INPUT = Scenario(
     timeout=lambda quick: 120.0 if quick else 240.0,
     notes=["64 MiB with --quick. The array is made after the pool started (fork-based pools do not inherit it), "
            "except for 'mpire shared_objects', whose workers inherit it at start. joblib memory-maps it "
-           "(default max_nbytes='1M'). 'ironpool' passes the (writable) array itself: the first task gets its own "
-           "copy, the second shares it, and later ones reuse that copy after a digest shows it unchanged; "
+           "(default max_nbytes='1M'). 'ironpool' passes the (writable) array itself: it is shared on its first "
+           "send, and later tasks reuse that copy after a digest shows it unchanged; "
            "'ironpool pool.share()' shares it once inside the timed call. 'ironpool read-only array' passes it "
            "with writeable=False: sent once automatically, and each re-send takes a digest to prove it unchanged "
            "(the timed runs after the first reuse the first run's copy). 'ironpool shared_memory()' makes the "

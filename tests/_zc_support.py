@@ -119,6 +119,34 @@ def frame_sum_then_scribble(df) -> float:
     return total
 
 
+class Flaky(Exception):
+    """A transient failure, for retry_on."""
+
+
+def fail_once_then_read(a, marker: str, beacon, how: str = "raise") -> float:
+    """First call (no `marker` yet): says so, waits for the test's go, then
+    raises Flaky or kills its worker. Later calls: a[0]."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        beacon.notify(os.getpid())
+        beacon.wait()
+        if how == "raise":
+            raise Flaky("transient")
+        os._exit(3)
+    return float(a[0])
+
+
+def sum_after_wait(a, beacon) -> float:
+    """Says it started, waits for the test's go (conftest.Beacon), then sums."""
+    beacon.notify(os.getpid())
+    beacon.wait()
+    return float(a.sum())
+
+
+def value_at(a, k: int) -> float:
+    return float(a[k])
+
+
 _STASH: dict = {}
 
 

@@ -202,6 +202,25 @@ def test_unpicklable_function_fails_its_future(pool):
     assert pool.submit(identity, 1).result(timeout=30) == 1
 
 
+def test_function_a_worker_cannot_import_fails_its_tasks_clearly(pool):
+    """A function pickled by reference to a module the workers cannot import
+    (made at run time here, as a notebook extension or a plugin might)."""
+    import types
+
+    mod = types.ModuleType("made_only_in_the_caller")
+    exec("def double(x):\n    return 2 * x\n", mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    try:
+        for _ in range(2):  # every task, not just the first
+            err = pool.submit(mod.double, 1).exception(timeout=30)
+            assert isinstance(err, ironpool.SerializationError), repr(err)
+            assert "could not be unpickled in the worker" in str(err), str(err)
+            assert "made_only_in_the_caller" in str(err), str(err)
+    finally:
+        del sys.modules[mod.__name__]
+    assert pool.submit(identity, 3).result(timeout=30) == 3
+
+
 def test_unpicklable_result_names_task_and_type(pool):
     err = pool.submit(make_lock).exception(timeout=30)
     assert isinstance(err, ironpool.SerializationError), repr(err)

@@ -4,7 +4,9 @@ stale, foreign or half-built data."""
 
 from __future__ import annotations
 
+import functools
 import pickle
+import threading
 
 import ironpool
 import numpy as np
@@ -13,9 +15,11 @@ import pyarrow as pa
 import pytest
 from _zc_support import (
     MIB,
+    Flaky,
     LoadsOnlyHere,
     array_sum,
     columns_then_add_one,
+    fail_once_then_read,
     frame_sum_then_scribble,
     ident,
     inode_and_writable,
@@ -23,6 +27,8 @@ from _zc_support import (
     mutate_then_sum,
     segment_inode,
     stash,
+    sum_after_wait,
+    value_at,
     write_one_read_other,
 )
 
@@ -125,6 +131,65 @@ def test_dataframe_passed_to_many_tasks_travels_once_and_each_task_gets_its_own(
     assert list(df.columns) == ["a", "b"] and float(df.to_numpy().sum()) == want
 
 
+def test_an_array_written_by_another_thread_while_it_is_first_sent_is_never_reused_stale(pool):
+    """The copy and the digest of a first send must describe the same bytes
+    even while another thread writes into the array; else a later, quiet
+    re-send whose bytes match the digest would get the torn copy."""
+    k = 3_000_000
+    stale = []
+    for _ in range(15):
+        a = np.zeros(4_000_000)
+        stop = threading.Event()
+
+        def toggle(a=a, stop=stop):
+            while not stop.is_set():
+                for _ in range(1000):
+                    a[k] = 1.0
+                    a[k] = 0.0
+
+        writer = threading.Thread(target=toggle)
+        writer.start()
+        first = pool.submit(value_at, a, k)  # races the writer
+        stop.set()
+        writer.join()
+        a[k] = 0.0
+        got = pool.submit(value_at, a, k).result(timeout=60)
+        first.result(timeout=60)
+        if got != 0.0:
+            stale.append(got)
+    assert not stale, f"a quiet re-send reused a torn first copy {len(stale)} times in 15"
+
+
+def test_large_bytes_passed_to_many_tasks_travel_once(pool):
+    blob = bytes(range(256)) * (16 * 1024)  # 4 MiB, pickled in-band
+    auto = pool._state.auto_share
+    futs = [pool.submit(len, blob) for _ in range(6)]
+    assert [f.result(timeout=60) for f in futs] == [len(blob)] * 6
+    assert [e.value is blob for e in auto._entries.values()].count(True) == 1, "bytes were not sent once"
+
+
+@pytest.mark.parametrize("how", ["raise", "crash"])
+def test_a_retry_sees_the_arguments_as_first_submitted(tmp_path, beacon, how):
+    a = np.zeros(MIB // 8)
+    with ironpool.Pool(1, retries=1, retry_on=(Flaky,)) as p:
+        fut = p.submit(fail_once_then_read, a, str(tmp_path / "m"), beacon, how)
+        beacon.started(1)
+        a[0] = 99.0  # after the submit, before the retry
+        beacon.release()
+        assert fut.result(timeout=60) == 0.0
+
+
+def test_map_items_rerun_after_a_crash_see_what_their_chunk_got(tmp_path, beacon):
+    a = np.zeros(MIB // 8)
+    fn = functools.partial(fail_once_then_read, marker=str(tmp_path / "m"), beacon=beacon, how="crash")
+    with ironpool.Pool(1) as p:
+        results = p.map(fn, [a] * 4, chunksize=4)
+        beacon.started(1)
+        a[0] = 42.0  # while the chunk runs; its worker then dies
+        beacon.release()
+        assert list(results) == [0.0] * 4
+
+
 # --- handles belong to one pool and live until released ---------------------------
 
 
@@ -138,9 +203,27 @@ def test_handle_of_another_pool_is_refused_with_a_clear_error(pool):
         assert other.submit(array_sum, theirs).result(timeout=60) == 7.0 * (MIB // 8)
 
 
+def test_release_waits_for_the_tasks_already_submitted(pool, beacon):
+    handle = pool.share(np.ones(MIB // 8))
+    futs = [pool.submit(sum_after_wait, handle, beacon) for _ in range(6)]
+    beacon.started(2)  # two running, four queued
+    handle.release()
+    beacon.release(6)
+    assert [f.result(timeout=60) for f in futs] == [MIB // 8] * 6
+    with pytest.raises(ironpool.SerializationError, match="was released"):
+        pool.submit(array_sum, handle).result(timeout=60)
+
+
+def test_unpicklable_frame_is_reported_as_the_tasks_argument(pool):
+    df = pd.DataFrame({"x": np.zeros(100_000), "o": [threading.Lock()] + [None] * 99_999})
+    err = pool.submit(len, df).exception(timeout=60)
+    assert isinstance(err, ironpool.SerializationError), repr(err)
+    assert "the arguments of len(" in str(err) and "lock" in str(err).lower(), str(err)
+
+
 def test_handle_pickled_outside_a_task_is_refused(pool):
     handle = pool.share(b"x" * MIB)
-    with pytest.raises(ironpool.SerializationError, match="arguments of tasks"):
+    with pytest.raises(ironpool.SerializationError, match="only be pickled as a task argument"):
         pickle.dumps(handle)
 
 

@@ -40,13 +40,16 @@ class Shared:
     """An object sent to each worker once, from :meth:`Pool.share`.
 
     Pass the handle as a task argument (anywhere inside the arguments) and the
-    task receives the object. Large buffers inside it live in shared memory
-    that every worker maps once: no copy per task, no copy per worker, and
-    those buffers arrive **read-only** (one task must not change what the
-    next one reads; copy an array to write into it). Each task gets its own
-    object built over those buffers, so a task adding a column or a dict key
+    task receives the object. Large buffers inside it (``buffer_threshold``
+    bytes or more, 64 KiB by default) live in shared memory that every worker
+    maps once: no copy per task, no copy per worker, and those buffers arrive
+    **read-only** (one task must not change what the next one reads; copy an
+    array to write into it). Smaller ones travel inside the pickle stream and
+    arrive as private, writable copies. Each task gets its own object, so a
+    task adding a column or a dict key, or writing into a small array,
     changes nothing for other tasks; ``share(obj, reuse=True)`` hands every
-    task on a worker the same object instead (see :meth:`Pool.share`).
+    task on a worker the same object instead, and then such changes persist
+    on that worker (see :meth:`Pool.share`).
 
     The object is a snapshot taken by ``share()``; later changes to it in the
     caller are not seen by workers. ``value`` is the original object. A
@@ -69,7 +72,9 @@ class Shared:
         return self._ref.__reduce__()
 
     def release(self) -> None:
-        """Frees the workers' copies now; tasks submitted later must not use it."""
+        """Frees the workers' copies as soon as the tasks already submitted
+        with it are done; passing it to a task after this is a
+        :class:`SerializationError`."""
         self._ref.released = True
         self._release()
 
@@ -140,8 +145,10 @@ class _Cached:
 
 class AutoShare:
     """A pool's automatic send-once cache. ``register(parts, mode)`` makes a
-    handle for a pickled object and returns it with the digest of ``parts``
-    (taken while copying them, so sharing costs no extra pass).
+    handle for a pickled object and returns it with the digest of the bytes
+    it registered (taken while copying them, so sharing costs no extra
+    pass), or None if they changed meanwhile (then the entry is never
+    reused).
 
     Every candidate is shared the first time it is seen: sharing costs the
     one copy an ordinary argument costs. Objects meant not to change stay
@@ -150,7 +157,7 @@ class AutoShare:
     its handle, the cache holds it weakly): it is sent once per burst of
     tasks, and no copy outlives the burst."""
 
-    def __init__(self, register: Callable[[list, int], tuple[Shared, bytes]]) -> None:
+    def __init__(self, register: Callable[[list, int], tuple[Shared, bytes | None]]) -> None:
         self._register = register
         # Reentrant: the weak-reference callbacks take it too, and may run
         # in any thread that drops the last reference to a cached object.
@@ -193,15 +200,18 @@ class AutoShare:
             handle = _deref(hit.handle) if hit is not None and _deref(hit.value) is value else None
         if handle is not None and type(value) is bytes:
             return handle  # cannot have changed
-        parts = dumps_shared(value, threshold)  # large buffers as views: no copy
-        if len(parts) == 1:
-            return None  # nothing large out of band: not worth a registration
+        try:
+            parts = dumps(value, threshold)  # large buffers as views: no copy
+        except Exception:
+            return None  # sent as an ordinary argument, whose error names the task
+        size = _nbytes(parts)
+        if size < threshold:
+            return None  # a small pandas object: not worth a registration
         if handle is not None and hit.digest == _core.digest(parts):  # type: ignore[union-attr]
             with self._lock:
                 if key in self._entries:
                     self._entries.move_to_end(key)
             return handle
-        size = _nbytes(parts)
         if size > _MAX_BYTES:
             return None
         # The handle must not hold the value, or the weak entry never dies.

@@ -116,11 +116,15 @@ class SharedRef:
 
     def __reduce__(self):
         ids = getattr(_collecting, "ids", None)
-        if ids is None or _collecting.pool != self.pool:
+        if ids is None:
             raise serialization_error(
-                f"ironpool.Shared handle {self.id} belongs to "
-                + ("another pool" if ids is not None else "a pool")
-                + ": pass it only in the arguments of tasks of the pool whose share() made it"
+                f"ironpool.Shared handle {self.id} can only be pickled as a task argument of the pool "
+                "that made it (not by pickle, copy or another pool's initargs)"
+            )
+        if _collecting.pool != self.pool:
+            raise serialization_error(
+                f"ironpool.Shared handle {self.id} belongs to another pool: pass it only in the "
+                "arguments of tasks of the pool whose share() made it"
             )
         if self.released:
             raise serialization_error(

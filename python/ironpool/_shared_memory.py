@@ -8,8 +8,7 @@ no copy at either end.
 Sending freezes what was sent: the memfd is sealed and the sender's pages
 become copy-on-write, so later writes by the sender stay private and the
 receiver always sees the array as it was when it was sent. An array written
-after it was sent is copied on its next send, like any other. (A ``retry_on``
-retry is a new send.) A ``fork()`` of the caller seals every block in the
+after it was sent is copied on its next send, like any other. A ``fork()`` of the caller seals every block in the
 same way, so that parent and child never share writes; ironpool's own
 process starts do not.
 

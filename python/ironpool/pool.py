@@ -127,7 +127,9 @@ class _TaskFuture(Future):
 
 
 class _Entry:
-    __slots__ = ("args", "attempts", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on", "timeout")
+    __slots__ = (
+        "args", "attempts", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on", "sent", "timeout",
+    )
 
     def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=0, keep=(), timeout=None):
         self.future = future
@@ -139,7 +141,8 @@ class _Entry:
         self.timeout = timeout
         self.attempts: list[dict] = []  # failed attempts so far, oldest first
         self.chunk = chunk  # task flags: 0, or CHUNK (| SINGLE) for a map chunk
-        self.keep = keep  # shared handles the payload refers to
+        self.keep = keep  # the arguments as sent, with shared handles in them (or ())
+        self.sent: tuple | None = None  # (parts, needs) kept for a retry_on retry
 
     def describe(self) -> str:
         if self.chunk:
@@ -290,7 +293,14 @@ class _State:
         """Runs a task again after it raised one of its ``retry_on`` types,
         with the same time limit and what is left of the one retry budget."""
         entry.retries -= 1
-        parts, needs, entry.keep = self.dumps_args(entry.args, entry.kwargs, self.threshold)
+        if entry.sent is not None:  # the very bytes the first attempt got
+            parts, needs = entry.sent
+        else:
+            # Pickled again, but large arguments were sent once: their
+            # handles still name the copies the first attempt read.
+            args, kwargs = entry.keep or (entry.args, entry.kwargs)
+            call = (args, kwargs) if kwargs is not None else args
+            parts, needs = dumps_task(call, self.threshold, self.token)
         self.enqueue(entry, self.fn_id(entry.fn), parts, needs)
 
     def enqueue(self, entry: _Entry, fn_id: int, parts: list, needs: list, items: int = 1, flags: int = 0) -> None:
@@ -341,33 +351,49 @@ class _State:
         self.core.register_fn(ref_id, parts)
         return Shared(self.core, self.token, value, ref_id, mode)
 
-    def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes]:
+    def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes | None]:
         ref_id = next(self.next_fn)
         digest = self.core.register_shared(ref_id, parts)
         return Shared(self.core, self.token, None, ref_id, mode), digest
 
     def dumps_args(self, args: Any, kwargs: Any, threshold: int, single: bool = False) -> tuple[list, list, tuple]:
-        """Pickles task arguments (or, with ``single``, a list of single
-        arguments), sending large ones seen before once. Returns the parts, the
-        shared ids they refer to, and the handles to keep alive until the
-        task is done."""
+        """Pickles task arguments (a call's tuple, or a map chunk: a list of
+        argument tuples, or with ``single`` of single arguments), sending
+        large ones once. Returns the parts, the shared ids they refer to,
+        and the handles to keep alive until the task is done."""
+        keep: tuple = ()
+        if isinstance(args, tuple):
+            # A call: its few arguments are looked at before pickling, so
+            # that the call is pickled once.
+            swapped = self._swap(args, kwargs, threshold)
+            if swapped is not None:
+                args, kwargs = keep = swapped
+            call = (args, kwargs) if kwargs is not None else args
+            return (*dumps_task(call, threshold, self.token), keep)
+        # A map chunk may hold thousands of small items: look for large ones
+        # only if pickling found large data.
         call = (args, kwargs) if kwargs is not None else args
         parts, needs = dumps_task(call, threshold, self.token)
-        keep: tuple = ()
-        if len(parts) > 1:  # large buffers: worth looking for repeats
+        if len(parts) > 1 or len(parts[0]) >= threshold:
             if single:
                 rows = self.auto_share.swap([(x,) for x in args], threshold)
-                new_args = None if rows is None else [row[0] for row in rows]
+                swapped = None if rows is None else ([row[0] for row in rows], kwargs)
             else:
-                new_args = self.auto_share.swap(args, threshold)
-            new_kwargs = self.auto_share.swap(kwargs, threshold) if kwargs else None
-            if new_args is not None or new_kwargs is not None:
-                args = args if new_args is None else new_args
-                kwargs = kwargs if new_kwargs is None else new_kwargs
+                swapped = self._swap(args, kwargs, threshold)
+            if swapped is not None:
+                args, kwargs = keep = swapped
                 call = (args, kwargs) if kwargs is not None else args
                 parts, needs = dumps_task(call, threshold, self.token)
-                keep = (args, kwargs)
         return parts, needs, keep
+
+    def _swap(self, args: Any, kwargs: Any, threshold: int) -> tuple[Any, Any] | None:
+        """``(args, kwargs)`` with large objects replaced by shared handles,
+        or None if there are none."""
+        new_args = self.auto_share.swap(args, threshold)
+        new_kwargs = self.auto_share.swap(kwargs, threshold) if kwargs else None
+        if new_args is None and new_kwargs is None:
+            return None
+        return (args if new_args is None else new_args, kwargs if new_kwargs is None else new_kwargs)
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if self.pid != os.getpid():
@@ -600,6 +626,8 @@ class Pool(Executor):
             future.set_exception(_argument_error(exc, describe_call(fn, args, kwargs)))
             return future
         entry = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
+        if self._retry_on and retries and all(type(p) is bytes for p in parts):
+            entry.sent = (parts, needs)  # immutable already: a retry gets the same bytes
         state.enqueue(entry, fn_id, parts, needs)
         return future
 
@@ -615,7 +643,12 @@ class Pool(Executor):
 
         ``chunksize=None`` lets the pool size batches from measured task times.
         ``timeout`` bounds the whole iteration, as in the stdlib; ``task_timeout``
-        bounds each chunk's run time on a worker."""
+        bounds each chunk's run time on a worker. Input is read lazily, a
+        chunk at a time, and each item is sent as it is when its chunk is
+        pickled: a generator that changes an object between yields of the
+        same chunk gives that chunk's items the last state (as the stdlib's
+        chunks do); use ``chunksize=1`` when every item must be a separate
+        snapshot."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         total = _common_len(iterables)
@@ -787,6 +820,9 @@ class _MapRun:
             where = f"{describe_call(self.fn, _first_args(batch, self.flags))} (or a neighbour in its chunk)"
             future.set_exception(_argument_error(exc, where))
             return future
+        # Re-run one by one after a crash, large items are sent as the
+        # handles of their copies, so they read what this chunk read.
+        future._rerun = keep[0] if keep else batch  # type: ignore[attr-defined]
         entry = _Entry(
             future, self.fn, batch, None, (), self.pool._retries, chunk=self.flags, keep=keep, timeout=self.task_timeout
         )
@@ -856,7 +892,7 @@ class _MapRun:
         # A chunk whose worker died: run its items one by one so that only the
         # item that kills a worker fails. Items before it may run twice.
         values = []
-        for item in batch:
+        for item in future._rerun:  # type: ignore[attr-defined]
             try:
                 vals, failure = self._submit_chunk([item]).result()
             except (WorkerCrashed, TaskTimeout) as exc:

@@ -62,6 +62,35 @@ fn functions_are_sent_to_each_worker_once() {
 }
 
 #[test]
+fn an_object_released_while_tasks_need_it_is_forgotten_after_them() {
+    let z = zygote();
+    let pool = start(&z, config(1));
+    let body = payload::encode(
+        Kind::RegisterFn,
+        9,
+        0,
+        &[b"obj9"],
+        DEFAULT_SEGMENT_THRESHOLD,
+    )
+    .expect("payload");
+    pool.register_fn(9, body);
+    pool.submit(task_fn(1, 9, b"sleep:200"));
+    pool.submit(task_fn(2, 9, b"fn")); // queued behind the first
+    pool.unregister(9);
+    let got = collect(&pool, 2);
+    assert_eq!(
+        returned(&got[&2]),
+        b"obj9#1",
+        "released before its queued task ran"
+    );
+    // Both are done: now it is forgotten here and in the worker.
+    pool.submit(task_fn(3, 9, b"fn"));
+    let got = collect(&pool, 1);
+    assert_eq!(returned(&got[&3]), b"unregistered");
+    shutdown(pool);
+}
+
+#[test]
 fn pump_delivers_results_to_the_calling_thread() {
     let z = zygote();
     let pool = start(&z, config(1));

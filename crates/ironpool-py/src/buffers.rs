@@ -142,17 +142,18 @@ pub fn encode(
     Ok(encode_inner(py, kind, id, aux, parts, threshold, false)?.0)
 }
 
-/// [`encode`], also returning the digest of the parts (see [`digest`]),
-/// taken in the same pass as the copy.
+/// [`encode`], also returning the digest of the bytes sent (see
+/// [`digest`]), taken in the same pass as the copy; `None` if they changed
+/// while being sent, so that no digest can vouch for them.
 pub fn encode_digested(
     py: Python<'_>,
     kind: Kind,
     id: u64,
     parts: &Bound<'_, PyList>,
     threshold: usize,
-) -> PyResult<(Message, u128)> {
+) -> PyResult<(Message, Option<u128>)> {
     let (msg, d) = encode_inner(py, kind, id, 0, parts, threshold, true)?;
-    Ok((msg, d.unwrap_or_default()))
+    Ok((msg, d))
 }
 
 fn encode_inner(
@@ -164,20 +165,34 @@ fn encode_inner(
     threshold: usize,
     digested: bool,
 ) -> PyResult<(Message, Option<u128>)> {
+    let built = over_parts(py, parts, threshold, |slices| {
+        let mut d = digested.then(Digest::new);
+        payload::encode_digested(kind, id, aux, slices, threshold, d.as_mut())
+            .map(|m| (m, d.and_then(|d| d.finish())))
+    })?;
+    built.map_err(|e| crate::errors::engine_error(format!("could not build message: {e}")))
+}
+
+/// Runs `work` over the bytes of `parts`, with the interpreter detached if
+/// a part reaches `threshold` or all of them exceed [`DETACH_BYTES`].
+fn over_parts<R: Send>(
+    py: Python<'_>,
+    parts: &Bound<'_, PyList>,
+    threshold: usize,
+    work: impl FnOnce(&[&[u8]]) -> R + Send,
+) -> PyResult<R> {
     let pinned = pin_parts(parts)?;
     let spans = &pinned.spans;
     let large = spans.iter().any(|&(_, len)| len >= threshold)
         || spans.iter().map(|s| s.1).sum::<usize>() > DETACH_BYTES;
-    let build = || {
+    let run = || {
         // SAFETY: `pinned` outlives this closure.
         let slices = unsafe { slices_of(spans) };
-        let mut d = digested.then(Digest::new);
-        payload::encode_digested(kind, id, aux, &slices, threshold, d.as_mut())
-            .map(|m| (m, d.map(|d| d.finish())))
+        work(&slices)
     };
-    let msg = if large { py.detach(build) } else { build() };
+    let out = if large { py.detach(run) } else { run() };
     drop(pinned);
-    msg.map_err(|e| crate::errors::engine_error(format!("could not build message: {e}")))
+    Ok(out)
 }
 
 /// A 128-bit digest of the bytes of `parts` (a payload from `dumps`), as 16
@@ -185,20 +200,7 @@ fn encode_inner(
 /// digest is unchanged.
 #[pyfunction]
 pub fn digest<'py>(py: Python<'py>, parts: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyBytes>> {
-    let pinned = pin_parts(parts)?;
-    let spans = &pinned.spans;
-    let run = || {
-        // SAFETY: `pinned` outlives this closure.
-        let slices = unsafe { slices_of(spans) };
-        ironpool_core::shm::digest::digest(&slices)
-    };
-    let total: usize = spans.iter().map(|s| s.1).sum();
-    let d = if total > DETACH_BYTES {
-        py.detach(run)
-    } else {
-        run()
-    };
-    drop(pinned);
+    let d = over_parts(py, parts, usize::MAX, ironpool_core::shm::digest::digest)?;
     Ok(PyBytes::new(py, &d.to_le_bytes()))
 }
 

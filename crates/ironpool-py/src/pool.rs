@@ -105,17 +105,18 @@ impl PoolCore {
     }
 
     /// Registers a shared object like [`PoolCore::register_fn`], returning
-    /// the digest of `parts` (`ironpool._core.digest`), taken while copying
-    /// them, so the bytes are read once.
+    /// the digest of the bytes registered (as `ironpool._core.digest` gives
+    /// it), taken while copying them, so they are read once; `None` if they
+    /// changed while being registered.
     fn register_shared<'py>(
         &self,
         py: Python<'py>,
         id: u64,
         parts: &Bound<'py, PyList>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let (msg, d) = buffers::encode_digested(py, Kind::RegisterFn, id, parts, self.threshold)?;
         self.pool.register_fn(id, msg);
-        Ok(PyBytes::new(py, &d.to_le_bytes()))
+        Ok(d.map(|d| PyBytes::new(py, &d.to_le_bytes())))
     }
 
     /// Forgets registered object `id` here and in every worker.

@@ -48,13 +48,17 @@ pub fn encode(
     encode_digested(kind, id, aux, parts, threshold, None)
 }
 
-/// Bytes copied between two digest updates: small enough that the copy
-/// reads them from cache right after the digest did.
+/// Bytes copied at a time through the bounce buffer of [`encode_digested`]:
+/// small enough to stay in cache between the copy, the digest and the write.
 const DIGEST_CHUNK: usize = 256 * 1024;
 
 /// [`encode`], also feeding every part into `digest` (as
-/// [`crate::shm::digest::digest`] would) in the same pass as the copy, so
-/// the bytes are read from memory once.
+/// [`crate::shm::digest::digest`] would). Parts bound for the segment are
+/// copied a chunk at a time into a buffer that is digested and then written,
+/// so the digest is exactly that of the bytes the segment holds, even if
+/// another thread writes into a part meanwhile (a send-once cache must
+/// never believe a copy equals bytes it does not hold); the part itself is
+/// read from memory once.
 pub fn encode_digested(
     kind: Kind,
     id: u64,
@@ -121,24 +125,38 @@ pub fn encode_digested(
     } else {
         None
     };
+    let mut bounce = Vec::new();
     for (p, (to, off)) in parts.iter().zip(&entries) {
-        if let Some(d) = digest.as_deref_mut() {
-            d.begin_part(p.len());
-            if !matches!((to, &writer), (To::Copy, Some(_))) {
-                d.update(p);
-            }
-        }
-        match (to, &writer) {
-            (To::Inline, _) => body.extend_from_slice(p),
-            (To::Copy, Some(w)) => match digest.as_deref_mut() {
-                None => w.write_at(*off, p)?,
-                Some(d) => {
-                    for (i, chunk) in p.chunks(DIGEST_CHUNK).enumerate() {
-                        d.update(chunk);
-                        w.write_at(*off + (i * DIGEST_CHUNK) as u64, chunk)?;
-                    }
+        match (to, &writer, digest.as_deref_mut()) {
+            (To::Inline, _, d) => {
+                let at = body.len();
+                body.extend_from_slice(p);
+                if let Some(d) = d {
+                    d.begin_part(p.len());
+                    d.update(&body[at..]);
                 }
-            },
+            }
+            (To::Copy, Some(w), None) => w.write_at(*off, p)?,
+            (To::Copy, Some(w), Some(d)) => {
+                d.begin_part(p.len());
+                for (i, chunk) in p.chunks(DIGEST_CHUNK).enumerate() {
+                    bounce.clear();
+                    bounce.extend_from_slice(chunk);
+                    d.update(&bounce);
+                    w.write_at(*off + (i * DIGEST_CHUNK) as u64, &bounce)?;
+                }
+            }
+            // A lent part is not copied: the bytes sent are its sealed
+            // block's. They are the bytes digested if no page of the part
+            // was written (copied on write) by the end of the digest.
+            (_, _, Some(d)) => {
+                d.begin_part(p.len());
+                d.update(p);
+                if !crate::platform::pages_unmodified(p.as_ptr() as usize, p.len()).unwrap_or(false)
+                {
+                    d.void();
+                }
+            }
             _ => {}
         }
     }
@@ -286,7 +304,7 @@ mod tests {
         let parts: [&[u8]; 3] = [b"head", &big, b"tail"];
         let mut d = Digest::new();
         let msg = encode_digested(Kind::RegisterFn, 1, 0, &parts, 64 * 1024, Some(&mut d)).unwrap();
-        assert_eq!(d.finish(), crate::shm::digest::digest(&parts));
+        assert_eq!(d.finish(), Some(crate::shm::digest::digest(&parts)));
         let (decoded, map) = decode(&msg).unwrap();
         assert_eq!(bytes_of(&msg, &map, &decoded[1]), &big[..]);
     }

@@ -10,24 +10,36 @@ use xxhash_rust::xxh3::Xxh3;
 /// A digest built part by part, for hashing bytes while they are copied.
 /// Each part's length is mixed in before its bytes, so moving a byte across
 /// a part boundary changes the digest.
-pub struct Digest(Xxh3);
+pub struct Digest {
+    hasher: Xxh3,
+    void: bool,
+}
 
 impl Digest {
     pub fn new() -> Self {
-        Self(Xxh3::new())
+        Self {
+            hasher: Xxh3::new(),
+            void: false,
+        }
+    }
+
+    /// Marks the digest as not describing the bytes sent (they changed
+    /// while being digested): [`Digest::finish`] then gives `None`.
+    pub fn void(&mut self) {
+        self.void = true;
     }
 
     /// Starts a part of `len` bytes; its bytes follow through [`Digest::update`].
     pub fn begin_part(&mut self, len: usize) {
-        self.0.update(&(len as u64).to_le_bytes());
+        self.hasher.update(&(len as u64).to_le_bytes());
     }
 
     pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        self.hasher.update(bytes);
     }
 
-    pub fn finish(&self) -> u128 {
-        self.0.digest128()
+    pub fn finish(&self) -> Option<u128> {
+        (!self.void).then(|| self.hasher.digest128())
     }
 }
 
@@ -44,7 +56,7 @@ pub fn digest(parts: &[&[u8]]) -> u128 {
         h.begin_part(part.len());
         h.update(part);
     }
-    h.finish()
+    h.hasher.digest128()
 }
 
 #[cfg(test)]
@@ -75,7 +87,7 @@ mod tests {
         }
         h.begin_part(1);
         h.update(b"x");
-        assert_eq!(h.finish(), digest(&[&a, b"x"]));
+        assert_eq!(h.finish(), Some(digest(&[&a, b"x"])));
     }
 
     #[test]

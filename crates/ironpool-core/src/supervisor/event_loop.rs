@@ -8,7 +8,7 @@
 //! thread hop) and, while it waits for a result, may poll the same
 //! descriptors itself (see `Pool::pump`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +46,9 @@ pub(super) struct Engine {
     next_key: u64,
     pending: Pending,
     fns: HashMap<FnId, Message>,
+    /// Registered objects released while tasks that need them are queued
+    /// or running: forgotten once the last of those tasks is done.
+    releasing: HashSet<FnId>,
     init: Message,
     shutting_down: bool,
     /// `terminate` was called: queued work is dropped, not run.
@@ -84,6 +87,7 @@ impl Engine {
             next_key: 1,
             pending: Pending::default(),
             fns: HashMap::new(),
+            releasing: HashSet::new(),
             init,
             shutting_down: false,
             terminated: false,
@@ -160,8 +164,43 @@ impl Engine {
         self.fns.insert(id, body);
     }
 
-    /// Forgets a registered object; workers holding it are told to drop it.
+    /// Forgets a registered object, once no queued or running task needs
+    /// it; workers holding it are told to drop it.
     pub fn unregister(&mut self, id: FnId) {
+        if self.needed(id) {
+            self.releasing.insert(id);
+        } else {
+            self.forget(id);
+        }
+    }
+
+    fn needed(&self, id: FnId) -> bool {
+        let needs = |t: &Task| t.fn_id == id || t.needs.contains(&id);
+        self.pending.iter().any(needs)
+            || self
+                .workers
+                .values()
+                .any(|w| w.in_flight.iter().any(|f| needs(&f.task)))
+    }
+
+    /// Forgets the released objects no task needs any more.
+    fn forget_released(&mut self) {
+        if self.releasing.is_empty() {
+            return;
+        }
+        let done: Vec<FnId> = self
+            .releasing
+            .iter()
+            .copied()
+            .filter(|&id| !self.needed(id))
+            .collect();
+        for id in done {
+            self.releasing.remove(&id);
+            self.forget(id);
+        }
+    }
+
+    fn forget(&mut self, id: FnId) {
         self.fns.remove(&id);
         let keys: Vec<u64> = self.workers.keys().copied().collect();
         for key in keys {
@@ -176,7 +215,11 @@ impl Engine {
     }
 
     pub fn cancel(&mut self, id: u64) -> bool {
-        self.pending.cancel(id)
+        let withdrawn = self.pending.cancel(id);
+        if withdrawn {
+            self.forget_released();
+        }
+        withdrawn
     }
 
     /// True while the task is with a worker (running or next in its queue).
@@ -187,7 +230,9 @@ impl Engine {
     }
 
     pub fn cancel_pending(&mut self) -> Vec<u64> {
-        self.pending.drain_all()
+        let withdrawn = self.pending.drain_all();
+        self.forget_released();
+        withdrawn
     }
 
     pub fn shutdown(&mut self) {
@@ -636,6 +681,8 @@ impl Engine {
             elapsed,
             attempts: std::mem::take(&mut task.attempts),
         });
+        drop(task); // no longer queued or running
+        self.forget_released();
     }
 
     // ---- sending ----------------------------------------------------------

@@ -46,6 +46,13 @@ impl Pending {
         None
     }
 
+    /// The queued tasks not withdrawn, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Task> {
+        self.queue
+            .iter()
+            .filter(|t| !self.cancelled.contains(&t.id))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.len() == self.cancelled.len()
     }

@@ -173,9 +173,12 @@ fn worker(mut chan: Channel) -> ! {
                 entry.0 = body;
                 entry.1 += 1;
             }
+            Kind::Forget => {
+                fns.remove(&msg.id);
+            }
             Kind::Shutdown => exit(0),
             Kind::Task => run_task(&mut chan, &msg, &fns),
-            // Forget and whatever the pool adds later: nothing to do here.
+            // Whatever the pool adds later: nothing to do here.
             _ => {}
         }
     }
