@@ -221,6 +221,29 @@ def test_unpicklable_frame_is_reported_as_the_tasks_argument(pool):
     assert "the arguments of len(" in str(err) and "lock" in str(err).lower(), str(err)
 
 
+def test_release_waits_for_a_retry_of_a_call_submitted_before_it(tmp_path, beacon):
+    with ironpool.Pool(1, retries=1, retry_on=(Flaky,)) as p:
+        handle = p.share(np.full(MIB // 8, 5.0))
+        fut = p.submit(fail_once_then_read, handle, str(tmp_path / "m"), beacon, "raise")
+        beacon.started(1)
+        handle.release()  # the first attempt is running; its retry is still to come
+        beacon.release()
+        assert fut.result(timeout=60) == 5.0
+
+
+def test_release_waits_for_the_rest_of_a_map_started_before_it(tmp_path, beacon):
+    fn = functools.partial(fail_once_then_read, marker=str(tmp_path / "m"), beacon=beacon, how="crash")
+    with ironpool.Pool(1) as p:
+        handle = p.share(np.full(MIB // 8, 7.0))
+        results = p.map(fn, [handle] * 3, chunksize=3)
+        beacon.started(1)
+        handle.release()  # the chunk's worker dies next: its items are re-run one by one
+        beacon.release()
+        assert list(results) == [7.0] * 3
+        with pytest.raises(ironpool.SerializationError, match="was released"):
+            list(p.map(array_sum, [handle]))
+
+
 def test_handle_pickled_outside_a_task_is_refused(pool):
     handle = pool.share(b"x" * MIB)
     with pytest.raises(ironpool.SerializationError, match="only be pickled as a task argument"):

@@ -66,25 +66,43 @@ class Shared:
     def __init__(self, core: Any, token: int, value: Any, ref_id: int, mode: int) -> None:
         self.value = value
         self._ref = SharedRef(ref_id, token, mode)
-        self._release = weakref.finalize(self, _unregister, core, ref_id, os.getpid())
+        self._release = weakref.finalize(self, _unregister, core, self._ref, os.getpid())
+        self._lock = threading.Lock()
+        self._holds = 0  # calls submitted with it that may still send it
 
     def __reduce__(self):
         return self._ref.__reduce__()
 
     def release(self) -> None:
-        """Frees the workers' copies as soon as the tasks already submitted
-        with it are done; passing it to a task after this is a
-        :class:`SerializationError`."""
-        self._ref.released = True
-        self._release()
+        """Frees the workers' copies as soon as the calls already submitted
+        with it (retries and the rest of a ``map`` included) are done;
+        passing it to a new call after this is a :class:`SerializationError`."""
+        with self._lock:
+            self._ref.released = True
+            idle = self._holds == 0
+        if idle:
+            self._release()
+
+    def hold(self) -> None:
+        """A submitted call may send it (again): keep the workers' copies."""
+        with self._lock:
+            self._holds += 1
+
+    def unhold(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            last = self._holds == 0 and self._ref.released
+        if last:
+            self._release()
 
     def __repr__(self) -> str:
         return f"<ironpool.Shared id={self._ref.id} of {type(self.value).__name__}>"
 
 
-def _unregister(core: Any, ref_id: int, pid: int) -> None:
+def _unregister(core: Any, ref: SharedRef, pid: int) -> None:
+    ref.gone = True
     if os.getpid() == pid:
-        core.unregister(ref_id)
+        core.unregister(ref.id)
 
 
 def dumps_shared(value: Any, threshold: int) -> list:

@@ -106,13 +106,14 @@ class SharedRef:
     worker receives the object itself. Only the pool that registered it can
     send it, and only until it is released."""
 
-    __slots__ = ("id", "mode", "pool", "released")
+    __slots__ = ("gone", "id", "mode", "pool", "released")
 
     def __init__(self, ref_id: int, pool: int, mode: int) -> None:
         self.id = ref_id
         self.pool = pool
         self.mode = mode
-        self.released = False
+        self.released = False  # refused in new calls
+        self.gone = False  # forgotten by the pool: refused everywhere
 
     def __reduce__(self):
         ids = getattr(_collecting, "ids", None)
@@ -126,7 +127,7 @@ class SharedRef:
                 f"ironpool.Shared handle {self.id} belongs to another pool: pass it only in the "
                 "arguments of tasks of the pool whose share() made it"
             )
-        if self.released:
+        if self.gone or (self.released and not _collecting.continuing):
             raise serialization_error(
                 f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
             )
@@ -134,11 +135,14 @@ class SharedRef:
         return (_shared_lookup, (self.id, self.mode))
 
 
-def dumps_task(obj: object, threshold: int, pool: int) -> tuple[list, list]:
+def dumps_task(obj: object, threshold: int, pool: int, continuing: bool = False) -> tuple[list, list]:
     """Like ``dumps`` for the arguments of a task of pool ``pool``, also
-    returning the ids of the shared objects they refer to."""
+    returning the ids of the shared objects they refer to. ``continuing``:
+    the task goes on work submitted earlier (a retry, the rest of a ``map``),
+    which may still use handles released since."""
     _collecting.ids = ids = []
     _collecting.pool = pool
+    _collecting.continuing = continuing
     try:
         return dumps(obj, threshold), ids
     finally:

@@ -195,6 +195,8 @@ class _State:
         self.next_fn = itertools.count(1)
         self.token = next(_pool_tokens)  # which pool a Shared handle belongs to
         self.auto_share = AutoShare(self._register_digested)
+        # Handles made by share(), by id: calls that may send one hold it.
+        self.handles: weakref.WeakValueDictionary[int, Shared] = weakref.WeakValueDictionary()
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
         self.thread.start()
 
@@ -300,7 +302,7 @@ class _State:
             # handles still name the copies the first attempt read.
             args, kwargs = entry.keep or (entry.args, entry.kwargs)
             call = (args, kwargs) if kwargs is not None else args
-            parts, needs = dumps_task(call, self.threshold, self.token)
+            parts, needs = dumps_task(call, self.threshold, self.token, continuing=True)
         self.enqueue(entry, self.fn_id(entry.fn), parts, needs)
 
     def enqueue(self, entry: _Entry, fn_id: int, parts: list, needs: list, items: int = 1, flags: int = 0) -> None:
@@ -349,18 +351,29 @@ class _State:
         parts = dumps_shared(value, threshold)
         ref_id = next(self.next_fn)
         self.core.register_fn(ref_id, parts)
-        return Shared(self.core, self.token, value, ref_id, mode)
+        handle = self.handles[ref_id] = Shared(self.core, self.token, value, ref_id, mode)
+        return handle
+
+    def hold(self, needs: list) -> list[Shared]:
+        """Holds the share() handles a call refers to (see Shared.release)."""
+        held = [h for h in map(self.handles.get, needs) if h is not None]
+        for h in held:
+            h.hold()
+        return held
 
     def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes | None]:
         ref_id = next(self.next_fn)
         digest = self.core.register_shared(ref_id, parts)
         return Shared(self.core, self.token, None, ref_id, mode), digest
 
-    def dumps_args(self, args: Any, kwargs: Any, threshold: int, single: bool = False) -> tuple[list, list, tuple]:
+    def dumps_args(
+        self, args: Any, kwargs: Any, threshold: int, single: bool = False, continuing: bool = False
+    ) -> tuple[list, list, tuple]:
         """Pickles task arguments (a call's tuple, or a map chunk: a list of
         argument tuples, or with ``single`` of single arguments), sending
         large ones once. Returns the parts, the shared ids they refer to,
-        and the handles to keep alive until the task is done."""
+        and the handles to keep alive until the task is done. ``continuing``
+        as for ``dumps_task``."""
         keep: tuple = ()
         if isinstance(args, tuple):
             # A call: its few arguments are looked at before pickling, so
@@ -369,11 +382,11 @@ class _State:
             if swapped is not None:
                 args, kwargs = keep = swapped
             call = (args, kwargs) if kwargs is not None else args
-            return (*dumps_task(call, threshold, self.token), keep)
+            return (*dumps_task(call, threshold, self.token, continuing), keep)
         # A map chunk may hold thousands of small items: look for large ones
         # only if pickling found large data.
         call = (args, kwargs) if kwargs is not None else args
-        parts, needs = dumps_task(call, threshold, self.token)
+        parts, needs = dumps_task(call, threshold, self.token, continuing)
         if len(parts) > 1 or len(parts[0]) >= threshold:
             if single:
                 rows = self.auto_share.swap([(x,) for x in args], threshold)
@@ -383,7 +396,7 @@ class _State:
             if swapped is not None:
                 args, kwargs = keep = swapped
                 call = (args, kwargs) if kwargs is not None else args
-                parts, needs = dumps_task(call, threshold, self.token)
+                parts, needs = dumps_task(call, threshold, self.token, continuing)
         return parts, needs, keep
 
     def _swap(self, args: Any, kwargs: Any, threshold: int) -> tuple[Any, Any] | None:
@@ -628,6 +641,9 @@ class Pool(Executor):
         entry = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
         if self._retry_on and retries and all(type(p) is bytes for p in parts):
             entry.sent = (parts, needs)  # immutable already: a retry gets the same bytes
+        held = state.hold(needs)
+        if held:
+            future.add_done_callback(lambda _f: [h.unhold() for h in held])
         state.enqueue(entry, fn_id, parts, needs)
         return future
 
@@ -808,14 +824,19 @@ class _MapRun:
         self.inflight: deque[Future] = deque()
         self.error: BaseException | None = None
         self.exhausted = False
+        self.held: dict[int, Shared] = {}  # share() handles its chunks referred to
+        self.continuing = False  # chunks pickled by map() itself are a new call
         self._fill()
+        self.continuing = True  # later ones go on with it
 
     def _submit_chunk(self, batch: list) -> Future:
         state = self.state
         future = _TaskFuture()
         future._batch = batch  # type: ignore[attr-defined]
         try:
-            parts, needs, keep = state.dumps_args(batch, None, self.pool._threshold, bool(self.flags & SINGLE))
+            parts, needs, keep = state.dumps_args(
+                batch, None, self.pool._threshold, bool(self.flags & SINGLE), self.continuing
+            )
         except Exception as exc:
             where = f"{describe_call(self.fn, _first_args(batch, self.flags))} (or a neighbour in its chunk)"
             future.set_exception(_argument_error(exc, where))
@@ -823,6 +844,10 @@ class _MapRun:
         # Re-run one by one after a crash, large items are sent as the
         # handles of their copies, so they read what this chunk read.
         future._rerun = keep[0] if keep else batch  # type: ignore[attr-defined]
+        for ref_id in needs:
+            if ref_id not in self.held:
+                for h in state.hold([ref_id]):
+                    self.held[ref_id] = h
         entry = _Entry(
             future, self.fn, batch, None, (), self.pool._retries, chunk=self.flags, keep=keep, timeout=self.task_timeout
         )
@@ -908,5 +933,8 @@ class _MapRun:
             f.cancel()
         self.inflight.clear()
         self.exhausted = True
+        held, self.held = self.held, {}
+        for h in held.values():
+            h.unhold()
 
 

@@ -681,8 +681,13 @@ impl Engine {
             elapsed,
             attempts: std::mem::take(&mut task.attempts),
         });
-        drop(task); // no longer queued or running
-        self.forget_released();
+        // Only a task that needed a released object can be its last user
+        // (and scanning every queued task on each completion would cost).
+        let released = |id: &FnId| self.releasing.contains(id);
+        if released(&task.fn_id) || task.needs.iter().any(released) {
+            drop(task); // no longer queued or running
+            self.forget_released();
+        }
     }
 
     // ---- sending ----------------------------------------------------------
