@@ -116,6 +116,19 @@ def dumps_shared(value: Any, threshold: int) -> list:
         ) from exc
 
 
+_KINDS = ("numpy", "pandas", "pyarrow")
+
+
+def any_candidate(values: Any) -> bool:
+    """Whether any of ``values`` is of a kind that may be sent once (a cheap
+    test that spares small calls the full look-up)."""
+    for v in values:
+        t = type(v)
+        if t is bytes or t.__module__.startswith(_KINDS):
+            return True
+    return False
+
+
 def _policy(v: Any, threshold: int) -> int | None:
     """The mode in which tasks get an argument sent once automatically, or
     None if it is not a kind worth it (large bytes, numpy, pandas, Arrow)."""

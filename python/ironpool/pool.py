@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core, _zygote
-from ._send_once import AutoShare, Shared, dumps_shared
+from ._send_once import AutoShare, Shared, any_candidate, dumps_shared
 from ._serialize import FRESH, REUSE, describe_call, dumps, dumps_function, dumps_task, loads, unpack_exception
 from ._worker import CHUNK, SINGLE
 from .errors import (
@@ -384,10 +384,11 @@ class _State:
             call = (args, kwargs) if kwargs is not None else args
             return (*dumps_task(call, threshold, self.token, continuing), keep)
         # A map chunk may hold thousands of small items: look for large ones
-        # only if pickling found large data.
+        # only if pickling found large buffers (out of band; a chunk's stream
+        # is large just for holding many items, so its size says nothing).
         call = (args, kwargs) if kwargs is not None else args
         parts, needs = dumps_task(call, threshold, self.token, continuing)
-        if len(parts) > 1 or len(parts[0]) >= threshold:
+        if len(parts) > 1:
             if single:
                 rows = self.auto_share.swap([(x,) for x in args], threshold)
                 swapped = None if rows is None else ([row[0] for row in rows], kwargs)
@@ -402,6 +403,8 @@ class _State:
     def _swap(self, args: Any, kwargs: Any, threshold: int) -> tuple[Any, Any] | None:
         """``(args, kwargs)`` with large objects replaced by shared handles,
         or None if there are none."""
+        if not any_candidate(args) and not (kwargs and any_candidate(kwargs.values())):
+            return None
         new_args = self.auto_share.swap(args, threshold)
         new_kwargs = self.auto_share.swap(kwargs, threshold) if kwargs else None
         if new_args is None and new_kwargs is None:
