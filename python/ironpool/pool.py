@@ -378,9 +378,10 @@ class _State:
         if isinstance(args, tuple):
             # A call: its few arguments are looked at before pickling, so
             # that the call is pickled once.
-            swapped = self._swap(args, kwargs, threshold)
-            if swapped is not None:
-                args, kwargs = keep = swapped
+            if any_candidate(args) or (kwargs and any_candidate(kwargs.values())):
+                swapped = self._swap(args, kwargs, threshold)
+                if swapped is not None:
+                    args, kwargs = keep = swapped
             call = (args, kwargs) if kwargs is not None else args
             return (*dumps_task(call, threshold, self.token, continuing), keep)
         # A map chunk may hold thousands of small items: look for large ones
@@ -403,8 +404,6 @@ class _State:
     def _swap(self, args: Any, kwargs: Any, threshold: int) -> tuple[Any, Any] | None:
         """``(args, kwargs)`` with large objects replaced by shared handles,
         or None if there are none."""
-        if not any_candidate(args) and not (kwargs and any_candidate(kwargs.values())):
-            return None
         new_args = self.auto_share.swap(args, threshold)
         new_kwargs = self.auto_share.swap(kwargs, threshold) if kwargs else None
         if new_args is None and new_kwargs is None:
@@ -644,7 +643,7 @@ class Pool(Executor):
         entry = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
         if self._retry_on and retries and all(type(p) is bytes for p in parts):
             entry.sent = (parts, needs)  # immutable already: a retry gets the same bytes
-        held = state.hold(needs)
+        held = state.hold(needs) if needs else None
         if held:
             future.add_done_callback(lambda _f: [h.unhold() for h in held])
         state.enqueue(entry, fn_id, parts, needs)
