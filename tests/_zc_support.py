@@ -119,6 +119,22 @@ def frame_sum_then_scribble(df) -> float:
     return total
 
 
+class ReleasesWhilePickled:
+    """Releases `handle` when pickled: stands for another thread calling
+    release() while the call holding the handle is being pickled."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def __reduce__(self):
+        self.handle.release()
+        return (int, (0,))
+
+
+def first_sum(a, _other=None) -> float:
+    return float(a.sum())
+
+
 class Flaky(Exception):
     """A transient failure, for retry_on."""
 

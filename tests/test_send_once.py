@@ -17,18 +17,22 @@ from _zc_support import (
     MIB,
     Flaky,
     LoadsOnlyHere,
+    ReleasesWhilePickled,
     array_sum,
     columns_then_add_one,
     fail_once_then_read,
+    first_sum,
     frame_sum_then_scribble,
     ident,
     inode_and_writable,
     keys_then_add_one,
+    memfd_inodes,
     mutate_then_sum,
     segment_inode,
     stash,
     sum_after_wait,
     value_at,
+    wait_for,
     write_one_read_other,
 )
 
@@ -242,6 +246,56 @@ def test_release_waits_for_the_rest_of_a_map_started_before_it(tmp_path, beacon)
         assert list(results) == [7.0] * 3
         with pytest.raises(ironpool.SerializationError, match="was released"):
             list(p.map(array_sum, [handle]))
+
+
+def _workers_hold_no_segment(pool) -> bool:
+    return wait_for(lambda: not any(memfd_inodes(w.pid) for w in pool.stats()))
+
+
+def test_a_map_closed_before_it_started_lets_go_of_its_handles():
+    with ironpool.Pool(1) as p:
+        handle = p.share(np.ones(MIB // 8))
+        results = p.map(array_sum, [handle] * 4, chunksize=2)
+        results.close()
+        del results
+        handle.release()
+        assert _workers_hold_no_segment(p), "a released handle is still held by a closed map"
+
+
+def test_a_map_iterated_by_a_for_loop_runs_to_the_end_then_lets_go():
+    """A for loop keeps only the iterator of map's result: the result object
+    itself is dropped at once, which must not end the map."""
+    with ironpool.Pool(1) as p:
+        handle = p.share(np.ones(MIB // 8))
+        got = []
+        for r in p.map(array_sum, [handle] * 5, chunksize=1):
+            got.append(r)
+        assert got == [MIB // 8] * 5
+        handle.release()
+        assert _workers_hold_no_segment(p)
+
+
+def test_a_map_whose_input_fails_lets_go_of_its_handles():
+    with ironpool.Pool(1) as p:
+        handle = p.share(np.ones(MIB // 8))
+
+        def items():
+            yield handle
+            yield handle
+            raise ValueError("input broke")
+
+        with pytest.raises(ValueError, match="input broke"):
+            p.map(array_sum, items(), chunksize=1)
+        handle.release()
+        assert _workers_hold_no_segment(p), "a released handle is still held by a failed map"
+
+
+def test_release_during_the_pickling_of_a_call_that_holds_the_handle(pool):
+    handle = pool.share(np.full(MIB // 8, 2.0))
+    fut = pool.submit(first_sum, handle, ReleasesWhilePickled(handle))
+    assert fut.result(timeout=60) == 2.0 * (MIB // 8)
+    with pytest.raises(ironpool.SerializationError, match="was released"):
+        pool.submit(first_sum, handle).result(timeout=60)
 
 
 def test_handle_pickled_outside_a_task_is_refused(pool):

@@ -15,7 +15,6 @@ copy-on-write mappings, just as an ordinary argument would.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -65,44 +64,22 @@ class Shared:
 
     def __init__(self, core: Any, token: int, value: Any, ref_id: int, mode: int) -> None:
         self.value = value
-        self._ref = SharedRef(ref_id, token, mode)
-        self._release = weakref.finalize(self, _unregister, core, self._ref, os.getpid())
-        self._lock = threading.Lock()
-        self._holds = 0  # calls submitted with it that may still send it
+        self._ref = SharedRef(ref_id, token, mode, core)
+        weakref.finalize(self, self._ref.release)  # collected: as if released
 
     def __reduce__(self):
         return self._ref.__reduce__()
 
     def release(self) -> None:
-        """Frees the workers' copies as soon as the calls already submitted
-        with it (retries and the rest of a ``map`` included) are done;
-        passing it to a new call after this is a :class:`SerializationError`."""
-        with self._lock:
-            self._ref.released = True
-            idle = self._holds == 0
-        if idle:
-            self._release()
-
-    def hold(self) -> None:
-        """A submitted call may send it (again): keep the workers' copies."""
-        with self._lock:
-            self._holds += 1
-
-    def unhold(self) -> None:
-        with self._lock:
-            self._holds -= 1
-            last = self._holds == 0 and self._ref.released
-        if last:
-            self._release()
+        """Frees the workers' copies as soon as the calls already holding it
+        are done (their retries, and the chunks of a ``map`` already read,
+        included); passing it to a new call after this is a
+        :class:`SerializationError`. A lazy ``map`` whose input has not yet
+        produced the handle when it is released gets that error too."""
+        self._ref.release()
 
     def __repr__(self) -> str:
         return f"<ironpool.Shared id={self._ref.id} of {type(self.value).__name__}>"
-
-
-def _unregister(core: Any, ref: SharedRef, pid: int) -> None:
-    ref.gone = True
-    if os.getpid() == pid:
-        core.unregister(ref.id)
 
 
 def dumps_shared(value: Any, threshold: int) -> list:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import _pickle as pickle
 import _thread
 import io
+import itertools
+import os
 import sys
 
 _repr = None
@@ -101,19 +103,68 @@ def _shared_lookup(ref_id: int, mode: int = FRESH) -> object:
     return entry.load(what, private=mode == PRIVATE)
 
 
+#: Orders calls and releases: a call may send a handle released after it
+#: began (a retry, the rest of a map), never one released before.
+_sequence = itertools.count(1)
+
+
+def call_started() -> int:
+    """A mark for a call beginning, for ``dumps_task(..., since=)``."""
+    return next(_sequence)
+
+
 class SharedRef:
     """Pickles as a reference to an object the pool registered once; the
     worker receives the object itself. Only the pool that registered it can
-    send it, and only until it is released."""
+    send it. Each pickling holds it for the call being built (the caller
+    lets go once the call is done); once released and held by no call, the
+    pool forgets it (``core.unregister``)."""
 
-    __slots__ = ("gone", "id", "mode", "pool", "released")
+    __slots__ = ("core", "gone", "holds", "id", "lock", "mode", "pid", "pool", "released")
 
-    def __init__(self, ref_id: int, pool: int, mode: int) -> None:
+    def __init__(self, ref_id: int, pool: int, mode: int, core: object) -> None:
         self.id = ref_id
         self.pool = pool
         self.mode = mode
-        self.released = False  # refused in new calls
-        self.gone = False  # forgotten by the pool: refused everywhere
+        self.core = core
+        self.pid = os.getpid()
+        self.lock = _thread.allocate_lock()
+        self.holds = 0  # calls that may still send it
+        self.released = 0  # the call_started() mark when it was released; 0: not
+        self.gone = False  # forgotten by the pool
+
+    def hold(self, since: int) -> None:
+        """Holds it for a call that began at ``since``, if it may send it."""
+        with self.lock:
+            if self.gone or (self.released and self.released < since):
+                raise serialization_error(
+                    f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
+                )
+            self.holds += 1
+
+    def unhold(self) -> None:
+        with self.lock:
+            self.holds -= 1
+            last = self.holds == 0 and self.released and not self.gone
+            if last:
+                self.gone = True
+        if last:
+            self._forget()
+
+    def release(self) -> None:
+        """Refuses new calls; forgets it once no call holds it."""
+        with self.lock:
+            if not self.released:
+                self.released = next(_sequence)
+            last = self.holds == 0 and not self.gone
+            if last:
+                self.gone = True
+        if last:
+            self._forget()
+
+    def _forget(self) -> None:
+        if os.getpid() == self.pid:  # not in a forked child
+            self.core.unregister(self.id)  # type: ignore[attr-defined]
 
     def __reduce__(self):
         ids = getattr(_collecting, "ids", None)
@@ -127,26 +178,38 @@ class SharedRef:
                 f"ironpool.Shared handle {self.id} belongs to another pool: pass it only in the "
                 "arguments of tasks of the pool whose share() made it"
             )
-        if self.gone or (self.released and not _collecting.continuing):
-            raise serialization_error(
-                f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
-            )
+        self.hold(_collecting.since)
+        _collecting.held.append(self)
         ids.append(self.id)
         return (_shared_lookup, (self.id, self.mode))
 
 
-def dumps_task(obj: object, threshold: int, pool: int, continuing: bool = False) -> tuple[list, list]:
-    """Like ``dumps`` for the arguments of a task of pool ``pool``, also
-    returning the ids of the shared objects they refer to. ``continuing``:
-    the task goes on work submitted earlier (a retry, the rest of a ``map``),
-    which may still use handles released since."""
+def unhold_all(held: list) -> None:
+    """Lets go of the handles a call held (see ``dumps_task``)."""
+    for ref in held:
+        ref.unhold()
+    held.clear()
+
+
+def dumps_task(obj: object, threshold: int, pool: int, since: int) -> tuple[list, list, list]:
+    """Like ``dumps`` for the arguments of a call of pool ``pool`` that began
+    at ``since`` (``call_started()``; a retry or the rest of a map passes
+    its call's mark, so it may still send handles released after that).
+    Returns the parts, the ids of the shared objects they refer to, and the
+    handles it held: the caller must ``unhold_all`` them once the call is
+    done, or at once if it is never submitted."""
     _collecting.ids = ids = []
+    _collecting.held = held = []
     _collecting.pool = pool
-    _collecting.continuing = continuing
+    _collecting.since = since
     try:
-        return dumps(obj, threshold), ids
+        return dumps(obj, threshold), ids, held
+    except BaseException:
+        unhold_all(held)
+        raise
     finally:
         _collecting.ids = None
+        _collecting.held = None
 
 
 def _rebuild_viewed(raw: object, dtype: object, shape: tuple, fortran: bool) -> object:
@@ -224,9 +287,9 @@ def dumps(obj: object, threshold: int) -> list:
         import cloudpickle
 
         buffers.clear()
-        ids = getattr(_collecting, "ids", None)
-        if ids:
-            ids.clear()
+        if getattr(_collecting, "ids", None):
+            _collecting.ids.clear()
+            unhold_all(_collecting.held)  # the second pickling holds them again
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     return [data, *buffers]
 

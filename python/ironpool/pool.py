@@ -19,7 +19,18 @@ from typing import Any
 
 from . import _core, _zygote
 from ._send_once import AutoShare, Shared, any_candidate, dumps_shared
-from ._serialize import FRESH, REUSE, describe_call, dumps, dumps_function, dumps_task, loads, unpack_exception
+from ._serialize import (
+    FRESH,
+    REUSE,
+    call_started,
+    describe_call,
+    dumps,
+    dumps_function,
+    dumps_task,
+    loads,
+    unhold_all,
+    unpack_exception,
+)
 from ._worker import CHUNK, SINGLE
 from .errors import (
     PoolClosed,
@@ -128,7 +139,8 @@ class _TaskFuture(Future):
 
 class _Entry:
     __slots__ = (
-        "args", "attempts", "chunk", "fn", "future", "keep", "kwargs", "retries", "retry_on", "sent", "timeout",
+        "args", "attempts", "chunk", "fn", "future", "held", "keep", "kwargs", "retries", "retry_on", "sent", "since",
+        "timeout",
     )
 
     def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=0, keep=(), timeout=None):
@@ -143,6 +155,8 @@ class _Entry:
         self.chunk = chunk  # task flags: 0, or CHUNK (| SINGLE) for a map chunk
         self.keep = keep  # the arguments as sent, with shared handles in them (or ())
         self.sent: tuple | None = None  # (parts, needs) kept for a retry_on retry
+        self.since = 0  # the call's call_started() mark
+        self.held: list = []  # the handles its picklings held (see dumps_task)
 
     def describe(self) -> str:
         if self.chunk:
@@ -195,8 +209,6 @@ class _State:
         self.next_fn = itertools.count(1)
         self.token = next(_pool_tokens)  # which pool a Shared handle belongs to
         self.auto_share = AutoShare(self._register_digested)
-        # Handles made by share(), by id: calls that may send one hold it.
-        self.handles: weakref.WeakValueDictionary[int, Shared] = weakref.WeakValueDictionary()
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
         self.thread.start()
 
@@ -302,7 +314,8 @@ class _State:
             # handles still name the copies the first attempt read.
             args, kwargs = entry.keep or (entry.args, entry.kwargs)
             call = (args, kwargs) if kwargs is not None else args
-            parts, needs = dumps_task(call, self.threshold, self.token, continuing=True)
+            parts, needs, held = dumps_task(call, self.threshold, self.token, entry.since)
+            entry.held.extend(held)  # let go of with the rest when the future settles
         self.enqueue(entry, self.fn_id(entry.fn), parts, needs)
 
     def enqueue(self, entry: _Entry, fn_id: int, parts: list, needs: list, items: int = 1, flags: int = 0) -> None:
@@ -351,15 +364,7 @@ class _State:
         parts = dumps_shared(value, threshold)
         ref_id = next(self.next_fn)
         self.core.register_fn(ref_id, parts)
-        handle = self.handles[ref_id] = Shared(self.core, self.token, value, ref_id, mode)
-        return handle
-
-    def hold(self, needs: list) -> list[Shared]:
-        """Holds the share() handles a call refers to (see Shared.release)."""
-        held = [h for h in map(self.handles.get, needs) if h is not None]
-        for h in held:
-            h.hold()
-        return held
+        return Shared(self.core, self.token, value, ref_id, mode)
 
     def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes | None]:
         ref_id = next(self.next_fn)
@@ -367,13 +372,13 @@ class _State:
         return Shared(self.core, self.token, None, ref_id, mode), digest
 
     def dumps_args(
-        self, args: Any, kwargs: Any, threshold: int, single: bool = False, continuing: bool = False
-    ) -> tuple[list, list, tuple]:
-        """Pickles task arguments (a call's tuple, or a map chunk: a list of
-        argument tuples, or with ``single`` of single arguments), sending
-        large ones once. Returns the parts, the shared ids they refer to,
-        and the handles to keep alive until the task is done. ``continuing``
-        as for ``dumps_task``."""
+        self, args: Any, kwargs: Any, threshold: int, since: int, single: bool = False
+    ) -> tuple[list, list, list, tuple]:
+        """Pickles the arguments of a call that began at ``since`` (a call's
+        tuple, or a map chunk: a list of argument tuples, or with ``single``
+        of single arguments), sending large ones once. Returns the parts,
+        the shared ids they refer to, the handles held for the call (see
+        ``dumps_task``) and the arguments as sent (with handles; or ``()``)."""
         keep: tuple = ()
         if isinstance(args, tuple):
             # A call: its few arguments are looked at before pickling, so
@@ -383,12 +388,12 @@ class _State:
                 if swapped is not None:
                     args, kwargs = keep = swapped
             call = (args, kwargs) if kwargs is not None else args
-            return (*dumps_task(call, threshold, self.token, continuing), keep)
+            return (*dumps_task(call, threshold, self.token, since), keep)
         # A map chunk may hold thousands of small items: look for large ones
         # only if pickling found large buffers (out of band; a chunk's stream
         # is large just for holding many items, so its size says nothing).
         call = (args, kwargs) if kwargs is not None else args
-        parts, needs = dumps_task(call, threshold, self.token, continuing)
+        parts, needs, held = dumps_task(call, threshold, self.token, since)
         if len(parts) > 1:
             if single:
                 rows = self.auto_share.swap([(x,) for x in args], threshold)
@@ -398,8 +403,12 @@ class _State:
             if swapped is not None:
                 args, kwargs = keep = swapped
                 call = (args, kwargs) if kwargs is not None else args
-                parts, needs = dumps_task(call, threshold, self.token, continuing)
-        return parts, needs, keep
+                first = held
+                try:
+                    parts, needs, held = dumps_task(call, threshold, self.token, since)
+                finally:
+                    unhold_all(first)
+        return parts, needs, held, keep
 
     def _swap(self, args: Any, kwargs: Any, threshold: int) -> tuple[Any, Any] | None:
         """``(args, kwargs)`` with large objects replaced by shared handles,
@@ -634,19 +643,25 @@ class Pool(Executor):
         state.check_open()
         _check_timeout(timeout, "timeout")
         retries = self._retries if retries is None else retries
+        since = call_started()
         try:
             fn_id = state.fn_id(fn)
-            parts, needs, keep = state.dumps_args(args, kwargs, self._threshold)
+            parts, needs, held, keep = state.dumps_args(args, kwargs, self._threshold, since)
         except Exception as exc:
             future.set_exception(_argument_error(exc, describe_call(fn, args, kwargs)))
             return future
         entry = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
+        entry.since = since
         if self._retry_on and retries and all(type(p) is bytes for p in parts):
             entry.sent = (parts, needs)  # immutable already: a retry gets the same bytes
-        held = state.hold(needs) if needs else None
         if held:
-            future.add_done_callback(lambda _f: [h.unhold() for h in held])
-        state.enqueue(entry, fn_id, parts, needs)
+            entry.held = held  # retries add theirs to the same list
+            future.add_done_callback(lambda _f, held=held: unhold_all(held))
+        try:
+            state.enqueue(entry, fn_id, parts, needs)
+        except BaseException:
+            unhold_all(held)  # never submitted, so never settled
+            raise
         return future
 
     def map(
@@ -779,11 +794,16 @@ class _Results:
     chunks (``__iter__`` hands out a ``chain`` over them); ``close()``, or
     dropping it, withdraws the chunks not yet started."""
 
-    __slots__ = ("_chunks", "_items")
+    __slots__ = ("_chunks", "_items", "_run")
 
-    def __init__(self, chunks: Generator[list, None, None]) -> None:
+    def __init__(self, run: _MapRun, chunks: Generator[list, None, None]) -> None:
+        self._run = run
         self._chunks = chunks
         self._items = itertools.chain.from_iterable(chunks)
+        # Dropped without ever being started, a generator skips its finally:
+        # let go of the run's handles when the generator goes, however it is
+        # iterated (a for loop keeps only the chain, not this object).
+        weakref.finalize(chunks, run.close)
 
     def __iter__(self) -> Iterator[Any]:
         return self._items
@@ -793,6 +813,7 @@ class _Results:
 
     def close(self) -> None:
         self._chunks.close()
+        self._run.close()  # the generator's own close() skips that if it never started
 
 
 class _MapRun:
@@ -826,18 +847,21 @@ class _MapRun:
         self.inflight: deque[Future] = deque()
         self.error: BaseException | None = None
         self.exhausted = False
-        self.held: dict[int, Shared] = {}  # share() handles its chunks referred to
-        self.continuing = False  # chunks pickled by map() itself are a new call
-        self._fill()
-        self.continuing = True  # later ones go on with it
+        self.since = call_started()  # every chunk is part of this one call
+        self.held: list = []  # handles its chunks held, let go of at close()
+        try:
+            self._fill()
+        except BaseException:
+            self.close()
+            raise
 
     def _submit_chunk(self, batch: list) -> Future:
         state = self.state
         future = _TaskFuture()
         future._batch = batch  # type: ignore[attr-defined]
         try:
-            parts, needs, keep = state.dumps_args(
-                batch, None, self.pool._threshold, bool(self.flags & SINGLE), self.continuing
+            parts, needs, held, keep = state.dumps_args(
+                batch, None, self.pool._threshold, self.since, bool(self.flags & SINGLE)
             )
         except Exception as exc:
             where = f"{describe_call(self.fn, _first_args(batch, self.flags))} (or a neighbour in its chunk)"
@@ -846,10 +870,7 @@ class _MapRun:
         # Re-run one by one after a crash, large items are sent as the
         # handles of their copies, so they read what this chunk read.
         future._rerun = keep[0] if keep else batch  # type: ignore[attr-defined]
-        for ref_id in needs:
-            if ref_id not in self.held:
-                for h in state.hold([ref_id]):
-                    self.held[ref_id] = h
+        self.held.extend(held)
         entry = _Entry(
             future, self.fn, batch, None, (), self.pool._retries, chunk=self.flags, keep=keep, timeout=self.task_timeout
         )
@@ -869,7 +890,7 @@ class _MapRun:
 
     def results(self) -> Iterator[Any]:
         """What the caller iterates: the values of each chunk in turn."""
-        return _Results(self._chunks())
+        return _Results(self, self._chunks())
 
     def _chunks(self) -> Iterator[list]:
         """Each chunk's values in order, refilling the window as chunks are
@@ -935,8 +956,6 @@ class _MapRun:
             f.cancel()
         self.inflight.clear()
         self.exhausted = True
-        held, self.held = self.held, {}
-        for h in held.values():
-            h.unhold()
+        unhold_all(self.held)
 
 

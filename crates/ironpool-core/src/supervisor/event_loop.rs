@@ -955,8 +955,11 @@ impl Engine {
             w.kill(KillReason::Shutdown);
         }
         self.publish();
-        // Give back the pool's descriptors now, not when its handle goes.
+        // Give back the pool's descriptors now, not when its handle goes
+        // (registered objects hold segments too).
         self.workers.clear();
+        self.fns.clear();
+        self.releasing.clear();
         self.session = None;
         self.shared.poller.close();
         self.shared.waker.close();
