@@ -26,7 +26,6 @@ class Handler:
 
     def __init__(self) -> None:
         self.fns = REGISTRY
-        self.loaded: dict = {}  # fn id -> the function, once unpickled
 
     def init(self, parts: list) -> list | None:
         try:
@@ -49,18 +48,15 @@ class Handler:
 
     def forget(self, ref_id: int) -> None:
         self.fns.pop(ref_id, None)
-        self.loaded.pop(ref_id, None)
 
     def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[bool, list]:
-        fn = self.loaded.get(fn_id)
-        if fn is None:
-            entry = self.fns.get(fn_id)
-            if entry is None:
-                return False, self._error(RuntimeError(f"function {fn_id} was never registered"))
-            try:
-                fn = self.loaded[fn_id] = entry.get("the function")
-            except BaseException as exc:
-                return False, self._error(exc)
+        entry = self.fns.get(fn_id)
+        if entry is None:
+            return False, self._error(RuntimeError(f"function {fn_id} was never registered"))
+        try:
+            fn = entry.get("the function")  # unpickled at first use, then kept
+        except BaseException as exc:
+            return False, self._error(exc)
         try:
             call = loads(parts)
         except BaseException as exc:

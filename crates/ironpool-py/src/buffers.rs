@@ -139,24 +139,13 @@ pub fn encode(
     parts: &Bound<'_, PyList>,
     threshold: usize,
 ) -> PyResult<Message> {
-    Ok(encode_inner(py, kind, id, aux, parts, threshold, false)?.0)
+    Ok(encode_digested(py, kind, id, aux, parts, threshold, false)?.0)
 }
 
-/// [`encode`], also returning the digest of the bytes sent (see
-/// [`digest`]), taken in the same pass as the copy; `None` if they changed
-/// while being sent, so that no digest can vouch for them.
+/// [`encode`]; with `digested`, also the digest of the bytes sent (see
+/// [`digest`]), taken in the same pass as the copy, or `None` if they
+/// changed while being sent, so that no digest can vouch for them.
 pub fn encode_digested(
-    py: Python<'_>,
-    kind: Kind,
-    id: u64,
-    parts: &Bound<'_, PyList>,
-    threshold: usize,
-) -> PyResult<(Message, Option<u128>)> {
-    let (msg, d) = encode_inner(py, kind, id, 0, parts, threshold, true)?;
-    Ok((msg, d))
-}
-
-fn encode_inner(
     py: Python<'_>,
     kind: Kind,
     id: u64,

@@ -114,7 +114,8 @@ impl PoolCore {
         id: u64,
         parts: &Bound<'py, PyList>,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let (msg, d) = buffers::encode_digested(py, Kind::RegisterFn, id, parts, self.threshold)?;
+        let (msg, d) =
+            buffers::encode_digested(py, Kind::RegisterFn, id, 0, parts, self.threshold, true)?;
         self.pool.register_fn(id, msg);
         Ok(d.map(|d| PyBytes::new(py, &d.to_le_bytes())))
     }
