@@ -44,7 +44,10 @@ def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
             _zygotes.clear()
             _owner = os.getpid()
         z = _zygotes.get(key)
-        if z is not None and z.alive():
+        if z is not None:
+            # A template that died (OOM killer, kill -9) is started again
+            # in place, from the same command: pools using it carry on too.
+            z.ensure_running()
             return z
         env = {
             "IRONPOOL_SYS_PATH": os.pathsep.join(p for p in sys.path if p),

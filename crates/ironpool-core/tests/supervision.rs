@@ -12,6 +12,7 @@ use ironpool_core::ipc::Kind;
 use ironpool_core::ipc::payload::{self, DEFAULT_SEGMENT_THRESHOLD};
 use ironpool_core::supervisor::Pool;
 use ironpool_core::task::{ExitStatus, Failure, KillReason, Outcome, Task};
+use ironpool_core::zygote::Zygote;
 
 fn crash_of(c: &ironpool_core::task::Completion) -> &ironpool_core::task::Crash {
     match &c.outcome {
@@ -643,8 +644,31 @@ fn cancelled_tasks_never_run() {
 }
 
 #[test]
-fn a_dead_zygote_fails_work_instead_of_hanging() {
+fn a_dead_zygote_is_started_again_and_the_pool_carries_on() {
     let z = zygote();
+    let first = z.pid();
+    let pool = start(&z, config(2));
+    pool.submit(task(1, b"warm"));
+    collect(&pool, 1);
+    pool.submit(task(2, b"hang"));
+    std::thread::sleep(Duration::from_millis(50));
+    z.kill();
+    // Only the running task fails, as a crash; later work runs.
+    let got = collect(&pool, 1);
+    crash_of(&got[&2]);
+    pool.submit(task(3, b"after"));
+    assert_eq!(returned(&collect(&pool, 1)[&3]), b"after");
+    assert!(z.is_alive() && z.pid() != first, "a new template runs");
+    shutdown(pool);
+}
+
+#[test]
+fn a_dead_zygote_that_cannot_start_again_fails_work_instead_of_hanging() {
+    let once = std::env::temp_dir().join(format!("ironpool-once-{}", std::process::id()));
+    let _ = std::fs::remove_file(&once);
+    let mut cmd = std::process::Command::new(FAKE);
+    cmd.env("FAKE_ZYGOTE_ONCE", &once);
+    let z = Zygote::spawn(cmd).expect("fake zygote starts");
     let pool = start(&z, config(2));
     pool.submit(task(1, b"warm"));
     collect(&pool, 1);
@@ -654,11 +678,15 @@ fn a_dead_zygote_fails_work_instead_of_hanging() {
     let got = collect(&pool, 1);
     crash_of(&got[&2]);
     pool.submit(task(3, b"after"));
-    assert!(matches!(
-        collect(&pool, 1)[&3].outcome,
-        Outcome::StartFailed { .. }
-    ));
+    match &collect(&pool, 1)[&3].outcome {
+        Outcome::StartFailed { crash, .. } => {
+            let why = crash.protocol_error.clone().unwrap_or_default();
+            assert!(why.contains("started twice"), "{why}");
+        }
+        other => panic!("expected StartFailed, got {other:?}"),
+    }
     shutdown(pool);
+    let _ = std::fs::remove_file(&once);
 }
 
 #[test]

@@ -45,6 +45,12 @@ impl Zygote {
         self.inner.is_alive()
     }
 
+    /// Starts the template again (same command) if it died.
+    fn ensure_running(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.ensure_running())
+            .map_err(|e| crate::errors::start_error(e.to_string()))
+    }
+
     fn kill(&self) {
         self.inner.kill();
     }

@@ -20,7 +20,7 @@ use super::{PoolConfig, Shared, WorkerStats, lock};
 use crate::ipc::{Channel, Kind, Message, Recv};
 use crate::platform::{self, Pidfd, Ready};
 use crate::task::{Completion, Crash, ExitStatus, Failure, FnId, KillReason, Outcome, Task};
-use crate::zygote::decode_status;
+use crate::zygote::{Session, decode_status};
 
 pub(super) const WAKER: u64 = 0;
 const SESSION: u64 = 1;
@@ -40,7 +40,7 @@ fn token(key: u64, which: u64) -> u64 {
 pub(super) struct Engine {
     cfg: PoolConfig,
     shared: Arc<Shared>,
-    session: Option<Channel>,
+    session: Option<Session>,
     workers: HashMap<u64, Worker>,
     pid_to_key: HashMap<i32, u64>,
     next_key: u64,
@@ -54,6 +54,9 @@ pub(super) struct Engine {
     /// `terminate` was called: queued work is dropped, not run.
     terminated: bool,
     start_failures: u32,
+    /// Set while the workers of a template that died are written off: their
+    /// deaths are not start failures of this pool.
+    losing_template: bool,
     broken: Option<(Option<Vec<u8>>, Crash)>,
     respawn_at: Option<Instant>,
     last_memory_poll: Instant,
@@ -69,7 +72,7 @@ impl Engine {
     pub fn new(
         cfg: PoolConfig,
         init: Message,
-        session: Channel,
+        session: Session,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
         session.set_nonblocking(true)?;
@@ -92,6 +95,7 @@ impl Engine {
             shutting_down: false,
             terminated: false,
             start_failures: 0,
+            losing_template: false,
             broken: None,
             respawn_at: None,
             last_memory_poll: Instant::now(),
@@ -287,6 +291,7 @@ impl Engine {
             }
             self.respawn_at = None;
         }
+        let mut reopened = false;
         while self.active_workers() < self.cfg.workers {
             let used: Vec<usize> = self
                 .workers
@@ -298,6 +303,20 @@ impl Engine {
                 .find(|s| !used.contains(s))
                 .unwrap_or(0);
             if let Err(e) = self.spawn_worker(slot) {
+                // A template that died before its session's end was read
+                // refuses the fork request: start it again, once per call.
+                let session_gone = matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                );
+                if session_gone && !reopened {
+                    reopened = true;
+                    self.on_template_lost();
+                    if self.broken.is_none() && self.session.is_some() {
+                        continue;
+                    }
+                    return;
+                }
                 self.mark_broken(None, &format!("could not start a worker: {e}"));
                 return;
             }
@@ -394,18 +413,45 @@ impl Engine {
                 },
                 Ok(Recv::WouldBlock) => return,
                 Ok(Recv::Closed) | Err(_) => {
-                    // The zygote is gone, and its workers died with it.
-                    if let Some(s) = self.session.take() {
-                        self.shared.poller.delete(&s);
-                    }
-                    let keys: Vec<u64> = self.workers.keys().copied().collect();
-                    for key in keys {
-                        self.on_exit(key, None);
-                    }
-                    self.mark_broken(None, "the template process died");
+                    self.on_template_lost();
                     return;
                 }
             }
+        }
+    }
+
+    /// The template died (its session ended), and its workers die with it
+    /// (PR_SET_PDEATHSIG): tasks they were running fail as crashed, the
+    /// rest go back to the queue, and the template is started again.
+    fn on_template_lost(&mut self) {
+        let Some(old) = self.session.take() else {
+            return;
+        };
+        self.shared.poller.delete(&old);
+        self.losing_template = true;
+        let keys: Vec<u64> = self.workers.keys().copied().collect();
+        for key in keys {
+            if let Some(w) = self.workers.get(&key) {
+                // Nobody will sweep their trees now that the template is
+                // gone: do it from here, best effort.
+                w.kill_tree();
+            }
+            self.on_exit(key, None);
+        }
+        self.losing_template = false;
+        if self.shutting_down && (self.terminated || self.pending.is_empty()) {
+            return; // nothing left to run: finish without a template
+        }
+        match old.reopen().and_then(|s| {
+            s.set_nonblocking(true)?;
+            self.shared.poller.add(&s, SESSION, false)?;
+            Ok(s)
+        }) {
+            Ok(s) => self.session = Some(s),
+            Err(e) => self.mark_broken(
+                None,
+                &format!("the template process died and could not be started again: {e}"),
+            ),
         }
     }
 
@@ -617,7 +663,7 @@ impl Engine {
                 *r += 1;
             }
         }
-        if !ran_ok && !self.shutting_down {
+        if !ran_ok && !self.shutting_down && !self.losing_template {
             self.start_failures += 1;
             let error = w.init_error.take().map(|m| m.body);
             if self.start_failures >= self.cfg.max_start_failures {

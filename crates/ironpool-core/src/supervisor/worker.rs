@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::output::Capture;
 use crate::ipc::{Channel, Message};
-use crate::platform::Pidfd;
+use crate::platform::{self, Pidfd};
 use crate::task::{FnId, KillReason, Task};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,17 @@ impl Worker {
         let f = self.running()?;
         let limit = f.task.timeout.or(default)?;
         Some((f.started? + limit, limit))
+    }
+
+    /// SIGKILLs the worker and its process group, for when its template is
+    /// gone and cannot. Best effort: the worker may have been reaped by
+    /// PID 1 already, and its group id is safe to signal only while some
+    /// member (one of its descendants) still holds it.
+    pub fn kill_tree(&self) {
+        if let Some(p) = &self.pidfd {
+            let _ = p.kill();
+            let _ = platform::kill_process_group(p.pid());
+        }
     }
 
     pub fn kill(&mut self, reason: KillReason) {

@@ -10,7 +10,7 @@
 mod keeper;
 mod server;
 
-pub use keeper::Zygote;
+pub use keeper::{Session, Zygote};
 pub use server::{ForkedChild, Served, report_failure, serve};
 
 use crate::task::ExitStatus;

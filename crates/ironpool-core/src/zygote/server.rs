@@ -1,8 +1,21 @@
-//! The zygote's event loop: fork on request, reap, report exits.
+//! The zygote's event loop: fork on request, reap, report exits, and make
+//! sure nothing a worker started outlives it.
+//!
+//! Process trees. Each worker leads a process group of its own, which its
+//! descendants join unless they leave it. The zygote is a child subreaper,
+//! so a descendant orphaned by a worker's death (one that left the group
+//! with `setsid`, too) is reparented to the zygote instead of PID 1. When a
+//! worker exits, the zygote SIGKILLs its group while the worker is still an
+//! unreaped zombie (so the group's id cannot have been reused), then kills
+//! and reaps every child that is not one of its workers (the adopted
+//! orphans), and only then reports the exit. When the caller dies (a pidfd
+//! on it becomes readable) or closes the master channel, the zygote does
+//! the same for every worker before it exits.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use crate::ipc::{Channel, Kind, Message, Recv};
 use crate::platform::{self, Pidfd, Poller};
@@ -10,6 +23,13 @@ use crate::platform::{self, Pidfd, Poller};
 const MASTER: u64 = 0;
 const SESSION: u64 = 1 << 40;
 const CHILD: u64 = 2 << 40;
+const PARENT: u64 = 4 << 40;
+/// How long one sweep waits for a SIGKILLed process to exit before moving
+/// on (one stuck in uninterruptible sleep is reaped by a later sweep).
+const KILL_WAIT: Duration = Duration::from_millis(500);
+/// Sweeps of adopted orphans per worker exit (each round takes the children
+/// the previous round's victims left behind).
+const SWEEP_ROUNDS: usize = 64;
 
 /// How `serve` returned.
 pub enum Served {
@@ -41,6 +61,17 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
     master.send_blocking(&Message::new(Kind::Ready, 0, 0))?;
     let poller = Poller::new()?;
     poller.add(&master, MASTER, false)?;
+    // Orphaned descendants of workers come to us, not to PID 1. Without it
+    // (never on Linux >= 3.4) worker groups are still swept.
+    let _ = platform::become_child_subreaper();
+    // Watch the caller itself (a process, where PR_SET_PDEATHSIG watches a
+    // thread), then disarm the death signal, which would kill us before we
+    // could sweep the workers' trees. It stays armed until the watch is set.
+    let Some(parent) = Pidfd::of_parent()? else {
+        return Ok(Served::Exit);
+    };
+    poller.add(&parent, PARENT, false)?;
+    platform::stop_dying_with_parent()?;
     let mut st = State {
         poller,
         master,
@@ -62,9 +93,16 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                         st.sessions.insert(token, session);
                     }
                     Ok(Recv::Message(_)) => {}
-                    Ok(Recv::Closed) | Err(_) => return Ok(Served::Exit),
+                    Ok(Recv::Closed) | Err(_) => {
+                        sweep_everything(&mut st);
+                        return Ok(Served::Exit);
+                    }
                     Ok(Recv::WouldBlock) => {}
                 },
+                PARENT => {
+                    sweep_everything(&mut st);
+                    return Ok(Served::Exit);
+                }
                 t if t & SESSION != 0 => {
                     let Some(session) = st.sessions.get_mut(&t) else {
                         continue;
@@ -88,11 +126,21 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                     let Some((pidfd, _)) = st.children.get(&pid) else {
                         continue;
                     };
+                    if !pidfd.has_exited() {
+                        continue;
+                    }
+                    // The worker is a zombie: its pid, hence its group id,
+                    // is still taken. Kill the group before reaping.
+                    let _ = platform::kill_process_group(pid);
                     let Ok(Some(status)) = pidfd.try_reap() else {
                         continue;
                     };
                     if let Some((pidfd, session)) = st.children.remove(&pid) {
                         st.poller.delete(&pidfd);
+                        // Its orphans were reparented to us before its exit
+                        // became visible: kill and reap them before saying
+                        // it is gone, so its tree is gone when the pool hears.
+                        sweep_orphans(&st.children);
                         if let Some(s) = st.sessions.get(&session) {
                             let msg = Message::new(
                                 Kind::Exited,
@@ -131,12 +179,16 @@ fn fork_one(
             if !platform::die_with_parent(zygote_pid) {
                 std::process::exit(70);
             }
+            // A group of its own, so its tree can be killed with it. On
+            // failure it stays in ours, and sweeping its group finds nothing.
+            let _ = platform::start_own_process_group();
             platform::redirect_stdio(&out, &err)?;
             Ok(Some(ForkedChild {
                 channel: Channel::from_fd(chan),
             }))
         }
         Ok(pid) => {
+            platform::put_in_own_process_group(pid);
             // Open the pidfd before anyone can reap: the pid cannot be reused yet.
             match Pidfd::open(pid) {
                 Ok(pidfd) => {
@@ -163,6 +215,48 @@ fn fork_one(
             Ok(None)
         }
     }
+}
+
+/// Kills and reaps every child that is not one of our workers: orphans of
+/// workers' trees, adopted because we are a subreaper. Each is our child and
+/// unreaped, so its pid (and a group it leads) is safe to signal.
+fn sweep_orphans(workers: &HashMap<i32, (Pidfd, u64)>) {
+    for _ in 0..SWEEP_ROUNDS {
+        let orphans: Vec<Pidfd> = platform::own_children()
+            .into_iter()
+            .filter(|pid| !workers.contains_key(pid))
+            .filter_map(|pid| Pidfd::open(pid).ok())
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        for o in &orphans {
+            let _ = platform::kill_process_group(o.pid());
+            let _ = o.kill();
+        }
+        for o in &orphans {
+            o.wait_exited(KILL_WAIT);
+            let _ = o.try_reap();
+        }
+    }
+}
+
+/// The caller is gone (or closed the master channel): kill every worker
+/// with its tree, and reap them all, before the zygote exits.
+fn sweep_everything(st: &mut State) {
+    for (&pid, (pidfd, _)) in &st.children {
+        let _ = pidfd.kill();
+        // Unreaped (we have not waited for it): its group id is safe.
+        let _ = platform::kill_process_group(pid);
+    }
+    for (&pid, (pidfd, _)) in &st.children {
+        pidfd.wait_exited(KILL_WAIT);
+        // Members that joined the group after the first sweep.
+        let _ = platform::kill_process_group(pid);
+        let _ = pidfd.try_reap();
+    }
+    st.children.clear();
+    sweep_orphans(&st.children);
 }
 
 /// Tells the parent that start-up failed (a preload did not import).

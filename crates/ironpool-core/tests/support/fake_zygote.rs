@@ -5,7 +5,9 @@
 //! The zygote reads its master channel from `IRONPOOL_ZYGOTE_FD` and calls
 //! [`ironpool_core::zygote::serve`] with a `libc::fork` closure. If
 //! `FAKE_ZYGOTE_FAIL` is set it reports that text as a start-up failure;
-//! if `FAKE_ZYGOTE_EXIT` is set it exits before saying anything. With
+//! if `FAKE_ZYGOTE_EXIT` is set it exits before saying anything; with
+//! `FAKE_ZYGOTE_ONCE` set to a path it starts only if it can create that
+//! file, and reports a start-up failure otherwise (restart tests). With
 //! `FAKE_ZYGOTE_FORK_LOG` set, it appends each forked pid to that file.
 //!
 //! The worker answers:
@@ -51,6 +53,18 @@ fn main() {
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
     if std::env::var_os("FAKE_ZYGOTE_EXIT").is_some() {
         std::process::exit(4);
+    }
+    if let Some(path) = std::env::var_os("FAKE_ZYGOTE_ONCE") {
+        // Starts once; a restart reports a start-up failure.
+        let first = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .is_ok();
+        if !first {
+            let _ = zygote::report_failure(master, "started twice");
+            std::process::exit(1);
+        }
     }
     if let Ok(text) = std::env::var("FAKE_ZYGOTE_FAIL") {
         let _ = zygote::report_failure(master, &text);
