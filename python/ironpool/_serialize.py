@@ -89,6 +89,10 @@ class Registered:
 #: by the worker handler.
 REGISTRY: dict[int, Registered] = {}
 
+#: In a worker: its own ``__main__`` namespace, which code from the caller's
+#: ``__main__`` is rebuilt over (see ``_by_value``); None elsewhere.
+WORKER_MAIN: dict | None = None
+
 _collecting = _thread._local()
 
 
@@ -281,16 +285,16 @@ def dumps(obj: object, threshold: int) -> list:
 
     try:
         data = _pickle_dumps(obj, keep_large)
-        if b"__main__" in data:
+        if b"__main__" in data or b"__mp_main__" in data:
             raise _ByValue
     except (pickle.PicklingError, TypeError, AttributeError, _ByValue):
-        import cloudpickle
+        from . import _by_value
 
         buffers.clear()
         if getattr(_collecting, "ids", None):
             _collecting.ids.clear()
             unhold_all(_collecting.held)  # the second pickling holds them again
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        data = _by_value.dumps(obj, keep_large, _numpy_table())
     return [data, *buffers]
 
 
@@ -304,20 +308,20 @@ def dumps_function(fn: object) -> list:
     ``__main__``, a REPL or a notebook, lambdas and closures go by value."""
     qualname = getattr(fn, "__qualname__", "")
     by_reference = (
-        getattr(fn, "__module__", None) not in (None, "__main__")
+        getattr(fn, "__module__", None) not in (None, "__main__", "__mp_main__")
         and "<locals>" not in qualname
         and "<lambda>" not in qualname
     )
     if by_reference:
         try:
             data = pickle.dumps(fn, protocol=5)
-            if b"__main__" not in data:
+            if b"__main__" not in data and b"__mp_main__" not in data:
                 return [data]
         except Exception:
             pass
-    import cloudpickle
+    from . import _by_value
 
-    return [cloudpickle.dumps(fn, protocol=5)]
+    return [_by_value.dumps(fn, None, _numpy_table())]
 
 
 def describe_call(fn: object, args: tuple = (), kwargs: dict | None = None) -> str:
@@ -331,35 +335,3 @@ def describe_call(fn: object, args: tuple = (), kwargs: dict | None = None) -> s
         shown.append("...")
     shown += [f"{k}={_short(v)}" for k, v in list((kwargs or {}).items())[:4]]
     return f"{name}({', '.join(shown)})"
-
-
-def pack_exception(exc: BaseException) -> tuple:
-    """A picklable stand-in for a raised exception: the exception itself when
-    it pickles, else a RemoteError with its type, message and traceback."""
-    import traceback
-
-    from .errors import RemoteError
-
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    exc.__traceback__ = None
-    try:
-        pickle.loads(pickle.dumps(exc, protocol=5))
-        return (exc, tb)
-    except Exception:
-        try:
-            import cloudpickle
-
-            pickle.loads(cloudpickle.dumps(exc, protocol=5))
-            return (exc, tb)
-        except Exception:
-            return (RemoteError(type(exc).__qualname__, str(exc), tb), tb)
-
-
-def unpack_exception(packed: tuple) -> BaseException:
-    """Rebuilds a task's exception with the remote traceback as its cause,
-    as ``ProcessPoolExecutor`` does."""
-    from concurrent.futures.process import _RemoteTraceback
-
-    exc, tb = packed
-    exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb}"""')
-    return exc

@@ -10,7 +10,8 @@ import os
 import sys
 
 from . import _core
-from ._serialize import REGISTRY, Registered, describe_call, dumps, loads, pack_exception, serialization_error
+from ._remote_exception import pack_exception
+from ._serialize import REGISTRY, Registered, describe_call, dumps, loads, serialization_error
 
 #: Task flag: the payload is a list of argument tuples (a ``map`` chunk).
 CHUNK = 1
@@ -36,6 +37,7 @@ class Handler:
             except OSError:
                 pass
             self.threshold = cfg["threshold"]
+            _adopt_caller(cfg)
             initializer = cfg["initializer"]
             if initializer is not None:
                 initializer(*cfg["initargs"])
@@ -101,6 +103,53 @@ class Handler:
 
     def _error(self, exc: BaseException) -> list:
         return dumps(pack_exception(exc), self.threshold)
+
+
+def _adopt_caller(cfg: dict) -> None:
+    """What code written for ``multiprocessing`` expects of a child: the
+    caller's main script as ``__main__.__file__`` (a stdlib spawn pool started
+    in a task re-imports it, as from the caller) and the caller's authkey
+    (``multiprocessing.Manager()`` proxies authenticate with it)."""
+    main = sys.modules["__main__"]
+    if cfg.get("main_file"):
+        main.__file__ = cfg["main_file"]
+    if cfg.get("main_spec"):
+        from importlib.machinery import ModuleSpec
+
+        main.__spec__ = ModuleSpec(cfg["main_spec"], None)
+    key = cfg.get("authkey")
+    if key is not None:
+        process = sys.modules.get("multiprocessing.process")
+        if process is not None:
+            process.current_process().authkey = key
+        else:  # importing it here would cost every worker ~15 ms
+            sys.meta_path.insert(0, _AuthkeyOnImport(key))
+
+
+class _AuthkeyOnImport:
+    """Sets the caller's authkey the moment a task imports ``multiprocessing``."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def find_spec(self, name: str, path: object, target: object = None) -> object:
+        if name != "multiprocessing.process":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        loader = getattr(spec, "loader", None)
+        if loader is None:
+            return spec
+        run_module, key = loader.exec_module, self.key
+
+        def exec_module(module: object) -> None:
+            run_module(module)
+            module.current_process().authkey = key  # type: ignore[attr-defined]
+
+        loader.exec_module = exec_module
+        return spec
 
 
 def run(channel: object) -> None:

@@ -89,6 +89,14 @@ def main() -> None:
     import gc
 
     faulthandler.enable()
+    # Workers' own `__main__`: empty, where the caller's `__main__` code
+    # lands (see `_by_value`), not this boot script's namespace.
+    from . import _serialize
+
+    main_module = type(sys)("__main__")
+    main_module.__builtins__ = __builtins__
+    sys.modules["__main__"] = main_module
+    _serialize.WORKER_MAIN = main_module.__dict__
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(line_buffering=True)

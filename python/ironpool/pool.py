@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core, _zygote
+from ._remote_exception import copy_exception, unpack_exception
 from ._send_once import AutoShare, Shared, any_candidate, dumps_shared
 from ._serialize import (
     FRESH,
@@ -29,7 +32,6 @@ from ._serialize import (
     dumps_task,
     loads,
     unhold_all,
-    unpack_exception,
 )
 from ._worker import CHUNK, SINGLE
 from .errors import (
@@ -103,9 +105,11 @@ class _TaskFuture(Future):
         """Cancels a task not yet handed to a worker (as the stdlib, a task a
         worker has taken is running and cannot be cancelled)."""
         pool = self._pool_state
-        if pool is not None and not self.done() and not pool.core.cancel(self._task_id):
-            self.running()  # mark it so
-            return False
+        if pool is not None and not self.done():
+            if not pool.core.cancel(self._task_id):
+                self.running()  # mark it so
+                return False
+            pool.entries.pop(self._task_id, None)
         return super().cancel()
 
     def running(self) -> bool:
@@ -116,9 +120,26 @@ class _TaskFuture(Future):
                     self._state = _RUNNING
         return super().running()
 
+    def _collect(self, timeout: float | None) -> float | None:
+        """Collects results in this thread until done or ``timeout``; returns
+        what is left of ``timeout`` for the stdlib's own wait."""
+        state = self._pool_state
+        if state is None or self.done():
+            return timeout
+        if state.pid != os.getpid():
+            raise PoolClosed(
+                f"this future belongs to a pool of process {state.pid} and was inherited by fork; "
+                "its result will never reach this process"
+            )
+        if timeout is None:
+            state.collect_until(self, None)
+            return None
+        deadline = time.monotonic() + timeout
+        state.collect_until(self, timeout)
+        return max(0.0, deadline - time.monotonic())
+
     def result(self, timeout: float | None = None) -> Any:
-        if self._pool_state is not None and not self.done():
-            self._pool_state.collect_until(self, timeout)
+        timeout = self._collect(timeout)
         try:
             return super().result(timeout)
         except BaseException as exc:
@@ -132,20 +153,19 @@ class _TaskFuture(Future):
             raise _copy_exception(exc) from exc.__cause__
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._pool_state is not None and not self.done():
-            self._pool_state.collect_until(self, timeout)
-        return super().exception(timeout)
+        return super().exception(self._collect(timeout))
 
 
 class _Entry:
     __slots__ = (
-        "args", "attempts", "chunk", "fn", "future", "held", "keep", "kwargs", "retries", "retry_on", "sent", "since",
-        "timeout",
+        "args", "attempts", "chunk", "fn", "fn_id", "future", "held", "keep", "kwargs", "retries", "retry_on", "sent",
+        "since", "timeout",
     )
 
-    def __init__(self, future, fn, args, kwargs, retry_on, retries, chunk=0, keep=(), timeout=None):
+    def __init__(self, future, fn, fn_id, args, kwargs, retry_on, retries, chunk=0, keep=(), timeout=None):
         self.future = future
         self.fn = fn
+        self.fn_id = fn_id
         self.args = args
         self.kwargs = kwargs
         self.retry_on = retry_on
@@ -173,13 +193,7 @@ def _first_args(batch: list, flags: int) -> tuple:
 
 
 def _copy_exception(exc: BaseException) -> BaseException:
-    import copy
-
-    try:
-        fresh = copy.copy(exc)
-    except Exception:
-        return exc
-    return fresh if type(fresh) is type(exc) else exc
+    return copy_exception(exc) or exc
 
 
 def _settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
@@ -190,6 +204,107 @@ def _settle(future: Future, value: Any = None, error: BaseException | None = Non
             future.set_result(value)
     except InvalidStateError:  # cancelled meanwhile
         pass
+
+
+class _Function:
+    """A function registered with a pool (sent to each worker once). The pool
+    holds it weakly -- a bound method by its object and function -- so it keeps
+    nothing of the caller's alive; once it dies, workers forget it. A callable
+    that cannot be weakly referenced is held while calls use it, then
+    forgotten."""
+
+    __slots__ = ("__weakref__", "forgotten", "holds", "id", "key", "owner", "refs", "strong")
+
+    def __init__(self, owner: _Functions, key: Any, fid: int, parts: tuple) -> None:
+        self.owner = owner
+        self.key = key
+        self.id = fid
+        self.holds = 0
+        self.forgotten = False
+        self.strong: tuple | None = None
+        died = functools.partial(_function_died, weakref.ref(owner.dead), weakref.ref(self))
+        try:
+            self.refs: tuple | None = tuple(weakref.ref(p, died) for p in parts)
+        except TypeError:
+            self.refs = None
+            self.strong = parts
+
+    def is_for(self, parts: tuple) -> bool:
+        held = self.strong if self.refs is None else tuple(r() for r in self.refs)
+        return held is not None and len(held) == len(parts) and all(a is b for a, b in zip(held, parts, strict=True))
+
+    def release(self, _future: Any = None) -> None:
+        """One call is done with it."""
+        self.owner.release(self)
+
+
+def _function_died(dead_ref: Callable, function_ref: Callable, _ref: Any) -> None:
+    # A weakref callback: runs in whichever thread dropped the last reference,
+    # maybe inside the pool's own locks, so it only leaves a note.
+    dead, function = dead_ref(), function_ref()
+    if dead is not None and function is not None:
+        dead.append(function)
+
+
+def _callable_parts(fn: Any) -> tuple:
+    """What identifies a callable: a bound method by its object and function
+    (a fresh method object is made at each attribute access)."""
+    if isinstance(fn, types.MethodType):
+        return (fn.__self__, fn.__func__)
+    return (fn,)
+
+
+class _Functions:
+    """The functions a pool has registered, by identity: submitting the same
+    function again is a cache hit while it lives."""
+
+    def __init__(self, core: Any, ids: Iterator[int]) -> None:
+        self.core = core
+        self.ids = ids
+        self.lock = threading.Lock()
+        self.by_key: dict[tuple, _Function] = {}
+        self.dead: deque[_Function] = deque()
+
+    def acquire(self, fn: Any) -> _Function:
+        """The registration of ``fn``, held for one call (``release`` it)."""
+        self.forget_dead()
+        parts = _callable_parts(fn)
+        key = tuple(map(id, parts))
+        with self.lock:
+            function = self.by_key.get(key)
+            if function is None or not function.is_for(parts):
+                try:
+                    payload = dumps_function(fn)
+                except Exception as exc:
+                    raise SerializationError(
+                        f"function {describe_call(fn)} could not be pickled: {type(exc).__name__}: {exc}"
+                    ) from exc
+                function = _Function(self, key, next(self.ids), parts)
+                self.core.register_fn(function.id, payload)
+                self.by_key[key] = function
+            function.holds += 1
+            return function
+
+    def release(self, function: _Function) -> None:
+        with self.lock:
+            function.holds -= 1
+            if function.holds or function.refs is not None:
+                return
+        self._forget(function)
+
+    def forget_dead(self) -> None:
+        """Forgets the functions whose callables were collected."""
+        while self.dead:
+            self._forget(self.dead.popleft())
+
+    def _forget(self, function: _Function) -> None:
+        with self.lock:
+            if function.forgotten or (function.holds and function.refs is None):
+                return
+            function.forgotten = True
+            if self.by_key.get(function.key) is function:
+                del self.by_key[function.key]
+        self.core.unregister(function.id)
 
 
 class _State:
@@ -204,9 +319,8 @@ class _State:
         self.ids = itertools.count(1)
         self.closed = False
         self.pid = os.getpid()
-        self.fn_ids: dict[Any, tuple[Any, int]] = {}
-        self.fn_lock = threading.Lock()
-        self.next_fn = itertools.count(1)
+        self.next_fn = itertools.count(1)  # ids of registered functions and shared objects
+        self.functions = _Functions(core, self.next_fn)
         self.token = next(_pool_tokens)  # which pool a Shared handle belongs to
         self.auto_share = AutoShare(self._register_digested)
         self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
@@ -223,6 +337,7 @@ class _State:
             self._process(batch)
             del batch  # do not pin the last results' segments while asleep
             core.kick()
+            self.functions.forget_dead()
         for entry in list(self.entries.values()):
             _settle(entry.future, error=PoolClosed("the pool stopped before this task finished"))
         self.entries.clear()
@@ -280,7 +395,7 @@ class _State:
         elif kind == "raised":
             exc = unpack_exception(loads(parts))
             if entry.retries > 0 and entry.retry_on and isinstance(exc, entry.retry_on) and not self.closed:
-                entry.attempts = [*attempts, {"raised": f"{type(exc).__name__}: {exc}"}]
+                entry.attempts = [*attempts, {"raised": _safe_str(exc)}]
                 self._retry(entry)
                 return
             if attempts:
@@ -316,7 +431,7 @@ class _State:
             call = (args, kwargs) if kwargs is not None else args
             parts, needs, held = dumps_task(call, self.threshold, self.token, entry.since)
             entry.held.extend(held)  # let go of with the rest when the future settles
-        self.enqueue(entry, self.fn_id(entry.fn), parts, needs)
+        self.enqueue(entry, entry.fn_id, parts, needs)
 
     def enqueue(self, entry: _Entry, fn_id: int, parts: list, needs: list, items: int = 1, flags: int = 0) -> None:
         """Hands a pickled task to the engine under a fresh id."""
@@ -335,30 +450,10 @@ class _State:
                 f"this pool belongs to process {self.pid} and was inherited by fork; "
                 "create a new ironpool.Pool in this process"
             )
+        if _exiting:
+            raise PoolClosed("cannot schedule new futures after interpreter shutdown")
         if self.closed:
             raise PoolClosed("cannot submit to a pool after shutdown()")
-
-    def fn_id(self, fn: Any) -> int:
-        """Registers ``fn`` once per pool; workers receive it once."""
-        self_obj = getattr(fn, "__self__", None)
-        func = getattr(fn, "__func__", None)
-        key = (id(self_obj), id(func)) if func is not None else id(fn)
-        with self.fn_lock:
-            hit = self.fn_ids.get(key)
-            if hit is not None:
-                return hit[1]
-            try:
-                parts = dumps_function(fn)
-            except Exception as exc:
-                raise SerializationError(
-                    f"function {describe_call(fn)} could not be pickled: {type(exc).__name__}: {exc}"
-                ) from exc
-            fid = next(self.next_fn)
-            self.core.register_fn(fid, parts)
-            if len(self.fn_ids) > 4096:
-                self.fn_ids.clear()
-            self.fn_ids[key] = (fn, fid)
-            return fid
 
     def share(self, value: Any, threshold: int, mode: int) -> Shared:
         parts = dumps_shared(value, threshold)
@@ -424,23 +519,87 @@ class _State:
             return
         self.closed = True
         if cancel_futures:
-            for task_id in self.core.cancel_pending():
-                entry = self.entries.pop(task_id, None)
-                if entry is not None:
-                    Future.cancel(entry.future)  # already withdrawn from the engine
+            self.cancel_pending()
         self.core.shutdown()
         if wait:
-            self.core.join()
-            if threading.current_thread() is not self.thread:
-                self.thread.join()
+            self._join()
+
+    def cancel_pending(self) -> None:
+        """Cancels every task not yet handed to a worker."""
+        for task_id in self.core.cancel_pending():
+            entry = self.entries.pop(task_id, None)
+            if entry is not None:
+                Future.cancel(entry.future)  # already withdrawn from the engine
+
+    def _join(self) -> None:
+        """Waits for the workers to stop, in slices so that Ctrl-C is seen:
+        the first cancels what has not started and raises once the running
+        tasks are done; a second kills the workers and raises at once."""
+        interrupted: KeyboardInterrupt | None = None
+        while True:
+            try:
+                while not self.core.join(_WAIT_SLICE):
+                    pass
+                if threading.current_thread() is not self.thread:
+                    self.thread.join()
+                break
+            except KeyboardInterrupt as exc:
+                if interrupted is not None:
+                    self.terminate()
+                    raise
+                interrupted = exc
+                self.cancel_pending()
+        if interrupted is not None:
+            raise interrupted
+
+    def terminate(self) -> None:
+        """Cancels every unfinished task and kills the workers now."""
+        if self.pid != os.getpid():
+            return
+        self.closed = True
+        for entry in list(self.entries.values()):
+            if not Future.cancel(entry.future):
+                _settle(entry.future, error=PoolClosed("the pool was terminated while this task ran"))
+        self.entries.clear()
+        self.core.terminate()
+        self.core.join()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def orphan(self) -> None:
+        """In a forked child: this copy's futures will never settle, so fail
+        them now (a lock another thread held at the fork is left alone)."""
+        for entry in list(self.entries.values()):
+            condition = entry.future._condition
+            if condition.acquire(blocking=False):
+                condition.release()
+                _settle(entry.future, error=PoolClosed(
+                    f"this task was submitted by process {self.pid}; this process is a fork of it "
+                    "and will never receive its result"
+                ))
+        self.entries.clear()
 
 
 def _argument_error(exc: Exception, where: str) -> SerializationError:
     if isinstance(exc, SerializationError):
         return exc
-    err = SerializationError(f"the arguments of {where} could not be pickled: {type(exc).__name__}: {exc}")
+    hint = ""
+    if isinstance(exc, RuntimeError) and "through inheritance" in str(exc):
+        hint = (
+            "; multiprocessing locks, values, queues and pipes cannot be sent to tasks (nor to "
+            "ProcessPoolExecutor's): use a multiprocessing.Manager() proxy instead (manager.Lock(), "
+            "manager.Value(), manager.Queue(), manager.dict()), or pool.share() for read-only data"
+        )
+    err = SerializationError(f"the arguments of {where} could not be pickled: {type(exc).__name__}: {exc}{hint}")
     err.__cause__ = exc
     return err
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__} (its str() failed)"
 
 
 def _describe_attempt(a: dict) -> str:
@@ -474,7 +633,13 @@ _live: weakref.WeakSet[_State] = weakref.WeakSet()
 _pool_tokens = itertools.count(1)
 
 
+#: Set once the interpreter is exiting: no pool takes new work then.
+_exiting = False
+
+
 def _shutdown_all() -> None:
+    global _exiting
+    _exiting = True
     for state in list(_live):
         try:
             state.shutdown(wait=True, cancel_futures=False)
@@ -485,6 +650,8 @@ def _shutdown_all() -> None:
 def _forget_after_fork() -> None:
     # The child keeps the parent's pools as inert copies (check_open refuses
     # them); their engines' threads do not exist here.
+    for state in list(_live):
+        state.orphan()
     _live.clear()
 
 
@@ -584,6 +751,7 @@ class Pool(Executor):
             "initializer": initializer,
             "initargs": initargs,
             "threshold": buffer_threshold,
+            **_caller_identity(),
         }
         try:
             init_parts = dumps(init, 1 << 62)
@@ -645,12 +813,17 @@ class Pool(Executor):
         retries = self._retries if retries is None else retries
         since = call_started()
         try:
-            fn_id = state.fn_id(fn)
+            function = state.functions.acquire(fn)
+        except SerializationError as exc:
+            future.set_exception(exc)
+            return future
+        future.add_done_callback(function.release)
+        try:
             parts, needs, held, keep = state.dumps_args(args, kwargs, self._threshold, since)
         except Exception as exc:
             future.set_exception(_argument_error(exc, describe_call(fn, args, kwargs)))
             return future
-        entry = _Entry(future, fn, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
+        entry = _Entry(future, fn, function.id, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
         entry.since = since
         if self._retry_on and retries and all(type(p) is bytes for p in parts):
             entry.sent = (parts, needs)  # immutable already: a retry gets the same bytes
@@ -658,7 +831,7 @@ class Pool(Executor):
             entry.held = held  # retries add theirs to the same list
             future.add_done_callback(lambda _f, held=held: unhold_all(held))
         try:
-            state.enqueue(entry, fn_id, parts, needs)
+            state.enqueue(entry, function.id, parts, needs)
         except BaseException:
             unhold_all(held)  # never submitted, so never settled
             raise
@@ -724,17 +897,8 @@ class Pool(Executor):
 
     def terminate(self) -> None:
         """Stops now: cancels every unfinished task and kills the workers."""
-        state = self._state
-        if state is None or state.pid != os.getpid():
-            return
-        state.closed = True
-        for entry in list(state.entries.values()):
-            if not Future.cancel(entry.future):
-                _settle(entry.future, error=PoolClosed("the pool was terminated while this task ran"))
-        state.entries.clear()
-        state.core.terminate()
-        state.core.join()
-        state.thread.join()
+        if self._state is not None:
+            self._state.terminate()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
@@ -773,6 +937,23 @@ class Pool(Executor):
     def workers(self) -> int:
         """Number of worker processes."""
         return self._max_workers
+
+
+def _caller_identity() -> dict:
+    """What workers take on from the caller for ``multiprocessing`` code: the
+    main script (a stdlib spawn pool in a task re-imports it) and the authkey
+    (``Manager()`` proxies authenticate with it). The authkey is sent only if
+    ``multiprocessing`` is already imported: a ``Manager`` needs it, and
+    importing it here would cost every first pool ~15-35 ms."""
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    process = sys.modules.get("multiprocessing.process")
+    return {
+        "main_file": os.path.abspath(main_file) if isinstance(main_file, str) else None,
+        "main_spec": getattr(spec, "name", None),
+        "authkey": None if process is None else bytes(process.current_process().authkey),
+    }
 
 
 def _check_timeout(value: float | None, name: str) -> None:
@@ -835,7 +1016,8 @@ class _MapRun:
         self.pool = pool
         self.state = state
         self.fn = fn
-        self.fn_id = state.fn_id(fn)
+        self.function = state.functions.acquire(fn)
+        self.fn_id = self.function.id
         self.items = iter(items)
         self.remaining = total
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -872,7 +1054,16 @@ class _MapRun:
         future._rerun = keep[0] if keep else batch  # type: ignore[attr-defined]
         self.held.extend(held)
         entry = _Entry(
-            future, self.fn, batch, None, (), self.pool._retries, chunk=self.flags, keep=keep, timeout=self.task_timeout
+            future,
+            self.fn,
+            self.fn_id,
+            batch,
+            None,
+            (),
+            self.pool._retries,
+            chunk=self.flags,
+            keep=keep,
+            timeout=self.task_timeout,
         )
         state.enqueue(entry, self.fn_id, parts, needs, len(batch), self.flags)
         return future
@@ -899,7 +1090,10 @@ class _MapRun:
             while self.inflight:
                 values, self.error = self._chunk_outcome(self._take())
                 self._fill()
-                yield values
+                # Handed out by popping, so the iterator keeps no value it
+                # has yielded, inside a chunk too (at C speed).
+                values.reverse()
+                yield itertools.starmap(values.pop, itertools.repeat((), len(values)))
                 if self.error is not None:
                     raise self._pop_error()  # no local may hold it: its traceback has this frame
         finally:
@@ -957,5 +1151,8 @@ class _MapRun:
         self.inflight.clear()
         self.exhausted = True
         unhold_all(self.held)
+        function, self.function = self.function, None
+        if function is not None:
+            function.release()
 
 

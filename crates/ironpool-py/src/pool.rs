@@ -147,8 +147,17 @@ impl PoolCore {
         self.pool.terminate();
     }
 
-    fn join(&self, py: Python<'_>) {
-        py.detach(|| self.pool.join());
+    /// Waits for the workers to stop; with a timeout, gives up after it and
+    /// returns whether they had.
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        match seconds(timeout)? {
+            None => {
+                py.detach(|| self.pool.join());
+                Ok(true)
+            }
+            Some(t) => Ok(py.detach(|| self.pool.join_within(t))),
+        }
     }
 
     /// Finished tasks as `(task_id, kind, parts, info, elapsed, attempts)`

@@ -219,6 +219,27 @@ impl Pool {
         }
     }
 
+    /// Like `join`, giving up after `timeout`; true once the supervisor has
+    /// stopped. Lets a caller look at signals between waits (Ctrl-C).
+    pub fn join_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let finished = match lock(&self.thread).as_ref() {
+                None => true,
+                Some(t) => t.is_finished(),
+            };
+            if finished || crate::platform::current_pid() != self.owner {
+                self.join();
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(2)));
+        }
+    }
+
     /// Takes all available completions, waiting up to `timeout` for the
     /// first. `None` means the pool has finished and nothing more will come.
     pub fn wait_completions(&self, timeout: Option<Duration>) -> Option<Vec<Completion>> {
