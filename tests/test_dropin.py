@@ -314,9 +314,14 @@ def test_unshareable_multiprocessing_objects_say_how_to_share(tmp_path):
                     except ironpool.SerializationError as exc:
                         print("refused", "Manager()" in str(exc))
                 print("still usable", pool.submit(abs, -1).result())
+            try:  # the stdlib's recipe for a lock every worker holds: initargs
+                ironpool.Pool(1, initializer=print, initargs=(multiprocessing.Queue(),))
+            except ironpool.SerializationError as exc:
+                print("initargs refused", "initargs" in str(exc) and "Manager()" in str(exc))
         """,
     )
-    assert proc.stdout.split("\n")[:4] == ["refused True"] * 3 + ["still usable 1"], proc.stdout
+    lines = proc.stdout.split("\n")
+    assert lines[:5] == ["refused True"] * 3 + ["still usable 1", "initargs refused True"], proc.stdout
 
 
 def test_stdlib_spawn_pool_inside_a_task(tmp_path):
@@ -448,3 +453,19 @@ def test_second_ctrl_c_in_shutdown_kills_the_workers(tmp_path):
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("Linux only")
+
+
+def _pid(_):
+    return os.getpid()
+
+
+def test_process_pool_executor_keywords():
+    """``ProcessPoolExecutor(max_workers=..., max_tasks_per_child=..., mp_context=...)`` runs as is."""
+    with ironpool.Pool(max_workers=2, max_tasks_per_child=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pids = list(pool.map(_pid, range(4)))
+        assert pool.workers == 2
+    assert len(set(pids)) == 4, "max_tasks_per_child=1 gives each task a fresh worker"
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        ironpool.Pool(max_workers=0)
+    with pytest.raises(TypeError, match="not both"):
+        ironpool.Pool(2, max_workers=2)

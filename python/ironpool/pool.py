@@ -583,16 +583,23 @@ class _State:
 def _argument_error(exc: Exception, where: str) -> SerializationError:
     if isinstance(exc, SerializationError):
         return exc
-    hint = ""
-    if isinstance(exc, RuntimeError) and "through inheritance" in str(exc):
-        hint = (
-            "; multiprocessing locks, values, queues and pipes cannot be sent to tasks (nor to "
-            "ProcessPoolExecutor's): use a multiprocessing.Manager() proxy instead (manager.Lock(), "
-            "manager.Value(), manager.Queue(), manager.dict()), or pool.share() for read-only data"
-        )
-    err = SerializationError(f"the arguments of {where} could not be pickled: {type(exc).__name__}: {exc}{hint}")
+    err = SerializationError(
+        f"the arguments of {where} could not be pickled: {type(exc).__name__}: {exc}{_sharing_hint(exc)}"
+    )
     err.__cause__ = exc
     return err
+
+
+def _sharing_hint(exc: Exception) -> str:
+    """How to share what ``multiprocessing`` lets only children inherit."""
+    if not (isinstance(exc, RuntimeError) and "through inheritance" in str(exc)):
+        return ""
+    return (
+        "; ironpool's workers are not children of this process, so multiprocessing locks, values, "
+        "queues and pipes cannot reach them (in initargs either): use a multiprocessing.Manager() "
+        "proxy instead (manager.Lock(), manager.Value(), manager.Queue(), manager.dict()), or "
+        "pool.share() for read-only data"
+    )
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -691,6 +698,14 @@ class Pool(Executor):
             workers do not oversubscribe the cores); ``None`` leaves them alone.
         buffer_threshold: buffers of at least this many bytes travel through
             shared memory instead of the pipe.
+        forward_output: copy what workers print to this process's stdout and
+            stderr (default), else drop it.
+        max_workers, max_tasks_per_child, mp_context: ``ProcessPoolExecutor``'s
+            names, accepted so that code written for it runs unchanged:
+            ``max_workers`` is ``workers``, ``max_tasks_per_child`` is
+            ``max_tasks_per_worker``. ``mp_context`` is accepted and not used:
+            workers are always forks of a clean template process, so, as with
+            ``"spawn"``, they inherit nothing from the caller.
     """
 
     def __init__(
@@ -709,12 +724,26 @@ class Pool(Executor):
         thread_limit: int | None = 1,
         buffer_threshold: int = 64 * 1024,
         forward_output: bool = True,
+        max_workers: int | None = None,
+        max_tasks_per_child: int | None = None,
+        mp_context: Any = None,
     ) -> None:
         self._state: _State | None = None
+        workers_name = "workers"
+        if max_workers is not None:
+            if workers is not None:
+                raise TypeError("give workers or max_workers, not both")
+            workers, workers_name = max_workers, "max_workers"
+        if max_tasks_per_child is not None:
+            if max_tasks_per_worker is not None:
+                raise TypeError("give max_tasks_per_worker or max_tasks_per_child, not both")
+            max_tasks_per_worker = max_tasks_per_child
         if workers is None:
             workers = _core.default_workers()
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"{workers_name} must be an int, got {type(workers).__name__}")
+        if workers < 1:
+            raise ValueError(f"{workers_name} must be greater than 0, got {workers!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
         if not isinstance(initargs, tuple):
@@ -757,7 +786,7 @@ class Pool(Executor):
             init_parts = dumps(init, 1 << 62)
         except Exception as exc:
             raise SerializationError(
-                f"initializer or initargs could not be pickled: {type(exc).__name__}: {exc}"
+                f"initializer or initargs could not be pickled: {type(exc).__name__}: {exc}{_sharing_hint(exc)}"
             ) from exc
         try:
             zygote = _zygote.get(preload, thread_limit)
