@@ -423,30 +423,31 @@ def start_shutdown_script(tmp_path, seconds: float, count: int) -> subprocess.Po
     return proc
 
 
-def test_first_ctrl_c_in_shutdown_cancels_queued_work(tmp_path):
-    proc = start_shutdown_script(tmp_path, 1.0, 20)  # 10 s of queued work
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+def interrupt(proc: subprocess.Popen, presses: int) -> tuple[str, float]:
+    """Presses Ctrl-C ``presses`` times; returns stderr and the seconds from the
+    last press to the exit."""
+    for press in range(presses):
+        if press:
+            time.sleep(0.3)  # separate key presses, not one; nothing to wait on
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=15)
     finally:
         proc.kill()
-    took = time.monotonic() - sent
+    return err, time.monotonic() - sent
+
+
+def test_first_ctrl_c_in_shutdown_cancels_queued_work(tmp_path):
+    proc = start_shutdown_script(tmp_path, 1.0, 20)  # 10 s of queued work
+    err, took = interrupt(proc, 1)
     assert "KeyboardInterrupt" in err, err
     assert took < 4.0, f"Ctrl-C during shutdown took {took:.1f} s to return"
 
 
 def test_second_ctrl_c_in_shutdown_kills_the_workers(tmp_path):
     proc = start_shutdown_script(tmp_path, 60.0, 4)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)  # two separate key presses, not one; nothing to wait on
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
-    took = time.monotonic() - sent
+    err, took = interrupt(proc, 2)
     assert "KeyboardInterrupt" in err, err
     assert took < 3.0, f"a second Ctrl-C took {took:.1f} s to return"
 

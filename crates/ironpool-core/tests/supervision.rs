@@ -651,7 +651,7 @@ fn a_dead_zygote_is_started_again_and_the_pool_carries_on() {
     pool.submit(task(1, b"warm"));
     collect(&pool, 1);
     pool.submit(task(2, b"hang"));
-    std::thread::sleep(Duration::from_millis(50));
+    wait_dispatched(&pool, 2);
     z.kill();
     // Only the running task fails, as a crash; later work runs.
     let got = collect(&pool, 1);
@@ -673,7 +673,7 @@ fn a_dead_zygote_that_cannot_start_again_fails_work_instead_of_hanging() {
     pool.submit(task(1, b"warm"));
     collect(&pool, 1);
     pool.submit(task(2, b"hang"));
-    std::thread::sleep(Duration::from_millis(50));
+    wait_dispatched(&pool, 2);
     z.kill();
     let got = collect(&pool, 1);
     crash_of(&got[&2]);

@@ -222,6 +222,15 @@ pub fn children_of(ppid: i32) -> Vec<i32> {
     out
 }
 
+/// Waits (bounded) until a worker has been handed task `id`.
+pub fn wait_dispatched(pool: &Pool, id: u64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !pool.is_dispatched(id) {
+        assert!(Instant::now() < end, "task {id} was never dispatched");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits (bounded) until `ppid` has no children left.
 pub fn wait_no_children(ppid: i32, limit: Duration) -> Vec<i32> {
     let end = Instant::now() + limit;
