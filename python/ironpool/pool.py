@@ -517,12 +517,20 @@ class _State:
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if self.pid != os.getpid():
             return
-        self.closed = True
-        if cancel_futures:
+        interrupted: KeyboardInterrupt | None = None
+        try:
+            self.closed = True
+            if cancel_futures:
+                self.cancel_pending()
+            self.core.shutdown()
+        except KeyboardInterrupt as exc:  # the first Ctrl-C, before the wait began
+            interrupted = exc
             self.cancel_pending()
-        self.core.shutdown()
+            self.core.shutdown()
         if wait:
-            self._join()
+            self._join(interrupted)
+        elif interrupted is not None:
+            raise interrupted
 
     def cancel_pending(self) -> None:
         """Cancels every task not yet handed to a worker."""
@@ -531,11 +539,10 @@ class _State:
             if entry is not None:
                 Future.cancel(entry.future)  # already withdrawn from the engine
 
-    def _join(self) -> None:
+    def _join(self, interrupted: KeyboardInterrupt | None) -> None:
         """Waits for the workers to stop, in slices so that Ctrl-C is seen:
         the first cancels what has not started and raises once the running
         tasks are done; a second kills the workers and raises at once."""
-        interrupted: KeyboardInterrupt | None = None
         while True:
             try:
                 while not self.core.join(_WAIT_SLICE):
