@@ -66,10 +66,9 @@ def _install_globals(fn: types.FunctionType, state: tuple) -> None:
         for name, value in slots["__globals__"].items()
         if name not in ns or isinstance(value, (types.FunctionType, type))
     }
+    # The function itself is not put in by its name: it may be the
+    # undecorated original inside a decorator's closure.
     _cp._function_setstate(fn, state)
-    name = fn.__name__
-    if fn.__qualname__ == name and name.isidentifier():  # top level, not a lambda
-        ns[name] = fn
 
 
 def _code_at(ctor: type, args: tuple, filename: str) -> types.CodeType:

@@ -261,7 +261,10 @@ class _Functions:
     def __init__(self, core: Any, ids: Iterator[int]) -> None:
         self.core = core
         self.ids = ids
-        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        # Reentrant: a garbage collection while a function is pickled may
+        # close an abandoned map, which releases its function.
+        self.lock = threading.RLock()
         self.by_key: dict[tuple, _Function] = {}
         self.dead: deque[_Function] = deque()
 
@@ -294,8 +297,12 @@ class _Functions:
 
     def forget_dead(self) -> None:
         """Forgets the functions whose callables were collected."""
-        while self.dead:
-            self._forget(self.dead.popleft())
+        while True:
+            try:
+                function = self.dead.popleft()
+            except IndexError:  # empty, or another thread took the last
+                return
+            self._forget(function)
 
     def _forget(self, function: _Function) -> None:
         with self.lock:
@@ -304,7 +311,8 @@ class _Functions:
             function.forgotten = True
             if self.by_key.get(function.key) is function:
                 del self.by_key[function.key]
-        self.core.unregister(function.id)
+        if os.getpid() == self.pid:  # a forked child's copy has no engine
+            self.core.unregister(function.id)
 
 
 class _State:
@@ -576,6 +584,9 @@ class _State:
     def orphan(self) -> None:
         """In a forked child: this copy's futures will never settle, so fail
         them now (a lock another thread held at the fork is left alone)."""
+        # Their done callbacks release functions: under a fresh lock, since
+        # another thread of the parent may have held the old one.
+        self.functions.lock = threading.RLock()
         for entry in list(self.entries.values()):
             condition = entry.future._condition
             if condition.acquire(blocking=False):
