@@ -470,3 +470,29 @@ def test_process_pool_executor_keywords():
         ironpool.Pool(max_workers=0)
     with pytest.raises(TypeError, match="not both"):
         ironpool.Pool(2, max_workers=2)
+
+
+def test_decorated_main_function_stays_decorated(tmp_path):
+    proc = run_script(
+        tmp_path,
+        """
+        import ironpool
+
+        def shout(fn):
+            def wrapper(*args):
+                return fn(*args).upper()
+            return wrapper
+
+        @shout
+        def greet(name):
+            return "hi " + name
+
+        def calls_greet(name):
+            return greet(name)
+
+        if __name__ == "__main__":
+            with ironpool.Pool(1) as pool:
+                print(pool.submit(greet, "a").result(), pool.submit(calls_greet, "b").result())
+        """,
+    )
+    assert "HI A HI B" in proc.stdout, proc.stdout
