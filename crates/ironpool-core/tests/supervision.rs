@@ -643,19 +643,25 @@ fn cancelled_tasks_never_run() {
     shutdown(pool);
 }
 
-#[test]
-fn a_dead_zygote_is_started_again_and_the_pool_carries_on() {
-    let z = zygote();
-    let first = z.pid();
-    let pool = start(&z, config(2));
+/// Starts a pool, kills its template while task 2 hangs on a worker, and
+/// checks that task 2 fails as a crash.
+fn kill_template_under_a_running_task(z: &Zygote) -> TestPool {
+    let pool = start(z, config(2));
     pool.submit(task(1, b"warm"));
     collect(&pool, 1);
     pool.submit(task(2, b"hang"));
     wait_dispatched(&pool, 2);
     z.kill();
+    crash_of(&collect(&pool, 1)[&2]);
+    pool
+}
+
+#[test]
+fn a_dead_zygote_is_started_again_and_the_pool_carries_on() {
+    let z = zygote();
+    let first = z.pid();
     // Only the running task fails, as a crash; later work runs.
-    let got = collect(&pool, 1);
-    crash_of(&got[&2]);
+    let pool = kill_template_under_a_running_task(&z);
     pool.submit(task(3, b"after"));
     assert_eq!(returned(&collect(&pool, 1)[&3]), b"after");
     assert!(z.is_alive() && z.pid() != first, "a new template runs");
@@ -669,14 +675,7 @@ fn a_dead_zygote_that_cannot_start_again_fails_work_instead_of_hanging() {
     let mut cmd = std::process::Command::new(FAKE);
     cmd.env("FAKE_ZYGOTE_ONCE", &once);
     let z = Zygote::spawn(cmd).expect("fake zygote starts");
-    let pool = start(&z, config(2));
-    pool.submit(task(1, b"warm"));
-    collect(&pool, 1);
-    pool.submit(task(2, b"hang"));
-    wait_dispatched(&pool, 2);
-    z.kill();
-    let got = collect(&pool, 1);
-    crash_of(&got[&2]);
+    let pool = kill_template_under_a_running_task(&z);
     pool.submit(task(3, b"after"));
     match &collect(&pool, 1)[&3].outcome {
         Outcome::StartFailed { crash, .. } => {
