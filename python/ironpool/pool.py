@@ -989,17 +989,17 @@ class Pool(Executor):
 def _caller_identity() -> dict:
     """What workers take on from the caller for ``multiprocessing`` code: the
     main script (a stdlib spawn pool in a task re-imports it) and the authkey
-    (``Manager()`` proxies authenticate with it). The authkey is sent only if
-    ``multiprocessing`` is already imported: a ``Manager`` needs it, and
-    importing it here would cost every first pool ~15-35 ms."""
+    (``Manager()`` proxies authenticate with it; ``multiprocessing`` is
+    already loaded here, by ``concurrent.futures.process``)."""
+    from multiprocessing import process
+
     main = sys.modules.get("__main__")
     main_file = getattr(main, "__file__", None)
     spec = getattr(main, "__spec__", None)
-    process = sys.modules.get("multiprocessing.process")
     return {
         "main_file": os.path.abspath(main_file) if isinstance(main_file, str) else None,
         "main_spec": getattr(spec, "name", None),
-        "authkey": None if process is None else bytes(process.current_process().authkey),
+        "authkey": bytes(process.current_process().authkey),
     }
 
 
