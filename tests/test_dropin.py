@@ -118,7 +118,7 @@ def test_fresh_lambdas_do_not_grow_the_pool_or_its_workers():
     with ironpool.Pool(1) as pool:
         for i in range(300):
             assert pool.submit(lambda x, i=i: x + i, 1).result() == i + 1
-        in_caller = len(pool._state.functions.by_key)
+        in_caller = len(pool._backend.functions.by_key)
         in_worker = pool.submit(registry_size).result()
     assert in_caller < 10, f"the pool holds {in_caller} functions after 300 dead lambdas"
     assert in_worker < 10, f"the worker holds {in_worker} payloads after 300 dead lambdas"
@@ -126,7 +126,7 @@ def test_fresh_lambdas_do_not_grow_the_pool_or_its_workers():
 
 def test_resubmitting_a_live_function_is_a_cache_hit(pool):
     pool.submit(registry_size).result()
-    ids = {pool._state.functions.acquire(registry_size).id for _ in range(3)}
+    ids = {pool._backend.functions.acquire(registry_size).id for _ in range(3)}
     assert len(ids) == 1
 
 

@@ -166,7 +166,7 @@ def test_an_array_written_by_another_thread_while_it_is_first_sent_is_never_reus
 
 def test_large_bytes_passed_to_many_tasks_travel_once(pool):
     blob = bytes(range(256)) * (16 * 1024)  # 4 MiB, pickled in-band
-    auto = pool._state.auto_share
+    auto = pool._backend.auto_share
     futs = [pool.submit(len, blob) for _ in range(6)]
     assert [f.result(timeout=60) for f in futs] == [len(blob)] * 6
     assert [e.value is blob for e in auto._entries.values()].count(True) == 1, "bytes were not sent once"

@@ -1,8 +1,12 @@
-"""Sending an object to each worker once (pitfall P10).
+"""What a call sends, decided in one pickling pass: each object goes with
+the call, or once to each worker (pitfall P10).
 
-Two routes: ``pool.share(obj)`` returns a :class:`Shared` handle, and
-:class:`AutoShare` swaps large arguments the pool has seen before for
-handles by itself. Either way the object is pickled once into a registered
+``encode`` pickles a call (or a ``map`` chunk) once. While it does, the
+reducers in ``_serialize`` ask the call's :class:`Encoding` about each large
+numpy, pandas or Arrow object they meet, anywhere in the arguments: it
+answers with a handle from :class:`AutoShare` or lets the object travel with
+the call. ``pool.share(obj)`` makes such a handle explicitly
+(:class:`Shared`). Either way the object is pickled once into a registered
 payload that the engine sends each worker once (``RegisterFn``); the worker
 builds the object for each task from it (``_serialize.Registered``).
 
@@ -15,14 +19,18 @@ copy-on-write mappings, just as an ordinary argument would.
 
 from __future__ import annotations
 
+import _thread
+import itertools
+import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import _core
-from ._serialize import FRESH, PRIVATE, REUSE, SharedRef, dumps
+from . import _core, _serialize
+from ._serialize import FRESH, PRIVATE, REUSE, dumps, serialization_error
 from .errors import SerializationError
 
 #: Objects remembered by the automatic cache: this many...
@@ -33,6 +41,91 @@ _MAX_BYTES = 2 * 2**30
 #: ...of which at most this much in bytes objects, which cannot be weakly
 #: referenced and so are kept alive by the cache.
 _HELD_BYTES = 256 * 2**20
+
+
+#: Orders calls and releases: a call may send a handle released after it
+#: began (a rerun, the rest of a map), never one released before.
+_sequence = itertools.count(1)
+
+
+def call_started() -> int:
+    """A mark for a call beginning, for ``encode(..., since=)``."""
+    return next(_sequence)
+
+
+class SharedRef:
+    """Pickles as a reference to an object the pool registered once; the
+    worker receives the object itself. Only the pool that registered it can
+    send it. Each encoding holds it for the call being built (the caller
+    lets go once the call is done); once released and held by no call, the
+    pool forgets it (``unregister``)."""
+
+    __slots__ = ("gone", "holds", "id", "lock", "mode", "pid", "pool", "released", "unregister")
+
+    def __init__(self, ref_id: int, pool: int, mode: int, unregister: Callable[[int], None]) -> None:
+        self.id = ref_id
+        self.pool = pool
+        self.mode = mode
+        self.unregister = unregister
+        self.pid = os.getpid()
+        self.lock = _thread.allocate_lock()
+        self.holds = 0  # calls that may still send it
+        self.released = 0  # the call_started() mark when it was released; 0: not
+        self.gone = False  # forgotten by the pool
+
+    def hold(self, since: int) -> None:
+        """Holds it for a call that began at ``since``, if it may send it."""
+        with self.lock:
+            if self.gone or (self.released and self.released < since):
+                raise serialization_error(
+                    f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
+                )
+            self.holds += 1
+
+    def unhold(self) -> None:
+        with self.lock:
+            self.holds -= 1
+            last = self.holds == 0 and self.released and not self.gone
+            if last:
+                self.gone = True
+        if last:
+            self._forget()
+
+    def release(self) -> None:
+        """Refuses new calls; forgets it once no call holds it."""
+        with self.lock:
+            if not self.released:
+                self.released = next(_sequence)
+            last = self.holds == 0 and not self.gone
+            if last:
+                self.gone = True
+        if last:
+            self._forget()
+
+    def _forget(self) -> None:
+        if os.getpid() == self.pid:  # not in a forked child
+            self.unregister(self.id)
+
+    def __reduce__(self):
+        encoding = _serialize.current_encoding()
+        if not isinstance(encoding, Encoding):
+            raise serialization_error(
+                f"ironpool.Shared handle {self.id} can only be pickled as a task argument of the pool "
+                "that made it (not by pickle, copy or another pool's initargs)"
+            )
+        if encoding.pool != self.pool:
+            raise serialization_error(
+                f"ironpool.Shared handle {self.id} belongs to another pool: pass it only in the "
+                "arguments of tasks of the pool whose share() made it"
+            )
+        return encoding.refer(self)
+
+
+def unhold_all(held: list) -> None:
+    """Lets go of the handles a call held (see ``encode``)."""
+    for ref in held:
+        ref.unhold()
+    held.clear()
 
 
 class Shared:
@@ -62,9 +155,9 @@ class Shared:
         table.release()   # or let the handle be garbage collected
     """
 
-    def __init__(self, core: Any, token: int, value: Any, ref_id: int, mode: int) -> None:
+    def __init__(self, ref: SharedRef, value: Any) -> None:
         self.value = value
-        self._ref = SharedRef(ref_id, token, mode, core)
+        self._ref = ref
         weakref.finalize(self, self._ref.release)  # collected: as if released
 
     def __reduce__(self):
@@ -93,17 +186,15 @@ def dumps_shared(value: Any, threshold: int) -> list:
         ) from exc
 
 
-_KINDS = ("numpy", "pandas", "pyarrow")
-
-
-def any_candidate(values: Any) -> bool:
-    """Whether any of ``values`` is of a kind that may be sent once (a cheap
-    test that spares small calls the full look-up)."""
-    for v in values:
-        t = type(v)
-        if t is bytes or t.__module__.startswith(_KINDS):
-            return True
-    return False
+def _pandas_nbytes(v: Any) -> int:
+    """A pandas object's column bytes, without pickling it (object columns
+    count their pointers: a long one is worth sending once too)."""
+    if hasattr(v, "nbytes"):  # Series
+        return int(v.nbytes)
+    try:
+        return sum(int(a.nbytes) for a in v._mgr.arrays)
+    except AttributeError:  # a pandas without the block manager's arrays
+        return int(v.memory_usage(index=False, deep=False).sum())
 
 
 def _policy(v: Any, threshold: int) -> int | None:
@@ -120,13 +211,11 @@ def _policy(v: Any, threshold: int) -> int | None:
             return None  # lent on every send, no copy: nothing to save
         return PRIVATE if v.flags.writeable else FRESH
     if module.startswith("pandas") and t.__name__ in ("DataFrame", "Series"):
-        return PRIVATE  # small ones are dropped once pickled: no buffer out of band
+        return PRIVATE if _pandas_nbytes(v) >= threshold else None
     if module.startswith("pyarrow"):
-        name = t.__name__
-        if name in ("Table", "RecordBatch", "ChunkedArray") or name.endswith("Array"):
-            nbytes = getattr(v, "nbytes", 0)
-            if isinstance(nbytes, int) and nbytes >= threshold:
-                return REUSE  # Arrow objects have no in-place changes
+        nbytes = getattr(v, "nbytes", 0)
+        if isinstance(nbytes, int) and nbytes >= threshold:
+            return REUSE  # Arrow objects have no in-place changes
     return None
 
 
@@ -172,34 +261,7 @@ class AutoShare:
         self._lock = threading.RLock()
         self._entries: OrderedDict[int, _Cached] = OrderedDict()  # by id(value)
 
-    def swap(self, values: Any, threshold: int) -> Any | None:
-        """``values`` (an argument tuple, a kwargs dict, or a list of argument
-        tuples: a map chunk) with large objects replaced by handles, or None
-        if nothing was replaced."""
-        if isinstance(values, dict):
-            swapped = self.swap(tuple(values.values()), threshold)
-            return None if swapped is None else dict(zip(values, swapped, strict=True))
-        rows = values if isinstance(values, list) else [values]
-        handles: dict[int, Shared | None] = {}  # one look-up (and digest) per object per call
-        out = []
-        changed = False
-        for row in rows:
-            new = list(row)
-            for i, v in enumerate(new):
-                key = id(v)
-                if key not in handles:
-                    mode = _policy(v, threshold)
-                    handles[key] = None if mode is None else self._handle(v, threshold, mode)
-                handle = handles[key]
-                if handle is not None:
-                    new[i] = handle
-                    changed = True
-            out.append(tuple(new))
-        if not changed:
-            return None
-        return out if isinstance(values, list) else out[0]
-
-    def _handle(self, value: Any, threshold: int, mode: int) -> Shared | None:
+    def handle(self, value: Any, threshold: int, mode: int) -> Shared | None:
         """The cached handle for ``value`` while its digest matches, else a
         new one (None if it has no large buffer to share)."""
         key = id(value)
@@ -250,3 +312,104 @@ class AutoShare:
             entry = self._entries.get(key)
             if entry is not None and (_deref(entry.value) is None or _deref(entry.handle) is None):
                 del self._entries[key]
+
+
+class Encoding:
+    """One call being pickled: the handles it refers to (held for the call)
+    and the objects it sent as handles. Consulted by ``_serialize``'s
+    reducers and by ``SharedRef.__reduce__`` while ``encode`` runs."""
+
+    __slots__ = ("auto", "held", "ids", "pinned", "pool", "since", "threshold")
+
+    def __init__(self, pool: int, threshold: int, since: int, auto: AutoShare | None, pinned: dict) -> None:
+        self.pool = pool
+        self.threshold = threshold
+        self.since = since
+        self.auto = auto
+        self.pinned = pinned  # id(object) -> its Shared handle, for this call
+        self.ids: list[int] = []  # registered objects the payload refers to
+        self.held: list[SharedRef] = []
+
+    def refer(self, ref: SharedRef) -> tuple:
+        """The reduce value of a reference to ``ref``, held for this call."""
+        ref.hold(self.since)
+        self.held.append(ref)
+        self.ids.append(ref.id)
+        return (_serialize._shared_lookup, (ref.id, ref.mode))
+
+    def send_once(self, obj: Any) -> tuple | None:
+        """A reference to ``obj`` sent once, or None: it goes with the call."""
+        handle = self.pinned.get(id(obj))
+        if handle is None:
+            if self.auto is None:
+                return None
+            mode = _policy(obj, self.threshold)
+            if mode is None:
+                return None
+            # Its own pickling (to register it) must not send it once again.
+            previous = _serialize.set_encoding(None)
+            try:
+                handle = self.auto.handle(obj, self.threshold, mode)
+            finally:
+                _serialize.set_encoding(previous)
+            if handle is None:
+                return None
+            self.pinned[id(obj)] = handle
+        return self.refer(handle._ref)
+
+    def restart(self) -> None:
+        """The call is pickled again from the start (by value)."""
+        unhold_all(self.held)
+        self.ids.clear()
+
+
+@dataclass(slots=True)
+class Encoded:
+    """A call as the engine takes it."""
+
+    parts: list  # the pickle stream and its out-of-band buffers
+    needs: list[int]  # registered objects it refers to
+    held: list[SharedRef]  # handles held for the call: ``unhold_all`` when it is done
+    pinned: dict = field(default_factory=dict)  # objects sent as handles (see ``encode``)
+
+
+def encode(
+    call: Any,
+    *,
+    pool: int,
+    threshold: int,
+    since: int,
+    auto: AutoShare | None,
+    pinned: dict | None = None,
+) -> Encoded:
+    """Pickles the arguments of a call of pool ``pool`` that began at
+    ``since`` (``call_started()``; the rest of a map passes its call's mark,
+    so it may still send handles released after that), in one pass: large
+    numpy, pandas and Arrow objects anywhere in it are sent once through
+    ``auto``. ``pinned`` (the ``Encoded.pinned`` of an earlier encoding)
+    makes the objects it lists go as the same handles, so that a rerun reads
+    what the first run read. The caller must ``unhold_all(encoded.held)``
+    once the call is done, or at once if it is never submitted."""
+    encoding = Encoding(pool, threshold, since, auto, {} if pinned is None else pinned)
+    previous = _serialize.set_encoding(encoding)
+    try:
+        parts = dumps(call, threshold)
+    except BaseException:
+        unhold_all(encoding.held)
+        raise
+    finally:
+        _serialize.set_encoding(previous)
+    return Encoded(parts, encoding.ids, encoding.held, encoding.pinned)
+
+
+def share_large_bytes(values: tuple, auto: AutoShare, threshold: int) -> tuple:
+    """``values`` with large ``bytes`` replaced by handles: the pickler never
+    shows ``bytes`` to a reducer, so a call's own arguments are checked here."""
+    if not any(type(v) is bytes and len(v) >= threshold for v in values):
+        return values
+    out = []
+    for v in values:
+        handle = auto.handle(v, threshold, REUSE) if type(v) is bytes and len(v) >= threshold else None
+        out.append(v if handle is None else handle)
+    return tuple(out)
+

@@ -14,8 +14,6 @@ from __future__ import annotations
 import _pickle as pickle
 import _thread
 import io
-import itertools
-import os
 import sys
 
 _repr = None
@@ -93,7 +91,21 @@ REGISTRY: dict[int, Registered] = {}
 #: ``__main__`` is rebuilt over (see ``_by_value``); None elsewhere.
 WORKER_MAIN: dict | None = None
 
-_collecting = _thread._local()
+#: The call being encoded in this thread (``_send_once.Encoding``), if any:
+#: the reducers below ask it which objects to send once.
+_local = _thread._local()
+
+
+def set_encoding(encoding: object) -> object:
+    """Makes ``encoding`` the one pickling consults in this thread; returns
+    the previous one (restore it when done)."""
+    previous = getattr(_local, "encoding", None)
+    _local.encoding = encoding
+    return previous
+
+
+def current_encoding() -> object:
+    return getattr(_local, "encoding", None)
 
 
 def _shared_lookup(ref_id: int, mode: int = FRESH) -> object:
@@ -107,115 +119,6 @@ def _shared_lookup(ref_id: int, mode: int = FRESH) -> object:
     return entry.load(what, private=mode == PRIVATE)
 
 
-#: Orders calls and releases: a call may send a handle released after it
-#: began (a retry, the rest of a map), never one released before.
-_sequence = itertools.count(1)
-
-
-def call_started() -> int:
-    """A mark for a call beginning, for ``dumps_task(..., since=)``."""
-    return next(_sequence)
-
-
-class SharedRef:
-    """Pickles as a reference to an object the pool registered once; the
-    worker receives the object itself. Only the pool that registered it can
-    send it. Each pickling holds it for the call being built (the caller
-    lets go once the call is done); once released and held by no call, the
-    pool forgets it (``core.unregister``)."""
-
-    __slots__ = ("core", "gone", "holds", "id", "lock", "mode", "pid", "pool", "released")
-
-    def __init__(self, ref_id: int, pool: int, mode: int, core: object) -> None:
-        self.id = ref_id
-        self.pool = pool
-        self.mode = mode
-        self.core = core
-        self.pid = os.getpid()
-        self.lock = _thread.allocate_lock()
-        self.holds = 0  # calls that may still send it
-        self.released = 0  # the call_started() mark when it was released; 0: not
-        self.gone = False  # forgotten by the pool
-
-    def hold(self, since: int) -> None:
-        """Holds it for a call that began at ``since``, if it may send it."""
-        with self.lock:
-            if self.gone or (self.released and self.released < since):
-                raise serialization_error(
-                    f"ironpool.Shared handle {self.id} was released: workers no longer hold its object"
-                )
-            self.holds += 1
-
-    def unhold(self) -> None:
-        with self.lock:
-            self.holds -= 1
-            last = self.holds == 0 and self.released and not self.gone
-            if last:
-                self.gone = True
-        if last:
-            self._forget()
-
-    def release(self) -> None:
-        """Refuses new calls; forgets it once no call holds it."""
-        with self.lock:
-            if not self.released:
-                self.released = next(_sequence)
-            last = self.holds == 0 and not self.gone
-            if last:
-                self.gone = True
-        if last:
-            self._forget()
-
-    def _forget(self) -> None:
-        if os.getpid() == self.pid:  # not in a forked child
-            self.core.unregister(self.id)  # type: ignore[attr-defined]
-
-    def __reduce__(self):
-        ids = getattr(_collecting, "ids", None)
-        if ids is None:
-            raise serialization_error(
-                f"ironpool.Shared handle {self.id} can only be pickled as a task argument of the pool "
-                "that made it (not by pickle, copy or another pool's initargs)"
-            )
-        if _collecting.pool != self.pool:
-            raise serialization_error(
-                f"ironpool.Shared handle {self.id} belongs to another pool: pass it only in the "
-                "arguments of tasks of the pool whose share() made it"
-            )
-        self.hold(_collecting.since)
-        _collecting.held.append(self)
-        ids.append(self.id)
-        return (_shared_lookup, (self.id, self.mode))
-
-
-def unhold_all(held: list) -> None:
-    """Lets go of the handles a call held (see ``dumps_task``)."""
-    for ref in held:
-        ref.unhold()
-    held.clear()
-
-
-def dumps_task(obj: object, threshold: int, pool: int, since: int) -> tuple[list, list, list]:
-    """Like ``dumps`` for the arguments of a call of pool ``pool`` that began
-    at ``since`` (``call_started()``; a retry or the rest of a map passes
-    its call's mark, so it may still send handles released after that).
-    Returns the parts, the ids of the shared objects they refer to, and the
-    handles it held: the caller must ``unhold_all`` them once the call is
-    done, or at once if it is never submitted."""
-    _collecting.ids = ids = []
-    _collecting.held = held = []
-    _collecting.pool = pool
-    _collecting.since = since
-    try:
-        return dumps(obj, threshold), ids, held
-    except BaseException:
-        unhold_all(held)
-        raise
-    finally:
-        _collecting.ids = None
-        _collecting.held = None
-
-
 def _rebuild_viewed(raw: object, dtype: object, shape: tuple, fortran: bool) -> object:
     """Inverse of ``_reduce_ndarray``: the bytes viewed as the original dtype."""
     if fortran:
@@ -226,7 +129,13 @@ def _rebuild_viewed(raw: object, dtype: object, shape: tuple, fortran: bool) -> 
 def _reduce_ndarray(a: object) -> tuple:
     """numpy pickles datetime64, timedelta64 and structured arrays in-band
     (their dtypes cannot be exported through the buffer protocol). Sending
-    their bytes as uint8 lets them travel out of band like any other array."""
+    their bytes as uint8 lets them travel out of band like any other array.
+    In a call being encoded, a large array may go as a handle instead."""
+    encoding = getattr(_local, "encoding", None)
+    if encoding is not None:
+        handle = encoding.send_once(a)
+        if handle is not None:
+            return handle
     dt = a.dtype
     if a.size and not dt.hasobject and (dt.kind in "mM" or dt.names is not None):
         if a.flags.c_contiguous:
@@ -236,26 +145,55 @@ def _reduce_ndarray(a: object) -> tuple:
     return a.__reduce_ex__(5)
 
 
-_dispatch_table: dict | None = None
+def _reduce_sendable(obj: object) -> tuple:
+    """pandas and Arrow objects: in a call being encoded, a large one may go
+    as a handle (sent once); otherwise as it pickles itself."""
+    encoding = getattr(_local, "encoding", None)
+    if encoding is not None:
+        handle = encoding.send_once(obj)
+        if handle is not None:
+            return handle
+    return obj.__reduce_ex__(5)
 
 
-def _numpy_table() -> dict | None:
-    """The pickler dispatch table with the ndarray reducer, once numpy is loaded."""
-    global _dispatch_table
-    if _dispatch_table is None:
-        np = sys.modules.get("numpy")
-        if np is None:
-            return None
+def _arrow_types(pa: object) -> list:
+    found = [pa.Table, pa.RecordBatch, pa.ChunkedArray]
+    todo = [pa.Array]
+    while todo:  # the concrete array types: the table is keyed by exact type
+        t = todo.pop()
+        found.append(t)
+        todo.extend(t.__subclasses__())
+    return found
+
+
+_tables: dict[tuple, dict] = {}
+
+
+def _task_table() -> dict | None:
+    """The pickler dispatch table with ironpool's reducers for the numpy,
+    pandas and Arrow types loaded so far (None while numpy is not)."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    pd, pa = sys.modules.get("pandas"), sys.modules.get("pyarrow")
+    key = (pd is not None and hasattr(pd, "DataFrame"), pa is not None and hasattr(pa, "Table"))
+    table = _tables.get(key)
+    if table is None:
         import copyreg
 
         table = dict(copyreg.dispatch_table)
         table[np.ndarray] = _reduce_ndarray
-        _dispatch_table = table
-    return _dispatch_table
+        if key[0]:
+            table[pd.DataFrame] = table[pd.Series] = _reduce_sendable
+        if key[1]:
+            for t in _arrow_types(pa):
+                table[t] = _reduce_sendable
+        _tables[key] = table
+    return table
 
 
 def _pickle_dumps(obj: object, buffer_callback) -> bytes:
-    table = _numpy_table()
+    table = _task_table()
     if table is None:
         return pickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
     out = io.BytesIO()
@@ -291,10 +229,10 @@ def dumps(obj: object, threshold: int) -> list:
         from . import _by_value
 
         buffers.clear()
-        if getattr(_collecting, "ids", None):
-            _collecting.ids.clear()
-            unhold_all(_collecting.held)  # the second pickling holds them again
-        data = _by_value.dumps(obj, keep_large, _numpy_table())
+        encoding = getattr(_local, "encoding", None)
+        if encoding is not None:
+            encoding.restart()  # the second pickling refers to its handles again
+        data = _by_value.dumps(obj, keep_large, _task_table())
     return [data, *buffers]
 
 
@@ -321,7 +259,7 @@ def dumps_function(fn: object) -> list:
             pass
     from . import _by_value
 
-    return [_by_value.dumps(fn, None, _numpy_table())]
+    return [_by_value.dumps(fn, None, _task_table())]
 
 
 def describe_call(fn: object, args: tuple = (), kwargs: dict | None = None) -> str:

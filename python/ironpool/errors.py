@@ -8,7 +8,6 @@ Each one subclasses the stdlib type that code written for
 from __future__ import annotations
 
 import pickle
-import signal as _signal
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -25,13 +24,6 @@ __all__ = [
 
 class IronpoolError(Exception):
     """Base of ironpool's own errors (mixed into each stdlib-derived class)."""
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return _signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 def _python_stack(stderr_tail: str) -> str | None:
@@ -144,40 +136,3 @@ class RemoteError(Exception):
 
     def __reduce__(self):
         return (type(self), (self.type_name, self.message, self.traceback))
-
-
-def describe_crash(info: dict, task: str) -> WorkerCrashed:
-    """Builds the error for a task whose worker died, naming the likely cause."""
-    sig = info.get("signal")
-    code = info.get("exitcode")
-    pid = info.get("pid", 0)
-    killed_by = info.get("killed_by")
-    tail = info.get("stderr_tail") or ""
-    if killed_by == "memory":
-        msg = (
-            f"worker pid {pid} was killed running {task}: its memory reached "
-            f"{info.get('rss', 0) / 2**20:.0f} MiB, over the hard limit of "
-            f"{info.get('memory_limit', 0) / 2**20:.0f} MiB"
-        )
-        err = MemoryLimitExceeded(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)
-        err.rss = info.get("rss", 0)
-        err.limit = info.get("memory_limit", 0)
-        return err
-    if info.get("protocol_error"):
-        cause = f"broke the pool protocol ({info['protocol_error']})"
-    elif sig is not None:
-        cause = f"was killed by {_signal_name(sig)}"
-        if sig == _signal.SIGKILL and killed_by is None:
-            cause += " that ironpool did not send: probably the out-of-memory killer"
-        elif sig == _signal.SIGSEGV:
-            cause += " (a segmentation fault in native code)"
-        elif sig == _signal.SIGABRT:
-            cause += " (abort(): a failed assertion or fatal error in native code)"
-    elif code is not None:
-        cause = f"exited with code {code} (os._exit or exit() from native code)"
-    else:
-        cause = "was lost (the template process died)"
-    msg = f"worker pid {pid} {cause} while running {task}"
-    if tail:
-        msg += "\n--- last lines of the worker's stderr ---\n" + tail
-    return WorkerCrashed(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)

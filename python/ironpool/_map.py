@@ -1,0 +1,189 @@
+"""The machinery behind ``map``, ``starmap`` and ``imap_unordered``: a bounded
+window of chunks in flight over any backend, refilled as results are taken,
+handed out at C speed."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
+from concurrent.futures import wait as _wait
+from typing import Any
+
+from ._send_once import call_started
+from .backends import CHUNK, SINGLE, Backend, Call
+from .errors import TaskTimeout, WorkerCrashed
+
+
+def common_len(iterables: tuple) -> int | None:
+    """The length ``map`` will have, if the inputs tell it."""
+    try:
+        return min(len(it) for it in iterables)
+    except TypeError:
+        return None
+
+
+class Results:
+    """The iterator ``map`` returns. Iterating it runs at C speed over whole
+    chunks (``__iter__`` hands out a ``chain`` over them); ``close()``, or
+    dropping it, withdraws the chunks not yet started."""
+
+    __slots__ = ("_chunks", "_items", "_run")
+
+    def __init__(self, run: MapRun, chunks: Generator[Iterator[Any], None, None]) -> None:
+        self._run = run
+        self._chunks = chunks
+        self._items = itertools.chain.from_iterable(chunks)
+        # Dropped without ever being started, a generator skips its finally:
+        # let go of the run's hold when the generator goes, however it is
+        # iterated (a for loop keeps only the chain, not this object).
+        weakref.finalize(chunks, run.close)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._run.close()  # the generator's own close() skips that if it never started
+
+
+class MapRun:
+    """One ``map`` over a backend: submits chunks, keeps ``window`` of them in
+    flight, and yields their values in order (or as they finish)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        fn: Callable[..., Any],
+        items: Iterator[Any],
+        *,
+        total: int | None,
+        timeout: float | None,
+        chunksize: int | None,
+        task_timeout: float | None,
+        retries: int,
+        ordered: bool,
+        single: bool,
+    ) -> None:
+        backend.check_open()
+        self.backend = backend
+        self.fn = fn
+        self.function: Any = backend.function(fn)
+        self.items = items
+        self.remaining = total
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.chunksize = chunksize
+        self.task_timeout = task_timeout
+        self.retries = retries
+        self.ordered = ordered
+        self.flags = CHUNK | SINGLE if single else CHUNK  # single: items are arguments, not tuples
+        self.window = max(4, 4 * backend.workers)
+        self.inflight: deque[tuple[Future, Call]] = deque()
+        self.error: BaseException | None = None
+        self.exhausted = False
+        self.since = call_started()  # every chunk is part of this one call
+        try:
+            self._fill()
+        except BaseException:
+            self.close()
+            raise
+
+    def _submit(self, items: list, rerun_of: Call | None = None) -> tuple[Future, Call]:
+        call = Call(
+            self.fn, items, None, chunk=self.flags, timeout=self.task_timeout, retries=self.retries,
+            since=self.since, rerun_of=rerun_of,
+        )
+        return self.backend.submit(call, self.function), call
+
+    def _fill(self) -> None:
+        while not self.exhausted and len(self.inflight) < self.window:
+            n = self.chunksize or self.backend.chunk_size(self.function, self.remaining)
+            batch = list(itertools.islice(self.items, n))
+            if not batch:
+                self.exhausted = True
+                break
+            if self.remaining is not None:
+                self.remaining -= len(batch)
+            self.inflight.append(self._submit(batch))
+
+    def results(self) -> Results:
+        """What the caller iterates: the values of each chunk in turn."""
+        return Results(self, self._chunks())
+
+    def _chunks(self) -> Generator[Iterator[Any], None, None]:
+        """Each chunk's values in order, refilling the window as chunks are
+        taken; withdraws what is left when closed, interrupted or collected."""
+        try:
+            while self.inflight:
+                values, self.error = self._outcome(*self._take())
+                self._fill()
+                # Handed out by popping, so the iterator keeps no value it
+                # has yielded, inside a chunk too (at C speed).
+                values.reverse()
+                yield itertools.starmap(values.pop, itertools.repeat((), len(values)))
+                if self.error is not None:
+                    raise self._pop_error()  # no local may hold it: its traceback has this frame
+        finally:
+            self.close()
+
+    def _pop_error(self) -> BaseException:
+        err, self.error = self.error, None
+        assert err is not None
+        return err
+
+    def _take(self) -> tuple[Future, Call]:
+        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if self.ordered:
+            future = self.inflight[0][0]
+            try:
+                future.exception(remaining)  # the backend may deliver in this thread while it waits
+            except TimeoutError:
+                raise TimeoutError("map() results not ready within the timeout") from None
+            except CancelledError:
+                pass
+            return self.inflight.popleft()
+        done, _ = _wait([f for f, _ in self.inflight], remaining, return_when=FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError("map() results not ready within the timeout")
+        for i, (future, _call) in enumerate(self.inflight):
+            if future in done:
+                taken = self.inflight[i]
+                del self.inflight[i]
+                return taken
+        raise AssertionError("a finished chunk is not in flight")
+
+    def _outcome(self, future: Future, call: Call) -> tuple[list, BaseException | None]:
+        """The values a chunk produced and the error at its end, if any."""
+        try:
+            return future.result()
+        except (WorkerCrashed, TaskTimeout):
+            if len(call.args) == 1:
+                raise
+        # A chunk whose worker died: run its items one by one so that only the
+        # item that kills a worker fails. Items before it may run twice.
+        values: list = []
+        for item in call.args:
+            try:
+                vals, failure = self._submit([item], rerun_of=call)[0].result()
+            except (WorkerCrashed, TaskTimeout) as exc:
+                return values, exc
+            values.extend(vals)
+            if failure is not None:
+                return values, failure
+        return values, None
+
+    def close(self) -> None:
+        """Withdraws chunks not yet started."""
+        for future, _call in self.inflight:
+            future.cancel()
+        self.inflight.clear()
+        self.exhausted = True
+        function, self.function = self.function, None
+        if function is not None:
+            function.release()

@@ -1,0 +1,459 @@
+"""The processes backend: tasks run in worker processes forked from a
+template and supervised by the Rust engine (``_core.PoolCore``).
+
+This module pickles each call once (``_send_once.encode``), hands it to the
+engine, and turns the engine's completions into settled futures
+(``_outcomes.resolve``): in the thread that waits for one (``collect_until``
+drives the engine directly), or in the ``ironpool-results`` thread for
+futures nobody waits on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from .. import _core, _zygote
+from .._futures import TaskFuture, settle
+from .._options import PoolOptions
+from .._outcomes import argument_error, resolve, sharing_hint
+from .._remote_exception import unpack_exception
+from .._send_once import (
+    AutoShare,
+    Shared,
+    SharedRef,
+    dumps_shared,
+    encode,
+    share_large_bytes,
+    unhold_all,
+)
+from .._serialize import FRESH, REUSE, describe_call, dumps
+from ..errors import PoolClosed, SerializationError, WorkerStartError
+from . import Call, WorkerInfo
+from ._functions import Function, Functions
+
+#: How long a caller waiting in ``result()`` polls the workers itself before
+#: sleeping. Tiny tasks answer within this, saving two thread wake-ups.
+_SPIN_SECONDS = 200e-6
+#: Longest uninterruptible wait inside the engine.
+_WAIT_SLICE = 0.05
+
+
+def start(options: PoolOptions) -> ProcessBackend | Unstarted:
+    """A running backend, or one that fails every call with why it could not start."""
+    init = {
+        "sys_path": list(sys.path),
+        "cwd": os.getcwd(),
+        "initializer": options.initializer,
+        "initargs": options.initargs,
+        "threshold": options.buffer_threshold,
+        "retry_on": options.retry_on,
+        **_caller_identity(),
+    }
+    try:
+        init_parts = dumps(init, 1 << 62)
+    except Exception as exc:
+        raise SerializationError(
+            "initializer, initargs or retry_on could not be pickled: "
+            f"{type(exc).__name__}: {exc}{sharing_hint(exc)}"
+        ) from exc
+    try:
+        zygote = _zygote.get(options.preload, options.thread_limit)
+    except OSError as exc:
+        return Unstarted(options.workers, WorkerStartError(f"workers could not start: {exc}"))
+    core = _core.PoolCore(
+        zygote,
+        options.workers,
+        init_parts,
+        options.buffer_threshold,
+        task_timeout=options.task_timeout,
+        max_tasks_per_worker=options.max_tasks_per_worker,
+        max_memory=options.max_memory,
+        hard_memory_factor=options.hard_memory_factor,
+        forward_output=options.forward_output,
+    )
+    return ProcessBackend(core, options)
+
+
+def _caller_identity() -> dict:
+    """What workers take on from the caller for ``multiprocessing`` code: the
+    main script (a stdlib spawn pool in a task re-imports it) and the authkey
+    (``Manager()`` proxies authenticate with it; ``multiprocessing`` is
+    already loaded here, by ``concurrent.futures.process``)."""
+    from multiprocessing import process
+
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    return {
+        "main_file": os.path.abspath(main_file) if isinstance(main_file, str) else None,
+        "main_spec": getattr(spec, "name", None),
+        "authkey": bytes(process.current_process().authkey),
+    }
+
+
+class _Use:
+    """A ``map``'s hold on its function and on the handles its chunks sent:
+    the rest of the map may send them again (a rerun, a later chunk), so
+    they are let go of when the map ends, not when a chunk does."""
+
+    __slots__ = ("function", "held")
+
+    def __init__(self, function: Function) -> None:
+        self.function = function
+        self.held: list[SharedRef] = []
+
+    def release(self, _future: Any = None) -> None:
+        unhold_all(self.held)
+        self.function.release()
+
+
+class _Task:
+    """A task the engine is running for a future."""
+
+    __slots__ = ("call", "future")
+
+    def __init__(self, future: TaskFuture, call: Call) -> None:
+        self.future = future
+        self.call = call
+
+    def describe(self) -> str:
+        call = self.call
+        if call.chunk:
+            first = describe_call(call.fn, call.first_args())
+            return f"a map chunk of {len(call.args)} items starting with {first}"
+        return describe_call(call.fn, call.args, call.kwargs)
+
+
+class ProcessBackend:
+    """One pool's engine and the futures of its tasks. Holds no reference to
+    the ``Pool``, so an unreferenced pool can be collected and shut down."""
+
+    def __init__(self, core: Any, options: PoolOptions) -> None:
+        self.core = core
+        self.workers = options.workers
+        self.threshold = options.buffer_threshold
+        self.tasks: dict[int, _Task] = {}
+        self.task_ids = itertools.count(1)
+        self.closed = False
+        self.pid = os.getpid()
+        self.object_ids = itertools.count(1)  # ids of registered functions and shared objects
+        self.functions = Functions(core, self.object_ids)
+        self.token = next(_pool_tokens)  # which pool a Shared handle belongs to
+        self.auto_share = AutoShare(self._register_digested)
+        self.thread = threading.Thread(target=self._deliver, name="ironpool-results", daemon=True)
+        self.thread.start()
+        _live.add(self)
+
+    # Submitting ----------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self.pid != os.getpid():
+            raise PoolClosed(
+                f"this pool belongs to process {self.pid} and was inherited by fork; "
+                "create a new ironpool.Pool in this process"
+            )
+        if _exiting:
+            raise PoolClosed("cannot schedule new futures after interpreter shutdown")
+        if self.closed:
+            raise PoolClosed("cannot submit to a pool after shutdown()")
+
+    def function(self, fn: Callable[..., Any]) -> _Use:
+        return _Use(self.functions.acquire(fn))
+
+    def submit(self, call: Call, function: Any = None) -> TaskFuture:
+        use = function
+        future = TaskFuture()
+        self.check_open()
+        if use is None:
+            try:
+                registered = self.functions.acquire(call.fn)
+            except SerializationError as exc:
+                future.set_exception(exc)
+                return future
+            future.add_done_callback(registered.release)
+        else:
+            assert isinstance(use, _Use)
+            registered = use.function
+        args = call.args
+        if call.chunk:
+            what: Any = args
+        else:
+            args = share_large_bytes(args, self.auto_share, self.threshold)
+            what = (args, call.kwargs or {})
+        pinned = call.rerun_of.sent if call.rerun_of is not None else None
+        try:
+            encoded = encode(
+                what, pool=self.token, threshold=self.threshold, since=call.since, auto=self.auto_share, pinned=pinned
+            )
+        except Exception as exc:
+            where = describe_call(call.fn, call.first_args(), call.kwargs)
+            if call.chunk:
+                where += " (or a neighbour in its chunk)"
+            future.set_exception(argument_error(exc, where))
+            return future
+        # Kept while the task lives: the handles of objects sent once stay
+        # valid for the burst of tasks using them, and a rerun of one of a
+        # chunk's items sends the same ones.
+        call.sent = encoded.pinned
+        task_id = next(self.task_ids)
+        future.bind(self, task_id)
+        self.tasks[task_id] = _Task(future, call)
+        if use is not None:
+            use.held.extend(encoded.held)
+        elif encoded.held:
+            future.add_done_callback(lambda _f, held=encoded.held: unhold_all(held))
+        items = len(call.args) if call.chunk else 1
+        try:
+            self.core.submit(
+                task_id, registered.id, encoded.parts, call.timeout, call.retries, items, call.chunk,
+                needs=encoded.needs,
+            )
+        except BaseException:
+            self.tasks.pop(task_id, None)
+            if use is None:
+                unhold_all(encoded.held)  # never submitted, so never settled
+            raise
+        return future
+
+    def chunk_size(self, function: Any, remaining: int | None) -> int:
+        assert isinstance(function, _Use)
+        return self.core.chunk_size(function.function.id, remaining)
+
+    def share(self, value: Any, reuse: bool) -> Shared:
+        self.check_open()
+        parts = dumps_shared(value, self.threshold)
+        ref_id = next(self.object_ids)
+        self.core.register_fn(ref_id, parts)
+        return Shared(SharedRef(ref_id, self.token, REUSE if reuse else FRESH, self.core.unregister), value)
+
+    def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes | None]:
+        ref_id = next(self.object_ids)
+        digest = self.core.register_shared(ref_id, parts)
+        return Shared(SharedRef(ref_id, self.token, mode, self.core.unregister), None), digest
+
+    def stats(self) -> list[WorkerInfo]:
+        return [WorkerInfo(**d) for d in self.core.stats()]
+
+    # Futures (the TaskDriver protocol) ------------------------------------
+
+    def cancel_task(self, task_id: int) -> bool:
+        if not self.core.cancel(task_id):
+            return False
+        self.tasks.pop(task_id, None)
+        return True
+
+    def task_started(self, task_id: int) -> bool:
+        return self.core.is_dispatched(task_id)
+
+    def collect_until(self, future: Future, timeout: float | None) -> None:
+        """Collects completions in this thread until ``future`` is done or
+        ``timeout`` passes (the caller then reads the future as usual)."""
+        if self.pid != os.getpid():
+            raise PoolClosed(
+                f"this future belongs to a pool of process {self.pid} and was inherited by fork; "
+                "its result will never reach this process"
+            )
+        if threading.current_thread() is self.thread:
+            return
+        core = self.core
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not future.done():
+            generation = core.generation()
+            if future.done():
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            # Sleep in slices: Ctrl-C is handled between them (the wait itself
+            # runs detached in Rust, where Python cannot see signals).
+            step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+            batch = core.pump(generation, _SPIN_SECONDS, step)
+            if batch is None:
+                return
+            if batch:
+                self._settle_all(batch)
+                core.kick()
+
+    # Results -------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        core = self.core
+        while True:
+            batch = core.wait_completions(None)
+            if batch is None:
+                break
+            self._settle_all(batch)
+            del batch  # do not pin the last results' segments while asleep
+            core.kick()
+            self.functions.forget_dead()
+        for task in list(self.tasks.values()):
+            settle(task.future, error=PoolClosed("the pool stopped before this task finished"))
+        self.tasks.clear()
+
+    def _settle_all(self, batch: list) -> None:
+        tasks = self.tasks
+        from .. import _outcome_shim  # TEMPORARY
+
+        for completion in batch:
+            if isinstance(completion, tuple):
+                completion = _outcome_shim.convert(completion)
+            task = tasks.pop(completion.task_id, None)
+            if task is None or task.future.done():
+                continue
+            try:
+                value, error = resolve(completion.outcome, completion.attempts, task.describe)
+                if error is None and task.call.chunk:
+                    values, failure = value
+                    value = (values, None if failure is None else unpack_exception(failure))
+            except BaseException as exc:  # never lose a result
+                value, error = None, exc
+            settle(task.future, value, error)
+
+    # Stopping ------------------------------------------------------------
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if self.pid != os.getpid():
+            return
+        interrupted: KeyboardInterrupt | None = None
+        try:
+            self.closed = True
+            if cancel_futures:
+                self.cancel_pending()
+            self.core.shutdown()
+        except KeyboardInterrupt as exc:  # the first Ctrl-C, before the wait began
+            interrupted = exc
+            self.cancel_pending()
+            self.core.shutdown()
+        if wait:
+            self._join(interrupted)
+        elif interrupted is not None:
+            raise interrupted
+
+    def cancel_pending(self) -> None:
+        """Cancels every task not yet handed to a worker."""
+        for task_id in self.core.cancel_pending():
+            task = self.tasks.pop(task_id, None)
+            if task is not None:
+                Future.cancel(task.future)  # already withdrawn from the engine
+
+    def _join(self, interrupted: KeyboardInterrupt | None) -> None:
+        """Waits for the workers to stop, in slices so that Ctrl-C is seen:
+        the first cancels what has not started and raises once the running
+        tasks are done; a second kills the workers and raises at once."""
+        while True:
+            try:
+                while not self.core.join(_WAIT_SLICE):
+                    pass
+                if threading.current_thread() is not self.thread:
+                    self.thread.join()
+                break
+            except KeyboardInterrupt as exc:
+                if interrupted is not None:
+                    self.terminate()
+                    raise
+                interrupted = exc
+                self.cancel_pending()
+        if interrupted is not None:
+            raise interrupted
+
+    def terminate(self) -> None:
+        """Cancels every unfinished task and kills the workers now."""
+        if self.pid != os.getpid():
+            return
+        self.closed = True
+        for task in list(self.tasks.values()):
+            if not Future.cancel(task.future):
+                settle(task.future, error=PoolClosed("the pool was terminated while this task ran"))
+        self.tasks.clear()
+        self.core.terminate()
+        self.core.join()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def orphan(self) -> None:
+        """In a forked child: this copy's futures will never settle, so fail
+        them now (a lock another thread held at the fork is left alone)."""
+        # Their done callbacks release functions: under a fresh lock, since
+        # another thread of the parent may have held the old one.
+        self.functions.lock = threading.RLock()
+        for task in list(self.tasks.values()):
+            condition = task.future._condition
+            if condition.acquire(blocking=False):
+                condition.release()
+                settle(task.future, error=PoolClosed(
+                    f"this task was submitted by process {self.pid}; this process is a fork of it "
+                    "and will never receive its result"
+                ))
+        self.tasks.clear()
+
+
+class Unstarted:
+    """A backend whose workers could not start: every call fails with why."""
+
+    def __init__(self, workers: int, error: BaseException) -> None:
+        self.workers = workers
+        self.error = error
+
+    def check_open(self) -> None:
+        raise self.error
+
+    def function(self, fn: Callable[..., Any]) -> Any:
+        raise self.error
+
+    def submit(self, call: Call, function: Any = None) -> TaskFuture:
+        future = TaskFuture()
+        future.set_exception(self.error)
+        return future
+
+    def chunk_size(self, function: Any, remaining: int | None) -> int:
+        return 1
+
+    def share(self, value: Any, reuse: bool) -> Shared:
+        raise self.error
+
+    def stats(self) -> list[WorkerInfo]:
+        return []
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+_live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
+_pool_tokens = itertools.count(1)
+
+#: Set once the interpreter is exiting: no pool takes new work then.
+_exiting = False
+
+
+def _shutdown_all() -> None:
+    global _exiting
+    _exiting = True
+    for backend in list(_live):
+        try:
+            backend.shutdown(wait=True, cancel_futures=False)
+        except Exception:
+            pass
+
+
+def _forget_after_fork() -> None:
+    # The child keeps the parent's pools as inert copies (check_open refuses
+    # them); their engines' threads do not exist here.
+    for backend in list(_live):
+        backend.orphan()
+    _live.clear()
+
+
+# Runs before threads are joined at interpreter exit, like the stdlib's.
+threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]
+os.register_at_fork(after_in_child=_forget_after_fork)
