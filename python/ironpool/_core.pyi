@@ -3,13 +3,13 @@
 from collections.abc import Sequence
 from typing import Any, final
 
-Part = bytes | memoryview | SharedBuffer
-
 @final
 class SharedBuffer:
     """A view of a mapped shared-memory segment; exports the buffer protocol."""
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
+
+Part = bytes | memoryview | SharedBuffer
 
 @final
 class RegisteredPayload:

@@ -28,20 +28,20 @@ def resolve(outcome: Any, attempts: list, describe: Callable[[], str]) -> tuple[
             err.__cause__ = exc
             return None, err
     if isinstance(outcome, _core.Raised):
-        exc = unpack_exception(loads(outcome.parts))
+        raised = unpack_exception(loads(outcome.parts))
         if attempts:
-            exc.add_note(attempts_text(attempts))
-        return None, exc
+            raised.add_note(attempts_text(attempts))
+        return None, raised
     if isinstance(outcome, _core.TimedOut):
         task = describe()
-        err = TaskTimeout(
+        timeout = TaskTimeout(
             f"{task} ran longer than its {outcome.limit:g} s limit; worker pid {outcome.crash.pid} "
             "was killed and replaced",
             task=task,
             limit=outcome.limit,
             pid=outcome.crash.pid,
         )
-        return None, _with_attempts(err, attempts)
+        return None, _with_attempts(timeout, attempts)
     if isinstance(outcome, _core.Crashed):
         return None, _with_attempts(crash_error(outcome.crash, describe()), attempts)
     if isinstance(outcome, _core.StartFailed):

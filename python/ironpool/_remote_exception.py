@@ -37,6 +37,8 @@ imports this module.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._serialize import dumps, loads
 
 #: Links followed from the raised exception (causes, contexts, group members).
@@ -154,7 +156,7 @@ class _Packer:
             node["message"] = exc.message
             node["members"] = [self.link(m, depth + 1) for m in exc.exceptions]
         else:
-            args = []
+            args: list[tuple[bool, Any]] = []
             for i, arg in enumerate(exc.args):
                 try:
                     args.append((True, _dump(arg)))
@@ -246,9 +248,9 @@ def _builtin_base(cls: type) -> type:
     return BaseException
 
 
-def _new(cls: type, args: tuple) -> BaseException:
+def _new(cls: Any, args: tuple) -> Any:
     """An instance of ``cls`` with ``args``, no Python ``__new__``/``__init__`` run."""
-    base = _builtin_base(cls)
+    base: Any = _builtin_base(cls)
     try:
         obj = base.__new__(cls, *args)
     except TypeError:  # an extension type with its own layout
@@ -284,7 +286,7 @@ class _Builder:
     def get(self, index: int | None) -> BaseException | None:
         if index is None:
             return None
-        obj = self.built[index]
+        obj: BaseException | None = self.built[index]
         if obj is None:
             obj = self.built[index] = self.make(self.nodes[index])
         return obj
@@ -292,7 +294,7 @@ class _Builder:
     def make(self, node: dict) -> BaseException:
         notes = list(node.get("notes") or ())
         cls, why = self.load_class(node)
-        obj = None
+        obj: Any = None
         if "members" in node:
             members = [m for m in (self.get(i) for i in node["members"]) if m is not None]
             message = node.get("message", "")
@@ -350,7 +352,7 @@ class _Builder:
     def build(self) -> BaseException:
         root = self.get(0)
         for index, node in enumerate(self.nodes):  # links, once every exception exists
-            obj = self.get(index)
+            obj: Any = self.get(index)
             obj.__cause__ = self.get(node.get("cause"))
             obj.__context__ = self.get(node.get("context"))
             obj.__suppress_context__ = bool(node.get("suppress"))
@@ -361,10 +363,10 @@ def copy_exception(exc: BaseException) -> BaseException | None:
     """A shallow copy of ``exc`` made as ``unpack_exception`` builds one (no
     Python ``__init__`` runs, so classes whose ``__init__`` does not take
     their ``args`` copy too), or None if it cannot be made."""
-    cls = type(exc)
+    cls: Any = type(exc)
     try:
         if isinstance(exc, BaseExceptionGroup):
-            new = BaseExceptionGroup.__new__(cls, exc.message, exc.exceptions)
+            new: Any = BaseExceptionGroup.__new__(cls, exc.message, exc.exceptions)
         else:
             new = _new(cls, exc.args)
         state = getattr(exc, "__dict__", None)
@@ -388,7 +390,7 @@ def copy_exception(exc: BaseException) -> BaseException | None:
 def _attach_traceback(exc: BaseException, tb: str) -> None:
     from concurrent.futures.process import _RemoteTraceback
 
-    remote = _RemoteTraceback(f'\n"""\n{tb}"""')
+    remote: Any = _RemoteTraceback(f'\n"""\n{tb}"""')  # type: ignore[arg-type]  # the stdlib passes a str
     last, seen = exc, {id(exc)}
     while last.__cause__ is not None:
         last = last.__cause__

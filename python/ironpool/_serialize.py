@@ -15,6 +15,7 @@ import _pickle as pickle
 import _thread
 import io
 import sys
+from typing import Any
 
 _repr = None
 
@@ -56,7 +57,7 @@ class Registered:
     __slots__ = ("error", "payload", "value")
 
     def __init__(self, payload: object) -> None:
-        self.payload: object = payload
+        self.payload: Any = payload
         self.value: object = None
         self.error: BaseException | None = None
 
@@ -64,7 +65,7 @@ class Registered:
         """A new object over the shared read-only mapping, or over private ones."""
         try:
             p = self.payload
-            return loads(p.private_parts() if private else p.shared_parts())  # type: ignore[union-attr]
+            return loads(p.private_parts() if private else p.shared_parts())
         except BaseException as exc:
             raise serialization_error(
                 f"{what} could not be unpickled in the worker: {type(exc).__name__}: {exc}"
@@ -119,14 +120,14 @@ def _shared_lookup(ref_id: int, mode: int = FRESH) -> object:
     return entry.load(what, private=mode == PRIVATE)
 
 
-def _rebuild_viewed(raw: object, dtype: object, shape: tuple, fortran: bool) -> object:
+def _rebuild_viewed(raw: Any, dtype: Any, shape: tuple, fortran: bool) -> Any:
     """Inverse of ``_reduce_ndarray``: the bytes viewed as the original dtype."""
     if fortran:
         return raw.view(dtype).reshape(shape[::-1]).T
     return raw.view(dtype).reshape(shape)
 
 
-def _reduce_ndarray(a: object) -> tuple:
+def _reduce_ndarray(a: Any) -> Any:
     """numpy pickles datetime64, timedelta64 and structured arrays in-band
     (their dtypes cannot be exported through the buffer protocol). Sending
     their bytes as uint8 lets them travel out of band like any other array.
@@ -145,7 +146,7 @@ def _reduce_ndarray(a: object) -> tuple:
     return a.__reduce_ex__(5)
 
 
-def _reduce_sendable(obj: object) -> tuple:
+def _reduce_sendable(obj: Any) -> Any:
     """pandas and Arrow objects: in a call being encoded, a large one may go
     as a handle (sent once); otherwise as it pickles itself."""
     encoding = getattr(_local, "encoding", None)
@@ -156,7 +157,7 @@ def _reduce_sendable(obj: object) -> tuple:
     return obj.__reduce_ex__(5)
 
 
-def _arrow_types(pa: object) -> list:
+def _arrow_types(pa: Any) -> list:
     found = [pa.Table, pa.RecordBatch, pa.ChunkedArray]
     todo = [pa.Array]
     while todo:  # the concrete array types: the table is keyed by exact type
@@ -175,7 +176,8 @@ def _task_table() -> dict | None:
     np = sys.modules.get("numpy")
     if np is None:
         return None
-    pd, pa = sys.modules.get("pandas"), sys.modules.get("pyarrow")
+    pd: Any = sys.modules.get("pandas")
+    pa: Any = sys.modules.get("pyarrow")
     key = (pd is not None and hasattr(pd, "DataFrame"), pa is not None and hasattr(pa, "Table"))
     table = _tables.get(key)
     if table is None:
@@ -211,7 +213,7 @@ def dumps(obj: object, threshold: int) -> list:
     """Pickles ``obj``; buffers of ``threshold`` bytes or more go out of band."""
     buffers: list = []
 
-    def keep_large(pb: object) -> bool:
+    def keep_large(pb: Any) -> bool:
         try:
             raw = pb.raw()
         except BufferError:  # not contiguous: let pickle copy it in-band
@@ -236,7 +238,7 @@ def dumps(obj: object, threshold: int) -> list:
     return [data, *buffers]
 
 
-def loads(parts: list) -> object:
+def loads(parts: list) -> Any:
     """Inverse of ``dumps``; out-of-band parts are used in place."""
     return pickle.loads(parts[0], buffers=parts[1:])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import os
 import sys
+from typing import Any
 
 from . import _core
 
@@ -65,7 +66,7 @@ def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
 
 def main() -> None:
     """Entry point of the template process."""
-    import _signal  # `signal` would import enum: start-up time
+    import _signal  # type: ignore[import-not-found]  # `signal` would import enum: start-up time
 
     fd = int(os.environ.pop("IRONPOOL_ZYGOTE_FD"))
     # Ctrl-C is the caller's to handle; workers must not die of it.
@@ -93,13 +94,13 @@ def main() -> None:
     # lands (see `_by_value`), not this boot script's namespace.
     from . import _serialize
 
-    main_module = type(sys)("__main__")
+    main_module: Any = type(sys)("__main__")
     main_module.__builtins__ = __builtins__
     sys.modules["__main__"] = main_module
     _serialize.WORKER_MAIN = main_module.__dict__
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.reconfigure(line_buffering=True)
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
     # Move the template's objects out of the collector's reach: a worker's

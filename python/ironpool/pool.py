@@ -6,7 +6,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import Any, Literal
 
 from . import _core, backends
 from ._map import MapRun, common_len
@@ -237,7 +237,7 @@ class Pool(Executor):
         if self._backend is not None:
             self._backend.terminate()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self.terminate()
         else:

@@ -10,6 +10,7 @@ futures nobody waits on.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -97,6 +98,10 @@ def _caller_identity() -> dict:
         "main_spec": getattr(spec, "name", None),
         "authkey": bytes(process.current_process().authkey),
     }
+
+
+def _unhold_when_done(held: list[SharedRef], _future: Future) -> None:
+    unhold_all(held)
 
 
 class _Use:
@@ -209,7 +214,7 @@ class ProcessBackend:
         if use is not None:
             use.held.extend(encoded.held)
         elif encoded.held:
-            future.add_done_callback(lambda _f, held=encoded.held: unhold_all(held))
+            future.add_done_callback(functools.partial(_unhold_when_done, encoded.held))
         items = len(call.args) if call.chunk else 1
         try:
             self.core.submit(
