@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ironpool_core::ipc::Kind;
 use ironpool_core::supervisor::{Pool, PoolConfig};
-use ironpool_core::task::{Completion, Crash, ExitStatus, Failure, KillReason, Outcome, Task};
+use ironpool_core::task::{Attempt, Completion, Crash, ExitStatus, KillReason, Outcome, Task};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -267,13 +267,24 @@ fn crash_info<'py>(py: Python<'py>, c: &Crash) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-fn failure_info<'py>(py: Python<'py>, f: &Failure) -> PyResult<Bound<'py, PyDict>> {
-    match f {
-        Failure::Crashed(c) => crash_info(py, c),
-        Failure::TimedOut { limit, crash } => {
-            let d = crash_info(py, crash)?;
-            d.set_item("limit", limit.as_secs_f64())?;
-            d.set_item("killed_by", "timeout")?;
+fn timeout_info<'py>(
+    py: Python<'py>,
+    limit: Duration,
+    crash: &Crash,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = crash_info(py, crash)?;
+    d.set_item("limit", limit.as_secs_f64())?;
+    d.set_item("killed_by", "timeout")?;
+    Ok(d)
+}
+
+fn attempt_info<'py>(py: Python<'py>, a: &Attempt) -> PyResult<Bound<'py, PyDict>> {
+    match a {
+        Attempt::Crashed(c) => crash_info(py, c),
+        Attempt::TimedOut { limit, crash } => timeout_info(py, *limit, crash),
+        Attempt::Raised(m) => {
+            let d = PyDict::new(py);
+            d.set_item("raised", buffers::decode(py, m, false)?)?;
             Ok(d)
         }
     }
@@ -283,20 +294,16 @@ fn completion(py: Python<'_>, c: Completion) -> PyResult<Bound<'_, PyTuple>> {
     let attempts = c
         .attempts
         .iter()
-        .map(|f| failure_info(py, f))
+        .map(|a| attempt_info(py, a))
         .collect::<PyResult<Vec<_>>>()?;
     let elapsed = c.elapsed.as_secs_f64();
     let none = py.None().into_bound(py);
     let (kind, parts, info) = match c.outcome {
         Outcome::Returned(m) => ("ok", buffers::decode(py, &m, false)?.into_any(), none),
         Outcome::Raised(m) => ("raised", buffers::decode(py, &m, false)?.into_any(), none),
-        Outcome::Failed(f) => {
-            let kind = if matches!(f, Failure::TimedOut { .. }) {
-                "timeout"
-            } else {
-                "crashed"
-            };
-            (kind, none, failure_info(py, &f)?.into_any())
+        Outcome::Crashed(crash) => ("crashed", none, crash_info(py, &crash)?.into_any()),
+        Outcome::TimedOut { limit, crash } => {
+            ("timeout", none, timeout_info(py, limit, &crash)?.into_any())
         }
         Outcome::StartFailed { error, crash } => {
             let parts = match error {
