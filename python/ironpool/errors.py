@@ -10,6 +10,10 @@ from __future__ import annotations
 import pickle
 import signal as _signal
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._core import CrashReport
 
 __all__ = [
     "IronpoolError",
@@ -146,25 +150,26 @@ class RemoteError(Exception):
         return (type(self), (self.type_name, self.message, self.traceback))
 
 
-def describe_crash(info: dict, task: str) -> WorkerCrashed:
-    """Builds the error for a task whose worker died, naming the likely cause."""
-    sig = info.get("signal")
-    code = info.get("exitcode")
-    pid = info.get("pid", 0)
-    killed_by = info.get("killed_by")
-    tail = info.get("stderr_tail") or ""
+def describe_crash(crash: CrashReport, task: str) -> WorkerCrashed:
+    """Builds the error for a task whose worker died, naming the likely cause
+    (``crash`` is the engine's ``ironpool._core.CrashReport``)."""
+    sig = crash.signal
+    code = crash.exitcode
+    pid = crash.pid
+    killed_by = crash.killed_by
+    tail = crash.stderr_tail or ""
     if killed_by == "memory":
+        rss, limit = crash.rss or 0, crash.memory_limit or 0
         msg = (
             f"worker pid {pid} was killed running {task}: its memory reached "
-            f"{info.get('rss', 0) / 2**20:.0f} MiB, over the hard limit of "
-            f"{info.get('memory_limit', 0) / 2**20:.0f} MiB"
+            f"{rss / 2**20:.0f} MiB, over the hard limit of {limit / 2**20:.0f} MiB"
         )
         err = MemoryLimitExceeded(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)
-        err.rss = info.get("rss", 0)
-        err.limit = info.get("memory_limit", 0)
+        err.rss = rss
+        err.limit = limit
         return err
-    if info.get("protocol_error"):
-        cause = f"broke the pool protocol ({info['protocol_error']})"
+    if crash.protocol_error:
+        cause = f"broke the pool protocol ({crash.protocol_error})"
     elif sig is not None:
         cause = f"was killed by {_signal_name(sig)}"
         if sig == _signal.SIGKILL and killed_by is None:

@@ -157,26 +157,20 @@ class _TaskFuture(Future):
 
 
 class _Entry:
-    __slots__ = (
-        "args", "attempts", "chunk", "fn", "fn_id", "future", "held", "keep", "kwargs", "retries", "retry_on", "sent",
-        "since", "timeout",
-    )
+    __slots__ = ("args", "chunk", "fn", "fn_id", "future", "keep", "kwargs", "retries", "timeout")
 
-    def __init__(self, future, fn, fn_id, args, kwargs, retry_on, retries, chunk=0, keep=(), timeout=None):
+    def __init__(self, future, fn, fn_id, args, kwargs, retries, chunk=0, keep=(), timeout=None):
         self.future = future
         self.fn = fn
         self.fn_id = fn_id
         self.args = args
         self.kwargs = kwargs
-        self.retry_on = retry_on
-        self.retries = retries  # re-runs left, for crashes, timeouts and retry_on alike
+        self.retries = retries  # the engine's budget of re-runs, whatever ends an attempt
         self.timeout = timeout
-        self.attempts: list[dict] = []  # failed attempts so far, oldest first
         self.chunk = chunk  # task flags: 0, or CHUNK (| SINGLE) for a map chunk
-        self.keep = keep  # the arguments as sent, with shared handles in them (or ())
-        self.sent: tuple | None = None  # (parts, needs) kept for a retry_on retry
-        self.since = 0  # the call's call_started() mark
-        self.held: list = []  # the handles its picklings held (see dumps_task)
+        # The arguments as sent (or ()): their shared handles, which the send-once
+        # cache holds only weakly, live while the task is queued or running.
+        self.keep = keep
 
     def describe(self) -> str:
         if self.chunk:
@@ -352,12 +346,12 @@ class _State:
 
     def _process(self, batch: list) -> None:
         entries = self.entries
-        for task_id, kind, parts, info, _elapsed, attempts in batch:
-            entry = entries.pop(task_id, None)
+        for completion in batch:
+            entry = entries.pop(completion.task_id, None)
             if entry is None or entry.future.done():
                 continue
             try:
-                self._resolve(task_id, entry, kind, parts, info, attempts)
+                self._resolve(entry, completion.outcome, completion.attempts)
             except BaseException as exc:  # never lose a result
                 _settle(entry.future, error=exc)
 
@@ -385,13 +379,12 @@ class _State:
                 self._process(batch)
                 core.kick()
 
-    def _resolve(self, task_id, entry: _Entry, kind, parts, info, attempts) -> None:
-        # The engine spent one re-run per crash or timeout it retried.
-        entry.retries = max(0, entry.retries - len(attempts))
-        attempts = entry.attempts + list(attempts)
-        if kind == "ok":
+    def _resolve(self, entry: _Entry, outcome: Any, attempts: list) -> None:
+        """Settles ``entry``'s future from its outcome (the engine has run
+        every retry its budget allowed; ``attempts`` are the earlier runs)."""
+        if isinstance(outcome, _core.Returned):
             try:
-                value = loads(parts)
+                value = loads(outcome.parts)
             except BaseException as exc:
                 err = SerializationError(
                     f"the result of {entry.describe()} could not be unpickled: {type(exc).__name__}: {exc}"
@@ -400,49 +393,31 @@ class _State:
                 _settle(entry.future, error=err)
                 return
             _settle(entry.future, value)
-        elif kind == "raised":
-            exc = unpack_exception(loads(parts))
-            if entry.retries > 0 and entry.retry_on and isinstance(exc, entry.retry_on) and not self.closed:
-                entry.attempts = [*attempts, {"raised": _safe_str(exc)}]
-                self._retry(entry)
-                return
+        elif isinstance(outcome, _core.Raised):
+            exc = unpack_exception(loads(outcome.parts))
             if attempts:
                 exc.add_note("earlier attempts:\n" + "\n".join(_describe_attempt(a) for a in attempts))
             _settle(entry.future, error=exc)
-        elif kind == "timeout":
-            limit = info.get("limit", 0.0)
+        elif isinstance(outcome, _core.TimedOut):
+            pid = outcome.crash.pid
             err = TaskTimeout(
-                f"{entry.describe()} ran longer than its {limit:g} s limit; worker pid {info['pid']} "
+                f"{entry.describe()} ran longer than its {outcome.limit:g} s limit; worker pid {pid} "
                 f"was killed and replaced",
                 task=entry.describe(),
-                limit=limit,
-                pid=info["pid"],
+                limit=outcome.limit,
+                pid=pid,
             )
             _settle(entry.future, error=_with_attempts(err, attempts))
-        elif kind == "crashed":
-            _settle(entry.future, error=_with_attempts(describe_crash(info, entry.describe()), attempts))
-        elif kind == "start_failed":
-            _settle(entry.future, error=_start_error(parts, info))
+        elif isinstance(outcome, _core.Crashed):
+            _settle(entry.future, error=_with_attempts(describe_crash(outcome.crash, entry.describe()), attempts))
+        elif isinstance(outcome, _core.StartFailed):
+            _settle(entry.future, error=_start_error(outcome.parts, outcome.crash))
         else:
-            _settle(entry.future, error=RuntimeError(f"unknown outcome {kind!r}"))
-
-    def _retry(self, entry: _Entry) -> None:
-        """Runs a task again after it raised one of its ``retry_on`` types,
-        with the same time limit and what is left of the one retry budget."""
-        entry.retries -= 1
-        if entry.sent is not None:  # the very bytes the first attempt got
-            parts, needs = entry.sent
-        else:
-            # Pickled again, but large arguments were sent once: their
-            # handles still name the copies the first attempt read.
-            args, kwargs = entry.keep or (entry.args, entry.kwargs)
-            call = (args, kwargs) if kwargs is not None else args
-            parts, needs, held = dumps_task(call, self.threshold, self.token, entry.since)
-            entry.held.extend(held)  # let go of with the rest when the future settles
-        self.enqueue(entry, entry.fn_id, parts, needs)
+            _settle(entry.future, error=RuntimeError(f"unknown outcome {outcome!r}"))
 
     def enqueue(self, entry: _Entry, fn_id: int, parts: list, needs: list, items: int = 1, flags: int = 0) -> None:
-        """Hands a pickled task to the engine under a fresh id."""
+        """Hands a pickled task to the engine under a fresh id (its retries
+        are the engine's: same id, same message)."""
         task_id = next(self.ids)
         future = entry.future
         future._pool_state = self  # type: ignore[attr-defined]
@@ -627,13 +602,15 @@ def _safe_str(exc: BaseException) -> str:
         return f"{type(exc).__name__} (its str() failed)"
 
 
-def _describe_attempt(a: dict) -> str:
-    if "raised" in a:
-        return f"raised {a['raised']}"
-    return (
-        f"{a.get('killed_by') or 'crashed'} (pid {a.get('pid')}, exitcode {a.get('exitcode')}, "
-        f"signal {a.get('signal')})"
-    )
+def _describe_attempt(a: Any) -> str:
+    """One line for an earlier attempt (a ``Crashed``, ``TimedOut`` or ``Raised``)."""
+    if isinstance(a, _core.Raised):
+        try:
+            return f"raised {_safe_str(unpack_exception(loads(a.parts)))}"
+        except Exception as exc:
+            return f"raised an exception that could not be unpickled here ({_safe_str(exc)})"
+    c = a.crash
+    return f"{c.killed_by or 'crashed'} (pid {c.pid}, exitcode {c.exitcode}, signal {c.signal})"
 
 
 def _with_attempts(err: BaseException, attempts: list) -> BaseException:
@@ -644,13 +621,13 @@ def _with_attempts(err: BaseException, attempts: list) -> BaseException:
     return err
 
 
-def _start_error(parts: Any, info: dict) -> WorkerStartError:
+def _start_error(parts: list | None, crash: Any) -> WorkerStartError:
     if parts is not None:
         exc = unpack_exception(loads(parts))
         err = WorkerStartError(f"workers could not start: the initializer raised {type(exc).__name__}: {exc}")
         err.__cause__ = exc
         return err
-    why = info.get("protocol_error") or describe_crash(info, "its set-up").args[0]
+    why = crash.protocol_error or describe_crash(crash, "its set-up").args[0]
     return WorkerStartError(f"workers could not start: {why}")
 
 
@@ -789,7 +766,6 @@ class Pool(Executor):
 
         self._max_workers = workers  # read by dask's get_scheduler
         self._retries = retries
-        self._retry_on = retry_on
         self._threshold = buffer_threshold
         self._start_error: BaseException | None = None
         init = {
@@ -798,6 +774,7 @@ class Pool(Executor):
             "initializer": initializer,
             "initargs": initargs,
             "threshold": buffer_threshold,
+            "retry_on": retry_on,  # matched in workers; the engine decides the retry
             **_caller_identity(),
         }
         try:
@@ -870,12 +847,8 @@ class Pool(Executor):
         except Exception as exc:
             future.set_exception(_argument_error(exc, describe_call(fn, args, kwargs)))
             return future
-        entry = _Entry(future, fn, function.id, args, kwargs, self._retry_on, retries, keep=keep, timeout=timeout)
-        entry.since = since
-        if self._retry_on and retries and all(type(p) is bytes for p in parts):
-            entry.sent = (parts, needs)  # immutable already: a retry gets the same bytes
-        if held:
-            entry.held = held  # retries add theirs to the same list
+        entry = _Entry(future, fn, function.id, args, kwargs, retries, keep=keep, timeout=timeout)
+        if held:  # until every retry is done: the engine re-sends the same handles
             future.add_done_callback(lambda _f, held=held: unhold_all(held))
         try:
             state.enqueue(entry, function.id, parts, needs)
@@ -1101,15 +1074,7 @@ class _MapRun:
         future._rerun = keep[0] if keep else batch  # type: ignore[attr-defined]
         self.held.extend(held)
         entry = _Entry(
-            future,
-            self.fn,
-            self.fn_id,
-            batch,
-            None,
-            (),
-            self.pool._retries,
-            chunk=self.flags,
-            keep=keep,
+            future, self.fn, self.fn_id, batch, None, self.pool._retries, chunk=self.flags, keep=keep,
             timeout=self.task_timeout,
         )
         state.enqueue(entry, self.fn_id, parts, needs, len(batch), self.flags)

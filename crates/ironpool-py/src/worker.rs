@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use ironpool_core::ipc::{Kind, Message, Recv};
+use ironpool_core::ipc::{Kind, Message, RETRYABLE, Recv};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -13,7 +13,8 @@ use crate::zygote::WorkerChannel;
 
 /// Serves tasks until the pool says Shutdown or goes away. `handler` has
 /// `init(parts)`, `register(fn_id, payload)`, `run(task_id, fn_id, flags,
-/// parts) -> (ok, parts)` and a `threshold` attribute (segment size).
+/// parts) -> (status, parts)` (0 returned, 1 raised, 2 raised one of the
+/// pool's `retry_on` types) and a `threshold` attribute (segment size).
 #[pyfunction]
 pub fn worker_main(
     py: Python<'_>,
@@ -57,12 +58,21 @@ pub fn worker_main(
             Kind::Task => {
                 let start = Instant::now();
                 let parts = buffers::decode(py, &msg, false)?;
-                let (ok, out): (bool, Bound<'_, PyList>) = handler
+                let (status, out): (u8, Bound<'_, PyList>) = handler
                     .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
                     .extract()?;
                 let elapsed = start.elapsed().as_nanos() as u64;
-                let kind = if ok { Kind::Returned } else { Kind::Raised };
-                Some(buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?)
+                let kind = if status == 0 {
+                    Kind::Returned
+                } else {
+                    Kind::Raised
+                };
+                let mut m = buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?;
+                // Whether to run it again is the engine's call (its budget).
+                if status == 2 {
+                    m.flags = RETRYABLE;
+                }
+                Some(m)
             }
             Kind::Forget => {
                 handler.call_method1("forget", (msg.id,))?;
