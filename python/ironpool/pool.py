@@ -785,7 +785,7 @@ class Pool(Executor):
             ) from exc
         try:
             zygote = _zygote.get(preload, thread_limit)
-        except OSError as exc:
+        except (OSError, WorkerStartError) as exc:
             # Reported on every task, like any other start failure.
             self._start_error = WorkerStartError(f"workers could not start: {exc}")
             zygote = None

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::buffers;
-use crate::errors::io_error;
+use crate::errors::Error;
 use crate::outcome::{Completion, completions};
 use crate::zygote::Zygote;
 
@@ -19,9 +19,10 @@ fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
     match s {
         None => Ok(None),
         Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v))),
-        Some(v) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+        Some(v) => Err(Error::Value(format!(
             "a time limit must be a positive number of seconds, got {v}"
-        ))),
+        ))
+        .into()),
     }
 }
 
@@ -68,7 +69,7 @@ impl PoolCore {
         let zygote = zygote.inner.clone();
         let pool = py
             .detach(move || Pool::start(&zygote, config, init))
-            .map_err(|e| io_error("could not start the pool", e))?;
+            .map_err(|e| Error::io("could not start the pool", e))?;
         Ok(Self { pool, threshold })
     }
 
