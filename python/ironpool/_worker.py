@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from . import _core
 from ._remote_exception import pack_exception
@@ -19,11 +20,17 @@ CHUNK = 1
 #: iterable), which pickles several times faster.
 SINGLE = 2
 
+#: What ``Handler.run`` reports: the function returned, raised, or raised an
+#: exception of the pool's ``retry_on`` types (the engine decides whether
+#: its retry budget allows another run).
+RETURNED, RAISED, RETRYABLE = 0, 1, 2
+
 
 class Handler:
     """Called by the Rust loop for each message."""
 
     threshold = 64 * 1024
+    retry_on: tuple = ()
 
     def __init__(self) -> None:
         self.fns = REGISTRY
@@ -37,6 +44,7 @@ class Handler:
             except OSError:
                 pass
             self.threshold = cfg["threshold"]
+            self.retry_on = tuple(cfg.get("retry_on", ()))
             _adopt_caller(cfg)
             initializer = cfg["initializer"]
             if initializer is not None:
@@ -51,14 +59,18 @@ class Handler:
     def forget(self, ref_id: int) -> None:
         self.fns.pop(ref_id, None)
 
-    def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[bool, list]:
+    def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[int, list]:
+        """``(status, parts)``: RETURNED with the pickled value, else RAISED
+        or RETRYABLE with the pickled exception. A map chunk's exceptions
+        travel inside its value, so a chunk is never RETRYABLE."""
+        retry_on = () if flags & CHUNK else self.retry_on
         entry = self.fns.get(fn_id)
         if entry is None:
-            return False, self._error(RuntimeError(f"function {fn_id} was never registered"))
+            return self._raised(RuntimeError(f"function {fn_id} was never registered"), retry_on)
         try:
-            fn = entry.get("the function")  # unpickled at first use, then kept
+            fn: Any = entry.get("the function")  # unpickled at first use, then kept
         except BaseException as exc:
-            return False, self._error(exc)
+            return self._raised(exc, retry_on)
         try:
             call = loads(parts)
         except BaseException as exc:
@@ -66,19 +78,19 @@ class Handler:
                 f"the arguments of task {task_id} for {describe_call(fn)} could not be unpickled "
                 f"in the worker: {type(exc).__name__}: {exc}"
             )
-            return False, self._error(err)
+            return self._raised(err, retry_on)
         if flags & CHUNK:
-            return self._result(self._run_chunk(fn, call, bool(flags & SINGLE)), fn, ())
+            return self._result(self._run_chunk(fn, call, bool(flags & SINGLE)), fn, (), ())
         args, kwargs = call
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too: it ends the task, not the worker
-            return False, self._error(exc)
+            return self._raised(exc, retry_on)
         finally:
             del call
-        return self._result(value, fn, args)
+        return self._result(value, fn, args, retry_on)
 
-    def _run_chunk(self, fn: object, items: list, single: bool) -> tuple[list, tuple | None]:
+    def _run_chunk(self, fn: Any, items: list, single: bool) -> tuple[list, tuple | None]:
         results = []
         try:
             if single:
@@ -91,18 +103,21 @@ class Handler:
             return results, pack_exception(exc)
         return results, None
 
-    def _result(self, value: object, fn: object, args: tuple) -> tuple[bool, list]:
+    def _result(self, value: object, fn: Any, args: tuple, retry_on: tuple) -> tuple[int, list]:
         try:
-            return True, dumps(value, self.threshold)
+            return RETURNED, dumps(value, self.threshold)
         except BaseException as exc:
             err = serialization_error(
                 f"the result of {describe_call(fn, args)} could not be pickled: "
                 f"{type(value).__module__}.{type(value).__qualname__} object: {type(exc).__name__}: {exc}"
             )
-            return False, self._error(err)
+            return self._raised(err, retry_on)
 
-    def _error(self, exc: BaseException) -> list:
-        return dumps(pack_exception(exc), self.threshold)
+    def _raised(self, exc: BaseException, retry_on: tuple) -> tuple[int, list]:
+        # Every exception the caller would see counts, as when the caller
+        # matched the rebuilt exception (a SerializationError too).
+        status = RETRYABLE if retry_on and isinstance(exc, retry_on) else RAISED
+        return status, dumps(pack_exception(exc), self.threshold)
 
 
 def _adopt_caller(cfg: dict) -> None:
@@ -132,7 +147,7 @@ class _AuthkeyOnImport:
     def __init__(self, key: bytes) -> None:
         self.key = key
 
-    def find_spec(self, name: str, path: object, target: object = None) -> object:
+    def find_spec(self, name: str, path: Any, target: object = None) -> Any:
         if name != "multiprocessing.process":
             return None
         sys.meta_path.remove(self)
@@ -144,15 +159,15 @@ class _AuthkeyOnImport:
             return spec
         run_module, key = loader.exec_module, self.key
 
-        def exec_module(module: object) -> None:
+        def exec_module(module: Any) -> None:
             run_module(module)
-            module.current_process().authkey = key  # type: ignore[attr-defined]
+            module.current_process().authkey = key
 
         loader.exec_module = exec_module
         return spec
 
 
-def run(channel: object) -> None:
+def run(channel: _core.WorkerChannel) -> None:
     """Serves tasks until the pool is done, then exits the process. (The
     template already enabled faulthandler and line buffering for us.)"""
     code = 0

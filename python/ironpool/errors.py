@@ -11,9 +11,11 @@ import pickle
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
+    "EngineError",
     "IronpoolError",
     "MemoryLimitExceeded",
     "PoolClosed",
+    "ProtocolError",
     "RemoteError",
     "SerializationError",
     "TaskTimeout",
@@ -120,6 +122,19 @@ class WorkerStartError(BrokenProcessPool, IronpoolError):
     """Workers could not start: the initializer raised, or a ``preload`` module
     failed to import. Raised for every task of the pool; the pool does not retry
     forever."""
+
+
+class EngineError(RuntimeError, IronpoolError):
+    """ironpool's compiled engine failed in a way no task outcome describes
+    (its own state broke, or numpy refused its allocator). A RuntimeError,
+    as these were before they had a type of their own."""
+
+
+class ProtocolError(EngineError):
+    """A frame or payload from the other end of a pool channel did not add
+    up. The engine reports a worker's bad frames as that task's crash; this
+    is raised where there is no task to fail (inside a worker, or for a
+    result the caller could not decode)."""
 
 
 class RemoteError(Exception):

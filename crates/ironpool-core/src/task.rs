@@ -31,10 +31,10 @@ pub struct Task {
     pub needs: Vec<FnId>,
     /// Items in the task (a `map` chunk carries several; chunk sizing uses it).
     pub items: u32,
-    /// Re-runs left after a crash or timeout.
+    /// Re-runs left, one budget for crashes, timeouts and retryable raises.
     pub retries_left: u32,
     /// Earlier attempts that ended badly, oldest first.
-    pub attempts: Vec<Failure>,
+    pub attempts: Vec<Attempt>,
 }
 
 /// Why the engine killed a worker, if it did.
@@ -58,11 +58,17 @@ pub struct Crash {
     pub protocol_error: Option<String>,
 }
 
-/// An attempt that did not produce a result.
-#[derive(Debug, Clone)]
-pub enum Failure {
+/// An attempt that ended badly: retried while the task's budget lasts, and
+/// otherwise its final [`Outcome`] (see `From<Attempt> for Outcome`).
+#[derive(Debug)]
+pub enum Attempt {
+    /// The worker died or broke the protocol.
     Crashed(Crash),
+    /// The worker was killed for running past `limit`.
     TimedOut { limit: Duration, crash: Crash },
+    /// The function raised an exception the pool retries (`retry_on`);
+    /// payload is the pickled exception, kept so the caller can describe it.
+    Raised(Message),
 }
 
 /// The one outcome every task ends with.
@@ -72,14 +78,26 @@ pub enum Outcome {
     Returned(Message),
     /// The function raised; payload is the pickled exception.
     Raised(Message),
-    /// The worker died, was killed for a limit, or broke the protocol.
-    Failed(Failure),
+    /// The worker died or broke the protocol.
+    Crashed(Crash),
+    /// The worker was killed for running past `limit`.
+    TimedOut { limit: Duration, crash: Crash },
     /// No worker could start (the initializer failed, or workers died during
     /// set-up too often). `error` is the pickled exception payload, if any.
     StartFailed {
         error: Option<Vec<u8>>,
         crash: Crash,
     },
+}
+
+impl From<Attempt> for Outcome {
+    fn from(a: Attempt) -> Self {
+        match a {
+            Attempt::Crashed(crash) => Outcome::Crashed(crash),
+            Attempt::TimedOut { limit, crash } => Outcome::TimedOut { limit, crash },
+            Attempt::Raised(m) => Outcome::Raised(m),
+        }
+    }
 }
 
 impl Task {
@@ -105,6 +123,6 @@ pub struct Completion {
     pub outcome: Outcome,
     /// Time the worker spent on the task.
     pub elapsed: Duration,
-    /// Earlier failed attempts (when retries were allowed).
-    pub attempts: Vec<Failure>,
+    /// Earlier failed attempts (when retries were allowed), oldest first.
+    pub attempts: Vec<Attempt>,
 }

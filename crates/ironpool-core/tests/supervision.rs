@@ -11,12 +11,12 @@ use common::*;
 use ironpool_core::ipc::Kind;
 use ironpool_core::ipc::payload::{self, DEFAULT_SEGMENT_THRESHOLD};
 use ironpool_core::supervisor::Pool;
-use ironpool_core::task::{ExitStatus, Failure, KillReason, Outcome, Task};
+use ironpool_core::task::{Attempt, ExitStatus, KillReason, Outcome, Task};
 use ironpool_core::zygote::Zygote;
 
 fn crash_of(c: &ironpool_core::task::Completion) -> &ironpool_core::task::Crash {
     match &c.outcome {
-        Outcome::Failed(Failure::Crashed(crash)) => crash,
+        Outcome::Crashed(crash) => crash,
         other => panic!("task {} did not crash: {other:?}", c.task_id),
     }
 }
@@ -232,7 +232,7 @@ fn pool_timeout_kills_a_hung_task_in_bounded_time() {
     }
     let got = collect(&pool, 11);
     match &got[&1].outcome {
-        Outcome::Failed(Failure::TimedOut { limit, crash }) => {
+        Outcome::TimedOut { limit, crash } => {
             assert_eq!(*limit, Duration::from_millis(300));
             assert_eq!(
                 crash.killed_by_pool,
@@ -269,7 +269,7 @@ fn per_task_timeout_overrides_the_pool() {
     let got = collect(&pool, 2);
     assert!(matches!(
         got[&1].outcome,
-        Outcome::Failed(Failure::TimedOut { limit, .. }) if limit == Duration::from_millis(200)
+        Outcome::TimedOut { limit, .. } if limit == Duration::from_millis(200)
     ));
     assert_eq!(returned(&got[&2]), b"sleep:100");
     assert!(t0.elapsed() < Duration::from_secs(3));
@@ -426,16 +426,102 @@ fn retries_rerun_a_crashed_task_on_a_fresh_worker() {
     let _ = std::fs::remove_file(&marker);
     assert_eq!(returned(&got[&1]), cmd.as_bytes());
     assert_eq!(got[&1].attempts.len(), 1);
-    assert!(matches!(got[&1].attempts[0], Failure::Crashed(_)));
+    assert!(matches!(got[&1].attempts[0], Attempt::Crashed(_)));
     crash_of(&got[&2]);
     assert_eq!(got[&2].attempts.len(), 2);
-    assert!(matches!(
-        got[&3].outcome,
-        Outcome::Failed(Failure::TimedOut { .. })
-    ));
+    assert!(matches!(got[&3].outcome, Outcome::TimedOut { .. }));
     assert_eq!(got[&3].attempts.len(), 1);
-    assert!(matches!(got[&3].attempts[0], Failure::TimedOut { .. }));
+    assert!(matches!(got[&3].attempts[0], Attempt::TimedOut { .. }));
     shutdown(pool);
+}
+
+/// How many times a `script:` task ran (one byte per run).
+fn runs(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+#[test]
+fn retryable_raises_share_the_retry_budget_with_crashes_and_timeouts() {
+    let z = zygote();
+    let pool = start(&z, config(2));
+    let dir = std::env::temp_dir();
+    let log = |name: &str| {
+        let p = dir.join(format!("ironpool-script-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    };
+    let script = |id: u64, path: &std::path::Path, steps: &str, retries: u32| {
+        let mut t = task(id, format!("script:{}:{steps}", path.display()).as_bytes());
+        t.retries_left = retries;
+        t.timeout = Some(Duration::from_millis(200));
+        t
+    };
+    // Raised (retryable), crashed, timed out, then returned: one budget of 3.
+    let mixed = log("mixed");
+    pool.submit(script(1, &mixed, "rcho", 3));
+    // A plain raise is final, whatever the budget.
+    let plain = log("plain");
+    pool.submit(script(2, &plain, "xo", 2));
+    // A retryable raise once the budget is spent is the outcome.
+    let spent = log("spent");
+    pool.submit(script(3, &spent, "r", 1));
+    let got = collect(&pool, 3);
+
+    assert!(matches!(got[&1].outcome, Outcome::Returned(_)));
+    assert_eq!(runs(&mixed), 4);
+    let kinds: Vec<&str> = got[&1]
+        .attempts
+        .iter()
+        .map(|a| match a {
+            Attempt::Raised(m) => {
+                assert_eq!(
+                    parts(m)[0],
+                    b"run 0",
+                    "the raised attempt keeps its payload"
+                );
+                "raised"
+            }
+            Attempt::Crashed(_) => "crashed",
+            Attempt::TimedOut { .. } => "timed out",
+        })
+        .collect();
+    assert_eq!(kinds, ["raised", "crashed", "timed out"], "oldest first");
+
+    match &got[&2].outcome {
+        Outcome::Raised(m) => assert_eq!(parts(m)[0], b"final"),
+        other => panic!("{other:?}"),
+    }
+    assert!(got[&2].attempts.is_empty());
+    assert_eq!(runs(&plain), 1, "a plain raise is not re-run");
+
+    match &got[&3].outcome {
+        Outcome::Raised(m) => assert_eq!(parts(m)[0], b"run 1"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(got[&3].attempts.len(), 1);
+    assert_eq!(runs(&spent), 2);
+    for p in [mixed, plain, spent] {
+        let _ = std::fs::remove_file(p);
+    }
+    shutdown(pool);
+}
+
+#[test]
+fn retryable_raises_are_not_retried_once_shutting_down() {
+    let z = zygote();
+    let pool = start(&z, config(1));
+    pool.submit(task(1, b"sleep:200"));
+    let mut t = task(2, b"retryable");
+    t.retries_left = 2;
+    pool.submit(t);
+    pool.shutdown();
+    let got = drain_and_join(pool);
+    let last = got
+        .iter()
+        .find(|c| c.task_id == 2)
+        .expect("task 2 completed");
+    assert!(matches!(last.outcome, Outcome::Raised(_)), "{last:?}");
+    assert!(last.attempts.is_empty());
 }
 
 fn assert_start_failure_is_bounded(init_body: &[u8], expect_error: bool) {

@@ -5,12 +5,12 @@
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
 
+use crate::errors::Error;
 use ironpool_core::ipc::payload::{self, Mappings, Part};
 use ironpool_core::ipc::{Kind, Message};
 use ironpool_core::shm::Mapping;
 use ironpool_core::shm::digest::Digest;
 use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -59,7 +59,7 @@ impl SharedBuffer {
             Ok(())
         } else {
             Err(PyErr::take(slf.py())
-                .unwrap_or_else(|| PyBufferError::new_err("buffer export failed")))
+                .unwrap_or_else(|| Error::Buffer("buffer export failed").into()))
         }
     }
 
@@ -88,9 +88,7 @@ fn pin_parts(parts: &Bound<'_, PyList>) -> PyResult<Pinned> {
     for (i, p) in parts.iter().enumerate() {
         let view = PyUntypedBuffer::get(&p)?;
         if !view.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
-                "payload part {i} is not contiguous"
-            )));
+            return Err(Error::Value(format!("payload part {i} is not contiguous")).into());
         }
         views.push(view);
     }
@@ -159,7 +157,7 @@ pub fn encode_digested(
         payload::encode_digested(kind, id, aux, slices, threshold, d.as_mut())
             .map(|m| (m, d.and_then(|d| d.finish())))
     })?;
-    built.map_err(|e| crate::errors::engine_error(format!("could not build message: {e}")))
+    Ok(built.map_err(|e| Error::io("could not build message", e))?)
 }
 
 /// Runs `work` over the bytes of `parts`, with the interpreter detached if
@@ -201,7 +199,7 @@ pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<B
 }
 
 fn map_payload(msg: &Message) -> PyResult<(Vec<Part>, Mappings)> {
-    payload::decode(msg).map_err(|e| crate::errors::engine_error(format!("corrupt payload: {e}")))
+    Ok(payload::decode(msg).map_err(|e| Error::Protocol(format!("corrupt payload: {e}")))?)
 }
 
 /// The parts of `msg` as Python objects over `mappings`.
@@ -217,9 +215,11 @@ fn views<'py>(
         match part {
             Part::Inline(r) => list.append(PyBytes::new(py, &msg.body[r.clone()]))?,
             Part::Segment { fd, range } => {
-                let map = mappings.get(*fd).cloned().flatten().ok_or_else(|| {
-                    crate::errors::engine_error("segment part without segment".into())
-                })?;
+                let map = mappings
+                    .get(*fd)
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| Error::Protocol("segment part without segment".into()))?;
                 list.append(Bound::new(
                     py,
                     SharedBuffer {
@@ -288,7 +288,7 @@ impl RegisteredPayload {
         let mut last = self
             .private
             .lock()
-            .map_err(|_| crate::errors::engine_error("registered payload poisoned".into()))?;
+            .map_err(|_| Error::Engine("registered payload poisoned".into()))?;
         let reuse = last.as_ref().is_some_and(|(_, maps)| pristine(maps));
         if !reuse {
             *last = None; // unmapped now unless an earlier task's objects hold it
@@ -296,7 +296,7 @@ impl RegisteredPayload {
         }
         let (parts, maps) = last
             .as_ref()
-            .ok_or_else(|| crate::errors::engine_error("no mappings".into()))?;
+            .ok_or_else(|| Error::Engine("no mappings".into()))?;
         views(py, &self.msg, parts, maps, false)
     }
 }

@@ -4,6 +4,7 @@
 mod buffers;
 mod errors;
 mod numpy_alloc;
+mod outcome;
 mod pool;
 mod worker;
 mod zygote;
@@ -41,6 +42,10 @@ mod _core {
     #[pymodule_export]
     use super::numpy_alloc::{
         in_shared_memory, set_numpy_handler, shared_memory_handler, shared_memory_stats,
+    };
+    #[pymodule_export]
+    use super::outcome::{
+        Completion, CrashReport, Crashed, Raised, Returned, StartFailed, TimedOut,
     };
     #[pymodule_export]
     use super::pool::PoolCore;

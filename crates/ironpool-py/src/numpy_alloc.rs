@@ -10,9 +10,9 @@
 use std::ffi::{CStr, c_void};
 use std::sync::OnceLock;
 
+use crate::errors::Error;
 use ironpool_core::shm::blocks;
 use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
 
@@ -133,9 +133,9 @@ fn numpy_api<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyCapsule>> {
         .import("numpy._core.multiarray")
         .or_else(|_| py.import("numpy.core.multiarray"))?;
     if !multiarray.hasattr("get_handler_name")? {
-        return Err(PyRuntimeError::new_err(
-            "numpy is older than 1.22 and has no allocator hooks",
-        ));
+        return Err(
+            Error::Unsupported("numpy is older than 1.22 and has no allocator hooks").into(),
+        );
     }
     Ok(multiarray.getattr("_ARRAY_API")?.cast_into::<PyCapsule>()?)
 }
@@ -164,7 +164,13 @@ pub fn set_numpy_handler(
     // SAFETY: a new reference, or null with an exception set.
     unsafe { Bound::from_owned_ptr_or_err(py, previous) }
         .map(Bound::unbind)
-        .map_err(|e| PyRuntimeError::new_err(format!("numpy refused the allocator: {e}")))
+        .map_err(|cause| {
+            Error::Refused {
+                what: "numpy refused the allocator",
+                cause,
+            }
+            .into()
+        })
 }
 
 /// Blocks alive and buffers lent without a copy, in this process.

@@ -6,21 +6,23 @@ use std::time::Duration;
 
 use ironpool_core::ipc::Kind;
 use ironpool_core::supervisor::{Pool, PoolConfig};
-use ironpool_core::task::{Completion, Crash, ExitStatus, Failure, KillReason, Outcome, Task};
+use ironpool_core::task::Task;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::buffers;
-use crate::errors::io_error;
+use crate::errors::Error;
+use crate::outcome::{Completion, completions};
 use crate::zygote::Zygote;
 
 fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
     match s {
         None => Ok(None),
         Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v))),
-        Some(v) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+        Some(v) => Err(Error::Value(format!(
             "a time limit must be a positive number of seconds, got {v}"
-        ))),
+        ))
+        .into()),
     }
 }
 
@@ -67,7 +69,7 @@ impl PoolCore {
         let zygote = zygote.inner.clone();
         let pool = py
             .detach(move || Pool::start(&zygote, config, init))
-            .map_err(|e| io_error("could not start the pool", e))?;
+            .map_err(|e| Error::io("could not start the pool", e))?;
         Ok(Self { pool, threshold })
     }
 
@@ -160,14 +162,14 @@ impl PoolCore {
         }
     }
 
-    /// Finished tasks as `(task_id, kind, parts, info, elapsed, attempts)`
-    /// tuples; `None` once the pool has stopped and all were delivered.
+    /// Finished tasks as `Completion` objects; `None` once the pool has
+    /// stopped and all were delivered.
     #[pyo3(signature = (timeout=None))]
     fn wait_completions<'py>(
         &self,
         py: Python<'py>,
         timeout: Option<f64>,
-    ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+    ) -> PyResult<Option<Vec<Py<Completion>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         completions(py, py.detach(|| self.pool.wait_completions(timeout)))
     }
@@ -182,7 +184,7 @@ impl PoolCore {
         generation: u64,
         spin: f64,
         timeout: Option<f64>,
-    ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+    ) -> PyResult<Option<Vec<Py<Completion>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         let spin = Duration::from_secs_f64(spin.max(0.0));
         completions(py, py.detach(|| self.pool.pump(generation, spin, timeout)))
@@ -221,104 +223,4 @@ impl PoolCore {
     fn chunk_size(&self, fn_id: u64, remaining: Option<usize>) -> usize {
         self.pool.chunk_size(fn_id, remaining)
     }
-}
-
-/// Outcome tuples for Python; `None` stays `None` (the pool has finished).
-fn completions(
-    py: Python<'_>,
-    batch: Option<Vec<Completion>>,
-) -> PyResult<Option<Vec<Bound<'_, PyTuple>>>> {
-    batch
-        .map(|b| {
-            b.into_iter()
-                .map(|c| completion(py, c))
-                .collect::<PyResult<Vec<_>>>()
-        })
-        .transpose()
-}
-
-fn crash_info<'py>(py: Python<'py>, c: &Crash) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("pid", c.pid)?;
-    let (code, sig) = match c.status {
-        Some(ExitStatus::Code(code)) => (Some(code), None),
-        Some(ExitStatus::Signal(s)) => (None, Some(s)),
-        None => (None, None),
-    };
-    d.set_item("exitcode", code)?;
-    d.set_item("signal", sig)?;
-    d.set_item("stderr_tail", &c.stderr_tail)?;
-    d.set_item("protocol_error", c.protocol_error.as_deref())?;
-    let killed = match c.killed_by_pool {
-        None => None,
-        Some(KillReason::Timeout { limit }) => {
-            d.set_item("limit", limit.as_secs_f64())?;
-            Some("timeout")
-        }
-        Some(KillReason::Memory { rss, limit }) => {
-            d.set_item("rss", rss)?;
-            d.set_item("memory_limit", limit)?;
-            Some("memory")
-        }
-        Some(KillReason::Protocol) => Some("protocol"),
-        Some(KillReason::Shutdown) => Some("shutdown"),
-    };
-    d.set_item("killed_by", killed)?;
-    Ok(d)
-}
-
-fn failure_info<'py>(py: Python<'py>, f: &Failure) -> PyResult<Bound<'py, PyDict>> {
-    match f {
-        Failure::Crashed(c) => crash_info(py, c),
-        Failure::TimedOut { limit, crash } => {
-            let d = crash_info(py, crash)?;
-            d.set_item("limit", limit.as_secs_f64())?;
-            d.set_item("killed_by", "timeout")?;
-            Ok(d)
-        }
-    }
-}
-
-fn completion(py: Python<'_>, c: Completion) -> PyResult<Bound<'_, PyTuple>> {
-    let attempts = c
-        .attempts
-        .iter()
-        .map(|f| failure_info(py, f))
-        .collect::<PyResult<Vec<_>>>()?;
-    let elapsed = c.elapsed.as_secs_f64();
-    let none = py.None().into_bound(py);
-    let (kind, parts, info) = match c.outcome {
-        Outcome::Returned(m) => ("ok", buffers::decode(py, &m, false)?.into_any(), none),
-        Outcome::Raised(m) => ("raised", buffers::decode(py, &m, false)?.into_any(), none),
-        Outcome::Failed(f) => {
-            let kind = if matches!(f, Failure::TimedOut { .. }) {
-                "timeout"
-            } else {
-                "crashed"
-            };
-            (kind, none, failure_info(py, &f)?.into_any())
-        }
-        Outcome::StartFailed { error, crash } => {
-            let parts = match error {
-                Some(body) => {
-                    let m =
-                        ironpool_core::ipc::Message::new(Kind::InitFailed, 0, 0).with_body(body);
-                    buffers::decode(py, &m, false)?.into_any()
-                }
-                None => none,
-            };
-            ("start_failed", parts, crash_info(py, &crash)?.into_any())
-        }
-    };
-    PyTuple::new(
-        py,
-        [
-            c.task_id.into_pyobject(py)?.into_any(),
-            kind.into_pyobject(py)?.into_any(),
-            parts,
-            info,
-            elapsed.into_pyobject(py)?.into_any(),
-            PyList::new(py, attempts)?.into_any(),
-        ],
-    )
 }

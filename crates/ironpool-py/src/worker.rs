@@ -3,17 +3,19 @@
 
 use std::time::Instant;
 
-use ironpool_core::ipc::{Kind, Message, Recv};
+use ironpool_core::ipc::channel::RecvError;
+use ironpool_core::ipc::{Kind, Message, RETRYABLE, Recv};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::buffers;
-use crate::errors::engine_error;
+use crate::errors::Error;
 use crate::zygote::WorkerChannel;
 
 /// Serves tasks until the pool says Shutdown or goes away. `handler` has
 /// `init(parts)`, `register(fn_id, payload)`, `run(task_id, fn_id, flags,
-/// parts) -> (ok, parts)` and a `threshold` attribute (segment size).
+/// parts) -> (status, parts)` (0 returned, 1 raised, 2 raised one of the
+/// pool's `retry_on` types) and a `threshold` attribute (segment size).
 #[pyfunction]
 pub fn worker_main(
     py: Python<'_>,
@@ -23,16 +25,21 @@ pub fn worker_main(
     let mut chan = channel
         .chan
         .lock()
-        .map_err(|_| engine_error("worker channel poisoned".into()))?
+        .map_err(|_| Error::Engine("worker channel poisoned".into()))?
         .take()
-        .ok_or_else(|| engine_error("worker channel already in use".into()))?;
+        .ok_or_else(|| Error::Engine("worker channel already in use".into()))?;
     let mut threshold: usize = handler.getattr("threshold")?.extract()?;
     loop {
         let got = py.detach(|| chan.recv_blocking());
         let msg = match got {
             Ok(Recv::Message(m)) => m,
             Ok(Recv::Closed) | Ok(Recv::WouldBlock) => return Ok(()),
-            Err(e) => return Err(engine_error(format!("bad frame from the pool: {e}"))),
+            Err(RecvError::Io(e)) => {
+                return Err(Error::io("could not read from the pool", e).into());
+            }
+            Err(RecvError::Frame(e)) => {
+                return Err(Error::Protocol(format!("bad frame from the pool: {e}")).into());
+            }
         };
         let reply: Option<Message> = match msg.kind {
             Kind::Init => {
@@ -57,19 +64,30 @@ pub fn worker_main(
             Kind::Task => {
                 let start = Instant::now();
                 let parts = buffers::decode(py, &msg, false)?;
-                let (ok, out): (bool, Bound<'_, PyList>) = handler
+                let (status, out): (u8, Bound<'_, PyList>) = handler
                     .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
                     .extract()?;
                 let elapsed = start.elapsed().as_nanos() as u64;
-                let kind = if ok { Kind::Returned } else { Kind::Raised };
-                Some(buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?)
+                let kind = if status == 0 {
+                    Kind::Returned
+                } else {
+                    Kind::Raised
+                };
+                let mut m = buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?;
+                // Whether to run it again is the engine's call (its budget).
+                if status == 2 {
+                    m.flags = RETRYABLE;
+                }
+                Some(m)
             }
             Kind::Forget => {
                 handler.call_method1("forget", (msg.id,))?;
                 None
             }
             Kind::Shutdown => return Ok(()),
-            other => return Err(engine_error(format!("unexpected {other:?} from the pool"))),
+            other => {
+                return Err(Error::Protocol(format!("unexpected {other:?} from the pool")).into());
+            }
         };
         if let Some(m) = reply {
             send(py, &chan, &m)?;
@@ -78,6 +96,7 @@ pub fn worker_main(
 }
 
 fn send(py: Python<'_>, chan: &ironpool_core::ipc::Channel, m: &Message) -> PyResult<()> {
-    py.detach(|| chan.send_blocking(m))
-        .map_err(|e| engine_error(format!("could not reach the pool: {e}")))
+    Ok(py
+        .detach(|| chan.send_blocking(m))
+        .map_err(|e| Error::io("could not reach the pool", e))?)
 }

@@ -9,7 +9,7 @@ use ironpool_core::ipc::Channel;
 use ironpool_core::zygote::{self, Served};
 use pyo3::prelude::*;
 
-use crate::errors::io_error;
+use crate::errors::Error;
 
 /// A running template process that pools fork their workers from.
 #[pyclass(frozen, module = "ironpool._core")]
@@ -25,12 +25,12 @@ impl Zygote {
     fn spawn(py: Python<'_>, argv: Vec<String>, env: Vec<(String, String)>) -> PyResult<Self> {
         let (program, args) = argv
             .split_first()
-            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("argv is empty"))?;
+            .ok_or_else(|| Error::Value("argv is empty".into()))?;
         let mut cmd = Command::new(program);
         cmd.args(args).envs(env).stdin(std::process::Stdio::null());
         let inner = py
             .detach(|| zygote::Zygote::spawn(cmd))
-            .map_err(|e| crate::errors::start_error(e.to_string()))?;
+            .map_err(Error::Start)?;
         Ok(Self {
             inner: Arc::new(inner),
         })
@@ -47,8 +47,9 @@ impl Zygote {
 
     /// Starts the template again (same command) if it died.
     fn ensure_running(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.ensure_running())
-            .map_err(|e| crate::errors::start_error(e.to_string()))
+        Ok(py
+            .detach(|| self.inner.ensure_running())
+            .map_err(Error::Start)?)
     }
 
     fn kill(&self) {
@@ -76,7 +77,7 @@ pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> 
             .and_then(|pid| pid.extract::<i32>())
             .map_err(|e| std::io::Error::other(e.to_string()))
     };
-    match zygote::serve(master, &mut fork).map_err(|e| io_error("template process", e))? {
+    match zygote::serve(master, &mut fork).map_err(|e| Error::io("template process", e))? {
         Served::Exit => Ok(None),
         Served::Child(child) => Ok(Some(WorkerChannel {
             chan: Mutex::new(Some(child.channel)),
@@ -89,5 +90,5 @@ pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> 
 pub fn zygote_fail(fd: i32, text: &str) -> PyResult<()> {
     // SAFETY: as in `zygote_serve`.
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
-    zygote::report_failure(master, text).map_err(|e| io_error("template process", e))
+    Ok(zygote::report_failure(master, text).map_err(|e| Error::io("template process", e))?)
 }

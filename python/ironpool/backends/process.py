@@ -67,7 +67,7 @@ def start(options: PoolOptions) -> ProcessBackend | Unstarted:
         ) from exc
     try:
         zygote = _zygote.get(options.preload, options.thread_limit)
-    except OSError as exc:
+    except (OSError, WorkerStartError) as exc:
         return Unstarted(options.workers, WorkerStartError(f"workers could not start: {exc}"))
     core = _core.PoolCore(
         zygote,
@@ -305,11 +305,7 @@ class ProcessBackend:
 
     def _settle_all(self, batch: list) -> None:
         tasks = self.tasks
-        from .. import _outcome_shim  # TEMPORARY
-
         for completion in batch:
-            if isinstance(completion, tuple):
-                completion = _outcome_shim.convert(completion)
             task = tasks.pop(completion.task_id, None)
             if task is None or task.future.done():
                 continue

@@ -14,6 +14,11 @@ pub const HEADER_LEN: usize = 24;
 /// The largest frame on the wire. Larger payload parts travel in segments.
 pub const MAX_FRAME: usize = 64 * 1024;
 
+/// `Raised` flag: the exception is one of the pool's `retry_on` types, so
+/// the engine may run the task again. (Task flags are the worker's: bit 0
+/// marks a `map` chunk, whose exceptions travel inside a `Returned`.)
+pub const RETRYABLE: u8 = 1;
+
 /// Message kinds. Direction in brackets: P = pool supervisor, W = worker,
 /// Z = zygote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,9 +17,9 @@ use super::output::Capture;
 use super::scheduler::Pending;
 use super::worker::{InFlight, Outgoing, State, Worker};
 use super::{PoolConfig, Shared, WorkerStats, lock};
-use crate::ipc::{Channel, Kind, Message, Recv};
+use crate::ipc::{Channel, Kind, Message, RETRYABLE, Recv};
 use crate::platform::{self, Pidfd, Ready};
-use crate::task::{Completion, Crash, ExitStatus, Failure, FnId, KillReason, Outcome, Task};
+use crate::task::{Attempt, Completion, Crash, ExitStatus, FnId, KillReason, Outcome, Task};
 use crate::zygote::{Session, decode_status};
 
 pub(super) const WAKER: u64 = 0;
@@ -540,12 +540,13 @@ impl Engine {
                 }
                 lock(&self.shared.sizer).record(done.task.fn_id, elapsed, done.task.items);
                 self.maybe_retire(key);
-                let outcome = if m.kind == Kind::Returned {
-                    Outcome::Returned(m)
+                if m.kind == Kind::Returned {
+                    self.complete(done.task, Outcome::Returned(m), elapsed);
+                } else if m.flags & RETRYABLE != 0 {
+                    self.fail(done.task, Attempt::Raised(m), elapsed);
                 } else {
-                    Outcome::Raised(m)
-                };
-                self.complete(done.task, outcome, elapsed);
+                    self.complete(done.task, Outcome::Raised(m), elapsed);
+                }
             }
             _ => {
                 w.protocol_error = Some(format!("unexpected {:?} message", m.kind));
@@ -644,14 +645,14 @@ impl Engine {
         let ran_ok = w.state != State::Starting && w.init_error.is_none();
         let by_policy = w.state == State::Retiring && w.init_error.is_none() && running.is_none();
         if let Some(f) = running {
-            let failure = match w.kill_reason {
-                Some(KillReason::Timeout { limit }) => Failure::TimedOut {
+            let attempt = match w.kill_reason {
+                Some(KillReason::Timeout { limit }) => Attempt::TimedOut {
                     limit,
                     crash: crash.clone(),
                 },
-                _ => Failure::Crashed(crash.clone()),
+                _ => Attempt::Crashed(crash.clone()),
             };
-            self.fail(f.task, failure);
+            self.fail(f.task, attempt, Duration::ZERO);
         }
         if let Some(s) = self.last_exit.get_mut(w.slot) {
             if !by_policy {
@@ -710,13 +711,17 @@ impl Engine {
         }
     }
 
-    fn fail(&mut self, mut task: Task, failure: Failure) {
+    /// The one retry decision, for crashes, timeouts and retryable raises
+    /// alike: re-queue the very message at the front while the budget lasts
+    /// (never once shutting down: `shutdown` and `terminate` end tasks as
+    /// they are); otherwise the attempt is the outcome.
+    fn fail(&mut self, mut task: Task, attempt: Attempt, elapsed: Duration) {
         if task.retries_left > 0 && !self.shutting_down {
             task.retries_left -= 1;
-            task.attempts.push(failure);
+            task.attempts.push(attempt);
             self.pending.push_front(task);
         } else {
-            self.complete(task, Outcome::Failed(failure), Duration::ZERO);
+            self.complete(task, attempt.into(), elapsed);
         }
     }
 

@@ -16,7 +16,8 @@
 //! - `RegisterFn`: remembers part 0 under `id` and counts the registrations.
 //! - `Forget`: drops it. `Shutdown`: exits 0.
 //! - `Task`, by part 0:
-//!   - `raise` → `Raised`; `crash` → SIGSEGV; `abort` → SIGABRT;
+//!   - `raise` → `Raised`; `retryable` → `Raised` marked retryable;
+//!     `crash` → SIGSEGV; `abort` → SIGABRT;
 //!     `exit:N` → `_exit(N)`; `hang` → sleeps forever;
 //!   - `sleep:MS` → sleeps, then echoes; `pid` → its pid as text;
 //!   - `fn` → the registered body of function `aux`, then `#` and how many
@@ -29,6 +30,10 @@
 //!   - `big:N` → an N-byte result (byte i is `i % 251`), through a segment;
 //!   - `crash_once:PATH` → creates PATH and crashes if it did not exist,
 //!     else echoes (retry tests);
+//!   - `script:PATH:STEPS` → appends a byte to PATH and does the step its
+//!     length had chosen (0-based) among STEPS: `r` retryable raise, `x`
+//!     raise, `c` crash, `h` hang, anything else echoes (the last step
+//!     repeats);
 //!   - anything else → echoes every part back as `Returned`.
 
 use std::collections::HashMap;
@@ -128,6 +133,17 @@ fn reply(chan: &Channel, kind: Kind, id: u64, started: Instant, parts: &[&[u8]])
     }
 }
 
+fn raise_retryable(chan: &Channel, id: u64, started: Instant, part: &[u8]) {
+    let ns = started.elapsed().as_nanos() as u64;
+    match payload::encode(Kind::Raised, id, ns, &[part], DEFAULT_SEGMENT_THRESHOLD) {
+        Ok(mut m) => {
+            m.flags = ironpool_core::ipc::RETRYABLE;
+            send(chan, &m)
+        }
+        Err(_) => exit(5),
+    }
+}
+
 fn exit(code: i32) -> ! {
     let _ = std::io::stdout().flush();
     // SAFETY: _exit ends the process at once; no Rust state outlives it.
@@ -207,6 +223,23 @@ fn run_task(chan: &mut Channel, msg: &Message, fns: &HashMap<u64, (Vec<u8>, u32)
     let id = msg.id;
     if text == "raise" {
         reply(chan, Kind::Raised, id, started, &[b"raised"]);
+    } else if text == "retryable" {
+        raise_retryable(chan, id, started, b"retryable");
+    } else if let Some((path, steps)) = arg("script:").as_deref().and_then(|a| a.rsplit_once(':')) {
+        let runs = std::fs::metadata(path).map_or(0, |m| m.len() as usize);
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"."));
+        let step = steps.as_bytes().get(runs).or(steps.as_bytes().last());
+        match step {
+            Some(b'r') => raise_retryable(chan, id, started, format!("run {runs}").as_bytes()),
+            Some(b'x') => reply(chan, Kind::Raised, id, started, &[b"final"]),
+            Some(b'c') => segfault(),
+            Some(b'h') => hang(),
+            _ => reply(chan, Kind::Returned, id, started, &[head.as_slice()]),
+        }
     } else if text == "crash" {
         segfault();
     } else if text == "abort" {
