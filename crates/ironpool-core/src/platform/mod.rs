@@ -1,14 +1,17 @@
-//! The one boundary between ironpool and the operating system. No module
-//! outside `platform` calls the OS directly (no rustix, no libc); they use
-//! the names re-exported here.
+//! The one boundary between ironpool and the operating system. No other
+//! module of either crate calls the OS directly (no rustix, no libc); they
+//! use the names re-exported here. (The integration tests in `tests/` call
+//! rustix and libc themselves, to forge misbehaving peers.)
 //!
 //! The port contract: a port is one folder beside `linux/`, selected below
 //! by `cfg(target_os)`, with the same capability modules, each providing
-//! the items this file re-exports from it, with the same signatures and
-//! the behaviour their docs state. Nothing outside `platform/` changes.
-//! Where an OS lacks a mechanism, the docs say what the callers rely on
-//! (e.g. [`Pidfd`] must not outlive its pid's reuse; [`seal_readonly`]
-//! must make the segment immutable for every holder).
+//! the items this file re-exports from it, with the same signatures and the
+//! behaviour their docs promise. Nothing outside `platform/` changes. What
+//! callers rely on most: a [`Pidfd`] never signals or reaps a recycled pid;
+//! a segment after [`seal_readonly`] is immutable for every holder and
+//! never shrinks under a mapping; a descriptor sent with [`send_with_fds`]
+//! arrives atomically with its message; a child armed with
+//! [`die_with_parent`] is killed once the thread that forked it is gone.
 
 #[cfg(target_os = "linux")]
 mod linux;
