@@ -10,8 +10,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use super::frame::{FrameError, MAX_FRAME, Message};
 use crate::platform;
 
-/// Descriptors one message may carry (what the platform's message sockets
-/// hold; a message with more is refused as truncated).
+/// Descriptors one message may carry: what the platform's message sockets
+/// hold. Sending more fails; receiving more is a truncated frame.
 pub const MAX_FDS: usize = platform::MAX_FDS_PER_MESSAGE;
 
 /// What a receive produced.
