@@ -67,7 +67,7 @@ fn main() -> std::io::Result<()> {
             w.write_at(0, &data).expect("write");
             drop(w.finish().expect("seal"));
         });
-        let fd = ironpool_core::platform::memfd("ironpool-arena")?;
+        let fd = ironpool_core::platform::new_segment("ironpool-arena")?;
         let file = std::fs::File::from(fd);
         file.set_len(size as u64)?;
         file.write_all_at(&data, 0)?;

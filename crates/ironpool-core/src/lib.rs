@@ -6,7 +6,7 @@
 //!   workers, enforces limits and reports outcomes.
 //! - [`ipc`]: frames over SOCK_SEQPACKET channels; payloads with parts.
 //! - [`shm`]: sealed memfd segments and their mappings.
-//! - [`platform`]: the only module that knows it is on Linux.
+//! - [`platform`]: the only module that calls the OS; one folder per OS.
 //! - [`task`]: tasks and their outcomes.
 
 pub mod ipc;

@@ -153,7 +153,7 @@ fn payload_segments_must_be_sealed() {
     // refused, as is any other kind of descriptor.
     let msg = payload::encode(Kind::Returned, 1, 0, &[&[7u8; 5000]], 100).expect("encode");
     assert!(payload::decode(&msg).is_ok());
-    let unsealed = ironpool_core::platform::memfd("test").expect("memfd");
+    let unsealed = ironpool_core::platform::new_segment("test").expect("memfd");
     std::fs::File::from(unsealed.try_clone().expect("dup"))
         .set_len(8192)
         .expect("size");

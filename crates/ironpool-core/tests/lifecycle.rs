@@ -118,7 +118,7 @@ fn pools_and_zygotes_leave_nothing_behind() {
         round();
     }
     assert_eq!(open_fds(), fds, "file descriptors leaked: {}", fd_list());
-    assert_eq!(platform::open_memfds(), 0, "memfd segments leaked");
+    assert_eq!(platform::open_segments(), 0, "memfd segments leaked");
     assert_eq!(shm::live_mappings(), 0, "mappings leaked");
     let kids = wait_no_children(me, Duration::from_secs(5));
     assert!(kids.is_empty(), "child processes left: {kids:?}");

@@ -23,10 +23,10 @@ fn live_mappings() -> usize {
     ironpool_core::shm::live_mappings()
 }
 
-/// memfd segments this process holds open.
+/// ironpool segments (memfds) this process holds open.
 #[pyfunction]
 fn open_memfds() -> usize {
-    ironpool_core::platform::open_memfds()
+    ironpool_core::platform::open_segments()
 }
 
 /// Private resident memory of `pid` in bytes, if readable.

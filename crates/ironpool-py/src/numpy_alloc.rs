@@ -11,6 +11,7 @@ use std::ffi::{CStr, c_void};
 use std::sync::OnceLock;
 
 use crate::errors::Error;
+use ironpool_core::platform;
 use ironpool_core::shm::blocks;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
@@ -69,8 +70,7 @@ unsafe extern "C" fn np_malloc(_ctx: *mut c_void, size: usize) -> *mut c_void {
     {
         return p.cast();
     }
-    // SAFETY: plain C allocation.
-    unsafe { libc::malloc(size) }
+    platform::c_malloc(size)
 }
 
 unsafe extern "C" fn np_calloc(_ctx: *mut c_void, n: usize, elsize: usize) -> *mut c_void {
@@ -81,14 +81,13 @@ unsafe extern "C" fn np_calloc(_ctx: *mut c_void, n: usize, elsize: usize) -> *m
         // A new memfd reads as zeros.
         return p.cast();
     }
-    // SAFETY: plain C allocation.
-    unsafe { libc::calloc(n, elsize) }
+    platform::c_calloc(n, elsize)
 }
 
 unsafe extern "C" fn np_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
     let Some(old_len) = blocks::block_len(ptr.cast()) else {
         // SAFETY: `ptr` is null or came from the C allocator (not a block).
-        return unsafe { libc::realloc(ptr, size) };
+        return unsafe { platform::c_realloc(ptr, size) };
     };
     // SAFETY: allocating; the copy below stays within both allocations.
     unsafe {
@@ -104,7 +103,7 @@ unsafe extern "C" fn np_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize)
 unsafe extern "C" fn np_free(_ctx: *mut c_void, ptr: *mut c_void, _size: usize) {
     if !blocks::free(ptr.cast()) {
         // SAFETY: not a block, so the C allocator made it (or it is null).
-        unsafe { libc::free(ptr) }
+        unsafe { platform::c_free(ptr) }
     }
 }
 

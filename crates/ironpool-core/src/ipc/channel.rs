@@ -4,20 +4,15 @@
 //! message atomically with its bytes, so no framing state can be torn by a
 //! peer that dies mid-write.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
+use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use rustix::io::Errno;
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
-};
-
 use super::frame::{FrameError, MAX_FRAME, Message};
+use crate::platform;
 
-/// Descriptors one message may carry.
-pub const MAX_FDS: usize = 16;
+/// Descriptors one message may carry: what the platform's message sockets
+/// hold. Sending more fails; receiving more is a truncated frame.
+pub const MAX_FDS: usize = platform::MAX_FDS_PER_MESSAGE;
 
 /// What a receive produced.
 #[derive(Debug)]
@@ -47,12 +42,7 @@ pub enum RecvError {
 impl Channel {
     /// Two connected ends, close-on-exec.
     pub fn pair() -> io::Result<(Channel, Channel)> {
-        let (a, b) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let (a, b) = platform::message_socket_pair()?;
         Ok((Channel::from_fd(a), Channel::from_fd(b)))
     }
 
@@ -68,8 +58,7 @@ impl Channel {
     }
 
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        rustix::io::ioctl_fionbio(&self.fd, on)?;
-        Ok(())
+        platform::set_nonblocking(&self.fd, on)
     }
 
     /// Sends one message. `Ok(false)` means a non-blocking socket is full;
@@ -78,17 +67,12 @@ impl Channel {
         let header = msg.header();
         let iov = [IoSlice::new(&header), IoSlice::new(&msg.body)];
         let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(|f| f.as_fd()).collect();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(io::Error::other("too many descriptors for one message"));
-        }
         loop {
-            match rustix::net::sendmsg(&self.fd, &iov, &mut control, SendFlags::NOSIGNAL) {
+            match platform::send_with_fds(&self.fd, &iov, &fds) {
                 Ok(_) => return Ok(true),
-                Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => return Ok(false),
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -96,13 +80,10 @@ impl Channel {
     /// Sends, waiting for room if the socket is non-blocking and full.
     pub fn send_blocking(&self, msg: &Message) -> io::Result<()> {
         while !self.send(msg)? {
-            let mut fds = [rustix::event::PollFd::new(
-                &self.fd,
-                rustix::event::PollFlags::OUT,
-            )];
-            match rustix::event::poll(&mut fds, None) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+            match platform::wait_writable(&self.fd, None) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -112,36 +93,28 @@ impl Channel {
     pub fn recv(&mut self) -> Result<Recv, RecvError> {
         // One byte more than the largest frame, so truncation is visible.
         self.buf.resize(MAX_FRAME + 1, 0);
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut fds = Vec::new();
         let mut reset = false;
         let got = loop {
-            let mut iov = [IoSliceMut::new(&mut self.buf)];
-            match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            match platform::recv_with_fds(&self.fd, &mut self.buf, &mut fds) {
                 Ok(r) => break r,
-                Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => return Ok(Recv::WouldBlock),
-                // The peer closed with messages of ours unread. The kernel
-                // reports that once, ahead of anything the peer sent before
-                // it died (a worker's last result): read on, EOF comes after.
-                Err(Errno::CONNRESET) if !reset => reset = true,
-                Err(Errno::CONNRESET) => return Ok(Recv::Closed),
-                Err(e) => return Err(RecvError::Io(e.into())),
+                Err(e) => match e.kind() {
+                    ErrorKind::Interrupted => continue,
+                    ErrorKind::WouldBlock => return Ok(Recv::WouldBlock),
+                    // The peer closed with messages of ours unread. The
+                    // kernel reports that once, ahead of anything the peer
+                    // sent before it died (a worker's last result): read
+                    // on, EOF comes after.
+                    ErrorKind::ConnectionReset if !reset => reset = true,
+                    ErrorKind::ConnectionReset => return Ok(Recv::Closed),
+                    _ => return Err(RecvError::Io(e)),
+                },
             }
         };
-        let mut fds = Vec::new();
-        for item in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = item {
-                fds.extend(received);
-            }
-        }
         if got.bytes == 0 && fds.is_empty() {
             return Ok(Recv::Closed);
         }
-        if got.flags.contains(ReturnFlags::TRUNC)
-            || got.flags.contains(ReturnFlags::CTRUNC)
-            || got.bytes > MAX_FRAME
-        {
+        if got.truncated || got.bytes > MAX_FRAME {
             return Err(FrameError::Truncated.into());
         }
         Ok(Recv::Message(Message::decode(&self.buf[..got.bytes], fds)?))
@@ -151,16 +124,11 @@ impl Channel {
     pub fn recv_blocking(&mut self) -> Result<Recv, RecvError> {
         loop {
             match self.recv()? {
-                Recv::WouldBlock => {
-                    let mut fds = [rustix::event::PollFd::new(
-                        &self.fd,
-                        rustix::event::PollFlags::IN,
-                    )];
-                    match rustix::event::poll(&mut fds, None) {
-                        Ok(_) | Err(Errno::INTR) => {}
-                        Err(e) => return Err(RecvError::Io(e.into())),
-                    }
-                }
+                Recv::WouldBlock => match platform::wait_readable(&self.fd, None) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(RecvError::Io(e)),
+                },
                 other => return Ok(other),
             }
         }
@@ -209,13 +177,13 @@ mod tests {
     #[test]
     fn oversized_and_garbage_frames_are_errors_not_panics() {
         let (a, mut b) = Channel::pair().unwrap();
-        rustix::net::send(&a, &[1, 2, 3], SendFlags::empty()).unwrap();
+        platform::send_with_fds(&a, &[IoSlice::new(&[1, 2, 3])], &[]).unwrap();
         assert!(matches!(
             b.recv(),
             Err(RecvError::Frame(FrameError::Short(3)))
         ));
         let big = vec![0u8; MAX_FRAME + 100];
-        rustix::net::send(&a, &big, SendFlags::empty()).unwrap();
+        platform::send_with_fds(&a, &[IoSlice::new(&big)], &[]).unwrap();
         assert!(matches!(
             b.recv(),
             Err(RecvError::Frame(FrameError::Truncated))

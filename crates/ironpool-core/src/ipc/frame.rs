@@ -115,7 +115,7 @@ impl Message {
         let fds = self
             .fds
             .iter()
-            .map(|f| rustix::io::fcntl_dupfd_cloexec(f, 0).map_err(std::io::Error::from))
+            .map(crate::platform::duplicate_fd)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             kind: self.kind,

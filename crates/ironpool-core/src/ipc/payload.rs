@@ -196,13 +196,14 @@ pub fn decode(msg: &Message) -> Result<(Vec<Part>, Mappings), FrameError> {
         // Only a segment sealed against shrinking is mapped: one its sender
         // could still truncate would make reads fault (SIGBUS) after every
         // length here was checked.
-        let seals = rustix::fs::fcntl_get_seals(fd)
+        let sealed = crate::platform::is_sealed_against_shrinking(fd)
             .map_err(|_| FrameError::BadPayload("segment is not a sealed memfd"))?;
-        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+        if !sealed {
             return Err(FrameError::BadPayload("segment is not sealed"));
         }
-        let st = rustix::fs::fstat(fd).map_err(|_| FrameError::BadPayload("segment fstat"))?;
-        seg_lens.push(st.st_size as u64);
+        let len = crate::platform::segment_len(fd)
+            .map_err(|_| FrameError::BadPayload("segment fstat"))?;
+        seg_lens.push(len);
     }
     let mut used = vec![false; msg.fds.len()];
     let mut parts = Vec::with_capacity(n);

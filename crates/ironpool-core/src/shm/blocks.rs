@@ -33,8 +33,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use rustix::mm::{MapFlags, ProtFlags};
-
 use super::Mapping;
 use crate::platform;
 
@@ -50,9 +48,7 @@ pub const MAX_ADOPTED: usize = 128;
 /// `max`, or an eighth of this process's descriptor limit if that is lower,
 /// so that blocks never take the descriptors the application needs.
 fn limit(max: usize) -> usize {
-    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .unwrap_or(u64::MAX);
+    let soft = platform::open_files_limit();
     max.min(usize::try_from(soft / 8).unwrap_or(usize::MAX))
 }
 
@@ -178,10 +174,10 @@ pub fn alloc(size: usize) -> Option<*mut u8> {
 
 fn new_block(size: usize) -> Option<*mut u8> {
     init();
-    let page = rustix::param::page_size();
+    let page = platform::page_size();
     let len = size.checked_next_multiple_of(page)?;
-    let fd = platform::memfd("ironpool-array").ok()?;
-    rustix::fs::ftruncate(&fd, len as u64).ok()?;
+    let fd = platform::new_segment("ironpool-array").ok()?;
+    platform::set_segment_len(&fd, len as u64).ok()?;
     // A shared mapping of a memfd is not charged against the commit limit,
     // so an absurd size would only fail at first touch (OOM, SIGBUS). A
     // trial private mapping is charged like numpy's own allocation: if the
@@ -190,21 +186,10 @@ fn new_block(size: usize) -> Option<*mut u8> {
     // Mapped and registered under the lock, so that a fork in between
     // never leaves a child an unregistered shared mapping.
     REGISTRY.with(|blocks| {
-        // SAFETY: a fresh mapping at an address the kernel picks aliases nothing.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }
-        .ok()?;
+        let ptr = platform::map_shared(&fd, len).ok()?;
         let state = State::Shared;
         blocks.insert(ptr as usize, Block { fd, len, state });
-        Some(ptr.cast())
+        Some(ptr)
     })
 }
 
@@ -233,11 +218,12 @@ pub fn free(ptr: *mut u8) -> bool {
             return None;
         }
         let block = blocks.remove(&key)?;
-        // SAFETY: ptr/len are a mapping made by `alloc` (or remapped in
-        // place by `seal_in_place`), now out of the registry, so unmapped
-        // exactly once. The allocator's caller owns no view of it any more.
+        // SAFETY: the registry's key/len are a mapping made by `alloc` (or
+        // remapped in place by `seal_in_place`), now out of the registry, so
+        // unmapped exactly once. The allocator's caller owns no view of it
+        // any more.
         unsafe {
-            let _ = rustix::mm::munmap(ptr.cast(), block.len);
+            let _ = platform::unmap(key as *mut u8, block.len);
         }
         Some(block)
     });
@@ -325,23 +311,14 @@ pub fn forget(ptr: *const u8) {
 /// state: still `Shared` if the remap failed (nothing changed), `Unlendable`
 /// if only the seal did.
 fn seal_in_place(start: usize, block: &Block) -> State {
-    // SAFETY: [start, start + len) is exactly this block's mapping, owned by
-    // the registry. MAP_FIXED swaps it atomically with respect to the
-    // owner's accesses: a write before the swap reached the memfd and shows
-    // through the new mapping; one after it copies the page privately.
-    // NORESERVE: the swap must not fail on the commit limit (the memory
-    // was checked at allocation), which could leave the range unmapped on
-    // older kernels.
-    let remapped = unsafe {
-        rustix::mm::mmap(
-            start as *mut _,
-            block.len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
-            &block.fd,
-            0,
-        )
-    };
+    // SAFETY: [start, start + len) is exactly this block's mapping, made by
+    // `platform::map_shared` and owned by the registry. The swap is atomic
+    // with respect to the owner's accesses: a write before it reached the
+    // memfd and shows through the new mapping; one after it copies the page
+    // privately. It cannot fail on the commit limit (the memory was checked
+    // at allocation), which could leave the range unmapped on older kernels.
+    let remapped =
+        unsafe { platform::remap_private_in_place(start as *mut u8, block.len, &block.fd) };
     if remapped.is_err() {
         return State::Shared;
     }
@@ -372,7 +349,7 @@ fn install_fork_hook() {
     // unlock; they call no allocator-reentrant or signal-unsafe code that
     // could deadlock against the forking thread.
     unsafe {
-        libc::pthread_atfork(Some(prepare), Some(release), Some(release));
+        let _ = platform::run_around_fork(prepare, release, release);
     }
 }
 
@@ -391,7 +368,7 @@ mod tests {
     }
 
     fn read_at(fd: &OwnedFd, off: u64) -> u8 {
-        let m = Mapping::private(fd, rustix::fs::fstat(fd).unwrap().st_size as usize).unwrap();
+        let m = Mapping::private(fd, platform::segment_len(fd).unwrap() as usize).unwrap();
         // SAFETY: offsets used below are within the block.
         unsafe { *m.as_ptr().add(off as usize) }
     }
@@ -410,7 +387,13 @@ mod tests {
         assert_eq!(off, 0);
         // Unchanged: lent again, same memfd.
         let (fd2, _) = lend(p, n).unwrap();
-        let ino = |f: &OwnedFd| rustix::fs::fstat(f).unwrap().st_ino;
+        let ino = |f: &OwnedFd| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::File::from(f.try_clone().unwrap())
+                .metadata()
+                .unwrap()
+                .ino()
+        };
         assert_eq!(ino(&fd), ino(&fd2));
         // The owner writes: its memory changes, the snapshot does not, and
         // the written range is no longer lent (other pages still are).
@@ -442,17 +425,8 @@ mod tests {
         let n = 4096 * 4;
         let p = alloc(n).unwrap();
         fill(p, n, 5);
-        // SAFETY: the child only writes memory and exits without unwinding.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            fill(p, n, 7);
-            // SAFETY: leaving the child without running the test harness.
-            unsafe { libc::_exit(0) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // SAFETY: the child only writes memory of the block.
+        unsafe { platform::run_in_forked_child(|| fill(p, n, 7)) }.unwrap();
         // SAFETY: within the block.
         assert_eq!(unsafe { *p.add(100) }, 5);
         assert!(free(p));

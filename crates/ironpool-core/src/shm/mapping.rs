@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rustix::mm::{MapFlags, ProtFlags};
+use crate::platform;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
@@ -41,22 +41,11 @@ impl Mapping {
                 adopted: false,
             });
         }
-        // SAFETY: a fresh mapping at an address the kernel chooses cannot alias
-        // any Rust object. The segment is sealed against shrinking, so pages
-        // never vanish under us (no SIGBUS).
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-                fd,
-                0,
-            )?
-        };
+        // The segment is sealed against shrinking, so pages never vanish
+        // under us (no SIGBUS).
+        let ptr = platform::map_private(fd, len)?;
         LIVE.fetch_add(1, Ordering::Relaxed);
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::other("mmap gave null"))?;
         Ok(Self {
             ptr,
             len,
@@ -97,10 +86,11 @@ impl Drop for Mapping {
         if self.adopted {
             super::blocks::forget(self.ptr.as_ptr());
         }
-        // SAFETY: ptr/len came from a successful mmap and are unmapped once.
-        // Views exported to Python hold an Arc to this value, so none is alive.
+        // SAFETY: ptr/len came from a successful `platform::map_private` and
+        // are unmapped once. Views exported to Python hold an Arc to this
+        // value, so none is alive.
         unsafe {
-            let _ = rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len);
+            let _ = platform::unmap(self.ptr.as_ptr(), self.len);
         }
         LIVE.fetch_sub(1, Ordering::Relaxed);
     }

@@ -22,7 +22,7 @@ pub struct SegmentWriter {
 
 impl SegmentWriter {
     pub fn new(total_len: u64) -> io::Result<Self> {
-        let fd = platform::memfd("ironpool")?;
+        let fd = platform::new_segment("ironpool")?;
         let file = File::from(fd);
         file.set_len(total_len)?;
         Ok(Self {

@@ -2,8 +2,10 @@
 //! reports (faulthandler writes the dying worker's Python stack there).
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::os::fd::OwnedFd;
+
+use crate::platform;
 
 pub struct Capture {
     pub fd: Option<OwnedFd>,
@@ -31,14 +33,14 @@ impl Capture {
         let mut buf = [0u8; 16 * 1024];
         loop {
             let Some(fd) = &self.fd else { return false };
-            match rustix::io::read(fd, &mut buf) {
+            match platform::read(fd, &mut buf) {
                 Ok(0) => {
                     self.flush_partial();
                     self.fd = None;
                     return false;
                 }
                 Ok(n) => self.feed(&buf[..n]),
-                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return true, // EAGAIN: drained for now
             }
         }

@@ -137,7 +137,7 @@ impl Running {
                     // `raw` stays open in the child until exec (covered by the
                     // SAFETY note above).
                     let fd = std::os::fd::BorrowedFd::borrow_raw(raw);
-                    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                    platform::set_inheritable(fd)?;
                     // Armed until the template watches us through a pidfd.
                     if !platform::die_with_parent(parent) {
                         return Err(io::Error::other("parent exited during spawn"));
@@ -166,15 +166,7 @@ impl Running {
     /// The zygote says `Ready` once its imports are done, or `InitFailed`
     /// with the error text if one of them failed.
     fn wait_ready(&mut self, owner: i32) -> io::Result<()> {
-        let mut fds = [rustix::event::PollFd::new(
-            &self.master,
-            rustix::event::PollFlags::IN,
-        )];
-        let limit = rustix::time::Timespec {
-            tv_sec: 120,
-            tv_nsec: 0,
-        };
-        if rustix::event::poll(&mut fds, Some(&limit))? == 0 {
+        if !platform::wait_readable(&self.master, Some(Duration::from_secs(120)))? {
             self.kill(owner);
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -208,7 +200,7 @@ impl Running {
         if platform::current_pid() != owner {
             return;
         }
-        let _ = rustix::net::shutdown(&self.master, rustix::net::Shutdown::Both);
+        let _ = platform::shutdown(&self.master);
         if !self.pidfd.wait_exited(Duration::from_secs(2)) {
             let _ = self.pidfd.kill();
         }

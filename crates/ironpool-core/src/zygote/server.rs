@@ -192,7 +192,7 @@ fn fork_one(
             // Open the pidfd before anyone can reap: the pid cannot be reused yet.
             match Pidfd::open(pid) {
                 Ok(pidfd) => {
-                    let copy = rustix::io::fcntl_dupfd_cloexec(&pidfd, 0)?;
+                    let copy = platform::duplicate_fd(&pidfd)?;
                     st.poller.add(&pidfd, CHILD | pid as u32 as u64, false)?;
                     st.children.insert(pid, (pidfd, session));
                     reply(

@@ -1,0 +1,179 @@
+//! Readiness: a level-triggered poller over many descriptors (epoll), a
+//! waker for it (eventfd), and waits on a single descriptor (`poll`).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags};
+
+fn timespec(d: Duration) -> rustix::time::Timespec {
+    rustix::time::Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: d.subsec_nanos() as i64,
+    }
+}
+
+/// One `poll` on `fd` for `flags`, up to `timeout` (forever if `None`);
+/// true if `fd` became ready. EINTR is the caller's to handle.
+fn wait_one(fd: impl AsFd, flags: PollFlags, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut fds = [PollFd::new(&fd, flags)];
+    let ts = timeout.map(timespec);
+    Ok(rustix::event::poll(&mut fds, ts.as_ref())? > 0)
+}
+
+/// Waits up to `timeout` (forever if `None`) until `fd` is readable, hung
+/// up, or (a process handle) its process has exited. True if it is; an
+/// interrupted wait is an `Interrupted` error.
+pub fn wait_readable(fd: impl AsFd, timeout: Option<Duration>) -> io::Result<bool> {
+    wait_one(fd, PollFlags::IN, timeout)
+}
+
+/// Like [`wait_readable`], until `fd` has room to write.
+pub fn wait_writable(fd: impl AsFd, timeout: Option<Duration>) -> io::Result<bool> {
+    wait_one(fd, PollFlags::OUT, timeout)
+}
+
+/// Readiness of one registered descriptor.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub token: u64,
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// Level-triggered readiness over many descriptors (epoll). Closable, so a
+/// finished pool gives its descriptor back while its handle lives on.
+#[derive(Debug)]
+pub struct Poller {
+    ep: RwLock<Option<OwnedFd>>,
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "poller closed")
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Self> {
+        use rustix::event::epoll;
+        Ok(Self {
+            ep: RwLock::new(Some(epoll::create(epoll::CreateFlags::CLOEXEC)?)),
+        })
+    }
+
+    fn flags(write: bool) -> rustix::event::epoll::EventFlags {
+        use rustix::event::epoll::EventFlags;
+        if write {
+            EventFlags::IN | EventFlags::OUT
+        } else {
+            EventFlags::IN
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&OwnedFd) -> io::Result<T>) -> io::Result<T> {
+        let guard = self.ep.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map_or_else(|| Err(closed()), f)
+    }
+
+    pub fn add(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
+        use rustix::event::epoll;
+        self.with(|ep| {
+            epoll::add(ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+            Ok(())
+        })
+    }
+
+    pub fn modify(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
+        use rustix::event::epoll;
+        self.with(|ep| {
+            epoll::modify(ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+            Ok(())
+        })
+    }
+
+    pub fn delete(&self, fd: impl AsFd) {
+        let _ = self.with(|ep| Ok(rustix::event::epoll::delete(ep, fd)?));
+    }
+
+    /// Closes the epoll descriptor; later waits return no events at once.
+    pub fn close(&self) {
+        self.ep.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Waits up to `timeout` (forever if `None`); EINTR counts as no events.
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Vec<Ready>> {
+        use rustix::event::epoll::{self, EventFlags};
+        let ts = timeout.map(timespec);
+        let mut events = Vec::with_capacity(64);
+        let guard = self.ep.read().unwrap_or_else(|p| p.into_inner());
+        let Some(ep) = guard.as_ref() else {
+            return Ok(Vec::new());
+        };
+        match epoll::wait(ep, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(guard);
+        Ok(events
+            .iter()
+            .map(|e| {
+                let flags = e.flags;
+                let data = e.data;
+                let hup = flags.intersects(EventFlags::HUP | EventFlags::ERR | EventFlags::RDHUP);
+                Ready {
+                    token: data.u64(),
+                    readable: flags.contains(EventFlags::IN) || hup,
+                    writable: flags.contains(EventFlags::OUT) || hup,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Wakes a thread blocked in [`Poller::wait`] (eventfd). Closable like the
+/// poller; waking a closed one does nothing.
+#[derive(Debug)]
+pub struct Waker {
+    fd: RwLock<Option<OwnedFd>>,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Self> {
+        use rustix::event::EventfdFlags;
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Self {
+            fd: RwLock::new(Some(fd)),
+        })
+    }
+
+    fn with(&self, f: impl FnOnce(&OwnedFd)) {
+        if let Some(fd) = self.fd.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            f(fd);
+        }
+    }
+
+    pub fn wake(&self) {
+        self.with(|fd| {
+            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+        });
+    }
+
+    pub fn drain(&self) {
+        self.with(|fd| {
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(fd, &mut b);
+        });
+    }
+
+    /// Registers this waker with `poller` under `token`.
+    pub fn register(&self, poller: &Poller, token: u64) -> io::Result<()> {
+        let guard = self.fd.read().unwrap_or_else(|p| p.into_inner());
+        let fd = guard.as_ref().ok_or_else(closed)?;
+        poller.add(fd, token, false)
+    }
+
+    pub fn close(&self) {
+        self.fd.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
