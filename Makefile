@@ -33,11 +33,13 @@ lint: $(VENV)/.deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-rust:
 	cargo test --workspace
 
 test-py: build
+	$(PY) -m mypy.stubtest ironpool._core
 	$(PY) -m pytest -q
 
 test: lint test-rust test-py

@@ -16,7 +16,7 @@ import ironpool
 import numpy as np
 import pytest
 from _zc_support import MIB, segment_ranges
-from ironpool import _core
+from ironpool import _testing
 from ironpool._shared_memory import stats
 
 
@@ -152,7 +152,7 @@ def test_only_new_arrays_in_this_thread_inside_the_block_are_shared():
 
 
 def test_freed_arrays_leave_no_memfd_behind():
-    base_fds = _core.open_memfds()
+    base_fds = _testing.open_segments()
     base_blocks = stats()[0]
     with ironpool.shared_memory():
         arrays = [np.full(MIB, float(i)) for i in range(20)]
@@ -161,7 +161,7 @@ def test_freed_arrays_leave_no_memfd_behind():
         assert list(pool.map(where_and_first, arrays))[3][1] == 3.0
     del arrays
     assert stats()[0] == base_blocks
-    assert _core.open_memfds() == base_fds
+    assert _testing.open_segments() == base_fds
 
 
 def test_without_numpy_loaded_the_block_imports_it(tmp_path):

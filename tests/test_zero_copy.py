@@ -44,7 +44,7 @@ from _zc_support import (
     segment_report,
     settle,
 )
-from ironpool import _core
+from ironpool import _testing
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -392,7 +392,7 @@ def test_large_numpy_result_is_a_view_of_a_shared_buffer(pool):
     r = pool.submit(make_array, 8 * MIB, 3).result(timeout=60)
     assert has_shared_base(r), "the result was copied out of the segment"
     assert bytes_in_segments(r) == r.nbytes
-    assert _core.live_mappings() >= 1
+    assert _testing.live_mappings() >= 1
 
 
 # --- results are ordinary objects -------------------------------------------------
@@ -463,7 +463,7 @@ def test_result_pickles_again_and_can_be_sent_back(pool):
 @pytest.mark.parametrize("how", ["shutdown", "terminate", "recycled-workers"])
 def test_result_outlives_the_pool(how):
     settle()
-    base_maps, base_fds = _core.live_mappings(), _core.open_memfds()
+    base_maps, base_fds = _testing.live_mappings(), _testing.open_segments()
     p = ironpool.Pool(2, max_tasks_per_worker=1 if how == "recycled-workers" else None)
     futs = [p.submit(make_frame, 20_000, 8, i) for i in range(4)]
     futs.append(p.submit(make_array, 4 * MIB, 9))
@@ -484,11 +484,11 @@ def test_result_outlives_the_pool(how):
     np.testing.assert_array_equal(arr, make_array(4 * MIB, 9))
     arr += 1
     assert pickle.loads(pickle.dumps(arr))[0] == 10.0
-    assert _core.live_mappings() > base_maps
+    assert _testing.live_mappings() > base_maps
     del results, arr, df, futs
     settle()
-    assert _core.live_mappings() == base_maps
-    assert _core.open_memfds() == base_fds
+    assert _testing.live_mappings() == base_maps
+    assert _testing.open_segments() == base_fds
     assert not any(memfd_inodes(pid) for pid in workers), "the pool's workers outlived it with segments"
 
 
@@ -499,21 +499,21 @@ def test_segment_is_unmapped_when_the_result_is_dropped(kind):
     shutdown). The future is awaited with wait(), as as_completed() users do,
     so ironpool's own results thread delivers it."""
     settle()
-    base_maps, base_fds = _core.live_mappings(), _core.open_memfds()
+    base_maps, base_fds = _testing.live_mappings(), _testing.open_segments()
     with ironpool.Pool(2) as p:
         fut = p.submit(build_result, kind)
         wait([fut], timeout=60)
         r = fut.result()
         del fut
         if kind != "bytes":
-            assert _core.live_mappings() > base_maps, "a large result should be held in a mapped segment"
+            assert _testing.live_mappings() > base_maps, "a large result should be held in a mapped segment"
         # One descriptor per mapped segment, kept so that the result can be
         # sent on without a copy (see docs/decisions.md).
-        assert _core.open_memfds() - base_fds <= _core.live_mappings() - base_maps
+        assert _testing.open_segments() - base_fds <= _testing.live_mappings() - base_maps
         del r
         settle()
-        assert _core.live_mappings() == base_maps, "the segment outlived the result"
-        assert _core.open_memfds() == base_fds
+        assert _testing.live_mappings() == base_maps, "the segment outlived the result"
+        assert _testing.open_segments() == base_fds
         assert p.submit(ident, 5).result(timeout=60) == 5
 
 
@@ -564,7 +564,7 @@ def test_share_handle_round_trips_big_data(pool):
 def test_p1_concurrent_64mb_frames_never_raise_buffererror():
     rows, cols, n_tasks = 1_000_000, 8, 12  # each result: 8 float64 columns x 1e6 rows = 64 MB
     settle()
-    base_maps = _core.live_mappings()
+    base_maps = _testing.live_mappings()
     errors: list[BaseException] = []
     kept: list = []
     lock = threading.Lock()
@@ -653,7 +653,7 @@ def test_p1_concurrent_64mb_frames_never_raise_buffererror():
         del futs, ordered, f
     settle()
     assert not errors, errors
-    assert _core.live_mappings() == base_maps
+    assert _testing.live_mappings() == base_maps
 
 
 # --- P2: shared memory does not depend on the size of /dev/shm --------------------
@@ -702,8 +702,8 @@ with ironpool.Pool(2) as pool:
     results = [f.result(timeout=120) for f in futs]
     ok = all(np.array_equal(r, a * k) for r, k in zip(results, (2, 3)))
     shm_files = dev_shm_files_open()
-    from ironpool import _core
-    maps = _core.live_mappings()
+    from ironpool import _testing
+    maps = _testing.live_mappings()
 stop.set()
 t.join()
 print(json.dumps({"ok": ok, "size": shm_size(), "used0": used0, "peak": peak[0], "files": shm_files,

@@ -35,7 +35,7 @@ from _zc_support import (
     tree_pids,
     wait_for,
 )
-from ironpool import _core
+from ironpool import _testing
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -166,7 +166,7 @@ def test_returning_n_large_results_costs_about_their_size():
 
 def test_nothing_left_after_results_and_pool_are_gone():
     settle()
-    base_maps, base_fds = _core.live_mappings(), _core.open_memfds()
+    base_maps, base_fds = _testing.live_mappings(), _testing.open_segments()
     big = np.arange(8 * MIB // 8, dtype="f8")
     pool = ironpool.Pool(2)
     results = [pool.submit(ident, big) for _ in range(4)]
@@ -186,11 +186,11 @@ def test_nothing_left_after_results_and_pool_are_gone():
     pool.shutdown(wait=True, cancel_futures=True)
     for f in queued:
         assert f.cancelled() or f.result(timeout=60).shape == big.shape
-    assert _core.live_mappings() > base_maps  # the results still view their segments
+    assert _testing.live_mappings() > base_maps  # the results still view their segments
     del results, failed, values, mapped, unordered, never_read, queued, via_shared, shared, pool, f
     settle()
-    assert _core.live_mappings() == base_maps
-    assert _core.open_memfds() == base_fds
+    assert _testing.live_mappings() == base_maps
+    assert _testing.open_segments() == base_fds
 
 
 def test_idle_workers_keep_no_task_segments():
@@ -203,7 +203,7 @@ def test_idle_workers_keep_no_task_segments():
         settle()
         held = {w.pid: memfd_inodes(w.pid) for w in pool.stats()}
         assert not any(held.values()), f"idle workers still hold segments: {held}"
-        assert _core.open_memfds() == 0 or wait_for(lambda: _core.open_memfds() == 0, timeout=5)
+        assert _testing.open_segments() == 0 or wait_for(lambda: _testing.open_segments() == 0, timeout=5)
 
 
 # --- SIGKILL ----------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_idle_workers_keep_no_task_segments():
 
 def test_worker_sigkilled_while_holding_segments_leaks_nothing(tmp_path):
     settle()
-    base_maps, base_fds = _core.live_mappings(), _core.open_memfds()
+    base_maps, base_fds = _testing.live_mappings(), _testing.open_segments()
     fifo = str(tmp_path / "report")
     os.mkfifo(fifo)
     big = np.arange(32 * MIB // 8, dtype="f8")
@@ -228,13 +228,13 @@ def test_worker_sigkilled_while_holding_segments_leaks_nothing(tmp_path):
                 fut.result(timeout=60)
             left = wait_for(lambda: not holders_of(inodes), timeout=10)
             assert left, f"segments of the killed worker are still held: {holders_of(inodes)}"
-            assert wait_for(lambda: _core.open_memfds() == base_fds, timeout=10), _core.open_memfds()
+            assert wait_for(lambda: _testing.open_segments() == base_fds, timeout=10), _testing.open_segments()
             assert pool.submit(array_sum, big).result(timeout=60) == float(big.sum())  # pool still works
     finally:
         reader.close()
     settle()
-    assert _core.live_mappings() == base_maps
-    assert _core.open_memfds() == base_fds
+    assert _testing.live_mappings() == base_maps
+    assert _testing.open_segments() == base_fds
 
 
 PARENT_SCRIPT = """

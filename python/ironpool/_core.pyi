@@ -1,21 +1,27 @@
 """Types of ``ironpool._core``, the compiled half of ironpool (``crates/ironpool-py``)."""
 
 from collections.abc import Sequence
-from typing import Any, final
+from typing import Any, Literal, TypeAlias, final
+
+__all__ = [
+    "Completion", "CrashReport", "Crashed", "PoolCore", "Raised", "RegisteredPayload", "Returned",
+    "SharedBuffer", "StartFailed", "TimedOut", "WorkerChannel", "Zygote", "default_workers", "digest",
+    "in_shared_memory", "live_mappings", "open_segments", "set_numpy_handler", "shared_memory_handler",
+    "shared_memory_stats", "worker_main", "zygote_fail", "zygote_serve",
+]
 
 @final
 class SharedBuffer:
     """A view of a mapped shared-memory segment; exports the buffer protocol."""
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
 
-Part = bytes | memoryview | SharedBuffer
+_Part: TypeAlias = bytes | memoryview | SharedBuffer
 
 @final
 class RegisteredPayload:
     """A payload a worker was sent once (a function or a shared object)."""
-    def shared_parts(self) -> tuple[Part, ...]: ...
-    def private_parts(self) -> list[Part]: ...
+    def shared_parts(self) -> tuple[_Part, ...]: ...
+    def private_parts(self) -> list[_Part]: ...
 
 def digest(parts: list[Any]) -> bytes: ...
 def in_shared_memory(obj: object) -> bool: ...
@@ -23,6 +29,8 @@ def set_numpy_handler(handler: object | None) -> object: ...
 def shared_memory_handler() -> object: ...
 def shared_memory_stats() -> tuple[int, int]: ...
 def default_workers() -> int: ...
+def live_mappings() -> int: ...
+def open_segments() -> int: ...
 def worker_main(channel: WorkerChannel, handler: object) -> None: ...
 def zygote_serve(fd: int) -> WorkerChannel | None: ...
 def zygote_fail(fd: int, text: str) -> None: ...
@@ -44,6 +52,7 @@ class Zygote:
 
 @final
 class CrashReport:
+    __match_args__: tuple[Literal["pid"], Literal["exitcode"], Literal["signal"]]
     @property
     def pid(self) -> int: ...
     @property
@@ -65,21 +74,25 @@ class CrashReport:
 
 @final
 class Returned:
+    __match_args__: tuple[Literal["parts"]]
     @property
-    def parts(self) -> list[Part]: ...
+    def parts(self) -> list[_Part]: ...
 
 @final
 class Raised:
+    __match_args__: tuple[Literal["parts"]]
     @property
-    def parts(self) -> list[Part]: ...
+    def parts(self) -> list[_Part]: ...
 
 @final
 class Crashed:
+    __match_args__: tuple[Literal["crash"]]
     @property
     def crash(self) -> CrashReport: ...
 
 @final
 class TimedOut:
+    __match_args__: tuple[Literal["limit"], Literal["crash"]]
     @property
     def limit(self) -> float: ...
     @property
@@ -87,24 +100,26 @@ class TimedOut:
 
 @final
 class StartFailed:
+    __match_args__: tuple[Literal["parts"], Literal["crash"]]
     @property
-    def parts(self) -> list[Part] | None: ...
+    def parts(self) -> list[_Part] | None: ...
     @property
     def crash(self) -> CrashReport: ...
 
-Outcome = Returned | Raised | Crashed | TimedOut | StartFailed
-Attempt = Crashed | TimedOut | Raised
+_Outcome: TypeAlias = Returned | Raised | Crashed | TimedOut | StartFailed
+_Attempt: TypeAlias = Crashed | TimedOut | Raised
 
 @final
 class Completion:
+    __match_args__: tuple[Literal["task_id"], Literal["outcome"], Literal["elapsed"], Literal["attempts"]]
     @property
     def task_id(self) -> int: ...
     @property
-    def outcome(self) -> Outcome: ...
+    def outcome(self) -> _Outcome: ...
     @property
     def elapsed(self) -> float: ...
     @property
-    def attempts(self) -> list[Attempt]: ...
+    def attempts(self) -> list[_Attempt]: ...
 
 @final
 class PoolCore:

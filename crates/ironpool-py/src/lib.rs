@@ -6,39 +6,24 @@ mod errors;
 mod numpy_alloc;
 mod outcome;
 mod pool;
+mod testing;
 mod worker;
 mod zygote;
 
 use pyo3::prelude::*;
 
-/// Engine facts for tests and diagnostics.
+/// Workers a pool starts by default: the CPUs this process may use.
 #[pyfunction]
 fn default_workers() -> usize {
     ironpool_core::platform::default_workers()
-}
-
-/// Segments mapped in this process right now.
-#[pyfunction]
-fn live_mappings() -> usize {
-    ironpool_core::shm::live_mappings()
-}
-
-/// ironpool segments (memfds) this process holds open.
-#[pyfunction]
-fn open_memfds() -> usize {
-    ironpool_core::platform::open_segments()
-}
-
-/// Private resident memory of `pid` in bytes, if readable.
-#[pyfunction]
-fn resident_bytes(pid: i32) -> Option<u64> {
-    ironpool_core::platform::resident_bytes(pid)
 }
 
 #[pymodule]
 mod _core {
     #[pymodule_export]
     use super::buffers::{RegisteredPayload, SharedBuffer, digest};
+    #[pymodule_export]
+    use super::default_workers;
     #[pymodule_export]
     use super::numpy_alloc::{
         in_shared_memory, set_numpy_handler, shared_memory_handler, shared_memory_stats,
@@ -50,9 +35,9 @@ mod _core {
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]
+    use super::testing::{live_mappings, open_segments};
+    #[pymodule_export]
     use super::worker::worker_main;
     #[pymodule_export]
     use super::zygote::{WorkerChannel, Zygote, zygote_fail, zygote_serve};
-    #[pymodule_export]
-    use super::{default_workers, live_mappings, open_memfds, resident_bytes};
 }
