@@ -18,6 +18,7 @@ futures that work with ``as_completed``, ``wait`` and ``asyncio.wrap_future``.
 # Names resolve on first use, so that worker processes (which import this
 # package) do not pay for the executor machinery they never run.
 _EXPORTS = {
+    "Attempt": "errors",
     "IronpoolError": "errors",
     "MemoryLimitExceeded": "errors",
     "PoolClosed": "errors",
@@ -54,6 +55,7 @@ def __dir__() -> list[str]:
 if False:  # for type checkers; typing itself is not imported at run time
     from ._shared_memory import shared_memory
     from .errors import (
+        Attempt,
         IronpoolError,
         MemoryLimitExceeded,
         PoolClosed,

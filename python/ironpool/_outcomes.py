@@ -12,7 +12,7 @@ from typing import Any
 from . import _core
 from ._remote_exception import unpack_exception
 from ._serialize import loads
-from .errors import MemoryLimitExceeded, SerializationError, TaskTimeout, WorkerCrashed, WorkerStartError
+from .errors import Attempt, MemoryLimitExceeded, SerializationError, TaskTimeout, WorkerCrashed, WorkerStartError
 
 
 def resolve(outcome: Any, attempts: list, describe: Callable[[], str]) -> tuple[Any, BaseException | None]:
@@ -30,7 +30,7 @@ def resolve(outcome: Any, attempts: list, describe: Callable[[], str]) -> tuple[
     if isinstance(outcome, _core.Raised):
         raised = unpack_exception(loads(outcome.parts))
         if attempts:
-            raised.add_note(attempts_text(attempts))
+            raised.add_note(attempts_text([attempt_record(a) for a in attempts]))
         return None, raised
     if isinstance(outcome, _core.TimedOut):
         task = describe()
@@ -49,31 +49,35 @@ def resolve(outcome: Any, attempts: list, describe: Callable[[], str]) -> tuple[
     return None, RuntimeError(f"ironpool: unknown task outcome {outcome!r}")
 
 
-def describe_attempt(attempt: Any) -> str:
-    """One line for an earlier attempt that did not give a result."""
+def attempt_record(attempt: Any) -> Attempt:
+    """The caller's record of an earlier run (a ``_core`` Crashed, TimedOut
+    or Raised): plain data that pickles with the error it belongs to."""
     if isinstance(attempt, _core.Raised):
         try:
             exc = unpack_exception(loads(attempt.parts))
         except BaseException as err:  # describing must not lose the outcome
-            return f"raised an exception that could not be read back ({type(err).__name__}: {err})"
-        return f"raised {_safe_str(exc)}"
+            text = f"raised an exception that could not be read back ({type(err).__name__}: {err})"
+            return Attempt("raised", description=text)
+        return Attempt("raised", error=exc, description=f"raised {_safe_str(exc)}")
     crash = attempt.crash
     what = "timeout" if isinstance(attempt, _core.TimedOut) else crash.killed_by or "crashed"
-    return f"{what} (pid {crash.pid}, exitcode {crash.exitcode}, signal {crash.signal})"
-
-
-def attempts_text(attempts: list) -> str:
-    return "earlier attempts:\n" + "\n".join(
-        f"attempt {i}: {describe_attempt(a)}" for i, a in enumerate(attempts, 1)
+    return Attempt(
+        what, crash.pid, crash.exitcode, crash.signal,
+        description=f"{what} (pid {crash.pid}, exitcode {crash.exitcode}, signal {crash.signal})",
     )
+
+
+def attempts_text(records: list[Attempt]) -> str:
+    return "earlier attempts:\n" + "\n".join(f"attempt {i}: {a.description}" for i, a in enumerate(records, 1))
 
 
 def _with_attempts(err: BaseException, attempts: list) -> BaseException:
     """Adds the earlier attempts to an ironpool error's message; they stay
-    available as ``err.attempts`` (the engine's outcome records)."""
+    available as ``err.attempts``."""
     if attempts:
-        err.args = (f"{err.args[0]}\n{attempts_text(attempts)}",)
-        err.attempts = attempts  # type: ignore[attr-defined]
+        records = [attempt_record(a) for a in attempts]
+        err.args = (f"{err.args[0]}\n{attempts_text(records)}",)
+        err.attempts = records  # type: ignore[attr-defined]
     return err
 
 

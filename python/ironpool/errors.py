@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pickle
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 __all__ = [
+    "Attempt",
     "EngineError",
     "IronpoolError",
     "MemoryLimitExceeded",
@@ -35,6 +37,23 @@ def _python_stack(stderr_tail: str) -> str | None:
     if at < 0:
         at = stderr_tail.find("Current thread")
     return stderr_tail[at:] if at >= 0 else None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """An earlier run of a task that gave no result (in ``err.attempts`` of
+    the error it finally failed with, oldest first)."""
+
+    #: "crashed", "timeout", "memory", "protocol" or "raised".
+    what: str
+    #: The worker that ran it (0 for "raised": the worker lived on).
+    pid: int = 0
+    exitcode: int | None = None
+    signal: int | None = None
+    #: For "raised": the exception it raised.
+    error: BaseException | None = None
+    #: One line, as the error's message shows it.
+    description: str = ""
 
 
 class WorkerCrashed(BrokenProcessPool, IronpoolError):
