@@ -19,11 +19,10 @@ use super::worker::{InFlight, Outgoing, State, Worker};
 use super::{PoolConfig, Shared, WorkerStats, lock};
 use crate::ipc::{Channel, Kind, Message, Recv};
 use crate::platform::{self, Pidfd, Ready};
+use crate::reactor::Source;
 use crate::task::{Completion, Crash, ExitStatus, Failure, FnId, KillReason, Outcome, Task};
 use crate::zygote::{Session, decode_status};
 
-pub(super) const WAKER: u64 = 0;
-const SESSION: u64 = 1;
 /// A worker that closed its channel but was not reported dead by then is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 const MEMORY_POLL: Duration = Duration::from_millis(20);
@@ -32,10 +31,6 @@ const MEMORY_POLL: Duration = Duration::from_millis(20);
 const PREFETCH_BELOW_NS: f64 = 2_000_000.0;
 /// ...and the running one began less than this ago.
 const PREFETCH_WINDOW: Duration = Duration::from_millis(5);
-
-fn token(key: u64, which: u64) -> u64 {
-    (key << 2) | which
-}
 
 pub(super) struct Engine {
     cfg: PoolConfig,
@@ -77,8 +72,8 @@ impl Engine {
     ) -> io::Result<Self> {
         session.set_nonblocking(true)?;
         let poller = &shared.poller;
-        shared.waker.register(poller, WAKER)?;
-        poller.add(&session, SESSION, false)?;
+        shared.waker.register(poller, Source::Waker.token())?;
+        poller.add(&session, Source::Session.token(), false)?;
         lock(&shared.sizer).set_workers(cfg.workers);
         let slots = cfg.workers;
         Ok(Self {
@@ -110,24 +105,21 @@ impl Engine {
     /// Handles ready descriptors, then advances timers, workers and dispatch.
     pub fn handle(&mut self, events: &[Ready]) {
         for ev in events {
-            match ev.token {
-                WAKER => self.shared.waker.drain(),
-                SESSION => self.on_session(),
-                t => {
-                    let key = t >> 2;
-                    match t & 3 {
-                        0 => {
-                            if ev.writable {
-                                self.flush(key);
-                            }
-                            if ev.readable {
-                                self.on_channel(key);
-                            }
-                        }
-                        1 => self.pump_output(key, false),
-                        _ => self.pump_output(key, true),
+            match Source::from_token(ev.token) {
+                Some(Source::Waker) => self.shared.waker.drain(),
+                Some(Source::Session) => self.on_session(),
+                Some(Source::Channel(key)) => {
+                    if ev.writable {
+                        self.flush(key);
+                    }
+                    if ev.readable {
+                        self.on_channel(key);
                     }
                 }
+                Some(Source::Stdout(key)) => self.pump_output(key, false),
+                Some(Source::Stderr(key)) => self.pump_output(key, true),
+                // The zygote's sources are never registered here.
+                _ => {}
             }
         }
         self.tick();
@@ -336,9 +328,10 @@ impl Engine {
         self.next_key += 1;
         let fork = Message::new(Kind::Fork, key, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
         session.send_blocking(&fork)?;
-        self.shared.poller.add(&ours, token(key, 0), false)?;
-        self.shared.poller.add(&out_r, token(key, 1), false)?;
-        self.shared.poller.add(&err_r, token(key, 2), false)?;
+        let poller = &self.shared.poller;
+        poller.add(&ours, Source::Channel(key).token(), false)?;
+        poller.add(&out_r, Source::Stdout(key).token(), false)?;
+        poller.add(&err_r, Source::Stderr(key).token(), false)?;
         let forward = self.cfg.forward_output;
         let keep = self.cfg.stderr_tail_lines;
         let mut w = Worker {
@@ -444,7 +437,7 @@ impl Engine {
         }
         match old.reopen().and_then(|s| {
             s.set_nonblocking(true)?;
-            self.shared.poller.add(&s, SESSION, false)?;
+            self.shared.poller.add(&s, Source::Session.token(), false)?;
             Ok(s)
         }) {
             Ok(s) => self.session = Some(s),
@@ -839,7 +832,10 @@ impl Engine {
         let want = !w.outbox.is_empty() && !failed;
         if want != w.wants_write {
             w.wants_write = want;
-            let _ = self.shared.poller.modify(&w.chan, token(key, 0), want);
+            let _ = self
+                .shared
+                .poller
+                .modify(&w.chan, Source::Channel(key).token(), want);
         }
         if failed {
             // The worker is dying; its exit report will settle its tasks.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::ipc::Message;
 use crate::platform::{Poller, Waker};
+use crate::reactor::Source;
 use crate::task::{Completion, FnId, Task, TaskId};
 
 use crate::zygote::Zygote;
@@ -331,7 +332,7 @@ impl Pool {
             if let Ok(mut events) = self.shared.poller.wait(Some(Duration::ZERO)) {
                 // The wake-up eventfd is the supervisor thread's: draining it
                 // here could leave that thread asleep towards a stale deadline.
-                events.retain(|ev| ev.token != event_loop::WAKER);
+                events.retain(|ev| ev.token != Source::Waker.token());
                 if !events.is_empty() {
                     let (mine, wake) = {
                         let mut e = lock(&self.engine);
