@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::output::Capture;
 use super::scheduler::Pending;
-use super::worker::{InFlight, Outgoing, State, Worker};
+use super::worker::{Outgoing, State, Work, Worker};
 use super::{PoolConfig, Shared, WorkerStats, lock};
 use crate::ipc::{Channel, Kind, Message, Recv};
 use crate::platform::{self, Pidfd, Ready};
@@ -172,11 +172,7 @@ impl Engine {
 
     fn needed(&self, id: FnId) -> bool {
         let needs = |t: &Task| t.fn_id == id || t.needs.contains(&id);
-        self.pending.iter().any(needs)
-            || self
-                .workers
-                .values()
-                .any(|w| w.in_flight.iter().any(|f| needs(&f.task)))
+        self.pending.iter().any(needs) || self.workers.values().any(|w| w.state.tasks().any(needs))
     }
 
     /// Forgets the released objects no task needs any more.
@@ -201,7 +197,7 @@ impl Engine {
         let keys: Vec<u64> = self.workers.keys().copied().collect();
         for key in keys {
             if let Some(w) = self.workers.get_mut(&key) {
-                if w.fns.remove(&id) && w.closed_at.is_none() {
+                if w.fns.remove(&id) && w.state.closing_since().is_none() {
                     w.outbox
                         .push_back(Outgoing::Owned(Message::new(Kind::Forget, id, 0)));
                     self.flush(key);
@@ -222,7 +218,7 @@ impl Engine {
     pub fn is_dispatched(&self, id: u64) -> bool {
         self.workers
             .values()
-            .any(|w| w.in_flight.iter().any(|f| f.task.id == id))
+            .any(|w| w.state.tasks().any(|t| t.id == id))
     }
 
     pub fn cancel_pending(&mut self) -> Vec<u64> {
@@ -256,14 +252,14 @@ impl Engine {
     /// task under `max_tasks_per_worker` no longer counts, so its replacement
     /// is forked while that task runs rather than after it.
     fn has_future(&self, w: &Worker) -> bool {
-        match w.state {
-            State::Starting => true,
-            State::Ready => self
+        if w.state.is_starting() {
+            return true;
+        }
+        w.state.takes_tasks()
+            && self
                 .cfg
                 .max_tasks_per_worker
-                .is_none_or(|n| w.tasks_done + (w.in_flight.len() as u64) < n),
-            State::Retiring | State::Dead => false,
-        }
+                .is_none_or(|n| w.tasks_done + (w.state.in_flight() as u64) < n)
     }
 
     fn active_workers(&self) -> usize {
@@ -345,14 +341,11 @@ impl Engine {
             stdout: Capture::new(out_r, false, 0, forward),
             stderr: Capture::new(err_r, true, keep, forward),
             state: State::Starting,
-            in_flight: Default::default(),
             fns: Default::default(),
             tasks_done: 0,
             busy_ns: 0,
             kill_reason: None,
             protocol_error: None,
-            init_error: None,
-            closed_at: None,
         };
         w.outbox.push_back(Outgoing::Owned(self.init.try_clone()?));
         self.workers.insert(key, w);
@@ -453,7 +446,7 @@ impl Engine {
             let Some(w) = self.workers.get_mut(&key) else {
                 return;
             };
-            if w.closed_at.is_some() {
+            if w.state.closing_since().is_some() {
                 // Nothing more is read from a closing worker. Stop watching
                 // its channel once nothing is left to send: a level-triggered
                 // EOF would otherwise wake the loop until its exit is reported.
@@ -482,14 +475,7 @@ impl Engine {
     fn close_channel(&mut self, key: u64) {
         if let Some(w) = self.workers.get_mut(&key) {
             self.shared.poller.delete(&w.chan);
-            w.closed_at = Some(Instant::now());
-            // A worker that dies during set-up stays `Starting` until its
-            // exit is reported, so that it counts as a start failure (and its
-            // replacement waits for the back-off) whichever news comes first.
-            if w.state != State::Starting {
-                w.state = State::Dead;
-            }
-            w.outbox.clear();
+            w.close(Instant::now());
         }
     }
 
@@ -498,39 +484,31 @@ impl Engine {
             return;
         };
         match m.kind {
-            Kind::Ready if w.state == State::Starting => {
-                w.state = State::Ready;
+            Kind::Ready if matches!(w.state, State::Starting) => {
+                w.state = State::Idle;
                 self.start_failures = 0;
                 self.stats_dirty = true;
             }
-            Kind::InitFailed => {
-                w.init_error = Some(m);
+            Kind::InitFailed if matches!(w.state, State::Starting) => {
                 // It exits by itself. Until that is reported it still counts
                 // as starting, so its replacement waits for the back-off;
                 // the exit grace period bounds how long it may take.
-                w.closed_at.get_or_insert_with(Instant::now);
+                w.state = State::StartFailed {
+                    since: Instant::now(),
+                    error: Some(m),
+                };
             }
             Kind::Returned | Kind::Raised => {
-                let matches = w
-                    .in_flight
-                    .front()
-                    .is_some_and(|f| f.task.id == m.id && f.started.is_some());
-                if !matches {
+                let Some(done) = w.finish(m.id, Instant::now()) else {
                     w.protocol_error =
                         Some(format!("result for task {} that it was not running", m.id));
                     w.kill(KillReason::Protocol);
-                    return;
-                }
-                let Some(done) = w.in_flight.pop_front() else {
                     return;
                 };
                 let elapsed = Duration::from_nanos(m.aux);
                 w.tasks_done += 1;
                 self.stats_dirty = true;
                 w.busy_ns += m.aux;
-                if let Some(next) = w.in_flight.front_mut() {
-                    next.started = Some(Instant::now());
-                }
                 lock(&self.shared.sizer).record(done.task.fn_id, elapsed, done.task.items);
                 self.maybe_retire(key);
                 let outcome = if m.kind == Kind::Returned {
@@ -552,9 +530,12 @@ impl Engine {
         let Some(w) = self.workers.get_mut(&key) else {
             return;
         };
-        if w.state != State::Ready {
+        if matches!(w.state, State::Exiting { .. }) {
             // A retiring worker that just finished its last task leaves now.
-            self.retire_if_idle(key);
+            self.flush(key);
+            return;
+        }
+        if !w.state.takes_tasks() {
             return;
         }
         let by_count = self
@@ -568,20 +549,10 @@ impl Engine {
             _ => false,
         };
         if by_count || by_memory {
-            w.state = State::Retiring;
             // Tasks queued behind the last one go back to the queue untouched.
-            let queued: Vec<InFlight> = w.in_flight.drain(..).collect();
-            let mut keep = Vec::new();
-            for f in queued {
-                if f.started.is_some() {
-                    keep.push(f);
-                } else {
-                    self.pending.push_front(f.task);
-                }
+            for task in w.retire(Instant::now()).into_iter().rev() {
+                self.pending.push_front(task);
             }
-            let w = self.workers.get_mut(&key).expect("worker present");
-            w.in_flight.extend(keep);
-            w.outbox.retain(|o| matches!(o, Outgoing::Owned(_)));
             let reason = if by_count {
                 "recycled: task limit"
             } else {
@@ -590,19 +561,9 @@ impl Engine {
             if let Some(s) = self.last_exit.get_mut(w.slot) {
                 *s = reason.to_string();
             }
-            self.retire_if_idle(key);
-        }
-    }
-
-    fn retire_if_idle(&mut self, key: u64) {
-        let Some(w) = self.workers.get_mut(&key) else {
-            return;
-        };
-        if w.state == State::Retiring && w.in_flight.is_empty() && w.closed_at.is_none() {
-            w.outbox
-                .push_back(Outgoing::Owned(Message::new(Kind::Shutdown, 0, 0)));
-            w.closed_at = Some(Instant::now());
-            self.flush(key);
+            if matches!(w.state, State::Exiting { .. }) {
+                self.flush(key);
+            }
         }
     }
 
@@ -625,17 +586,25 @@ impl Engine {
             stderr_tail: w.stderr.tail(),
             protocol_error: w.protocol_error.take(),
         };
-        let mut in_flight: Vec<InFlight> = w.in_flight.drain(..).collect();
-        // Tasks the worker had not begun go back to the front, in order.
-        let running = match in_flight.first() {
-            Some(f) if f.started.is_some() => Some(in_flight.remove(0)),
-            _ => None,
+        let ran_ok = !w.state.is_starting();
+        let by_policy = matches!(w.state, State::Exiting { .. });
+        let (work, start_error) = match w.state {
+            State::Busy(work)
+            | State::ChannelClosed {
+                work: Some(work), ..
+            } => (Some(work), None),
+            State::Retiring { running } => (Some(Work::from(running)), None),
+            State::StartFailed { error, .. } => (None, error),
+            _ => (None, None),
         };
-        for f in in_flight.into_iter().rev() {
-            self.pending.push_front(f.task);
+        let mut running = None;
+        if let Some(work) = work {
+            // Tasks the worker had not begun go back to the front, in order.
+            for task in work.queued.into_iter().rev() {
+                self.pending.push_front(task);
+            }
+            running = Some(work.running);
         }
-        let ran_ok = w.state != State::Starting && w.init_error.is_none();
-        let by_policy = w.state == State::Retiring && w.init_error.is_none() && running.is_none();
         if let Some(f) = running {
             let failure = match w.kill_reason {
                 Some(KillReason::Timeout { limit }) => Failure::TimedOut {
@@ -658,7 +627,7 @@ impl Engine {
         }
         if !ran_ok && !self.shutting_down && !self.losing_template {
             self.start_failures += 1;
-            let error = w.init_error.take().map(|m| m.body);
+            let error = start_error.map(|m| m.body);
             if self.start_failures >= self.cfg.max_start_failures {
                 self.broken = Some((error, crash));
                 self.fail_pending_start();
@@ -690,7 +659,7 @@ impl Engine {
         };
         // Workers still setting up would only fail the same way: stop them.
         for w in self.workers.values_mut() {
-            if w.state == State::Starting {
+            if w.state.is_starting() {
                 w.kill(KillReason::Shutdown);
             }
         }
@@ -754,13 +723,14 @@ impl Engine {
         let may_prefetch = self.cfg.max_memory.is_none();
         let quick = |w: &Worker| {
             may_prefetch
-                && w.in_flight.iter().all(|f| {
+                && w.state.tasks().all(|t| {
                     sizer
-                        .mean(f.task.fn_id)
-                        .is_some_and(|ns| ns * f64::from(f.task.items) < PREFETCH_BELOW_NS)
-                        && f.started
-                            .is_none_or(|s| now.duration_since(s) < PREFETCH_WINDOW)
+                        .mean(t.fn_id)
+                        .is_some_and(|ns| ns * f64::from(t.items) < PREFETCH_BELOW_NS)
                 })
+                && w.state
+                    .running()
+                    .is_none_or(|r| now.duration_since(r.started) < PREFETCH_WINDOW)
         };
         loop {
             let Some(key) = self
@@ -768,13 +738,13 @@ impl Engine {
                 .values()
                 .filter(|w| {
                     // Prefetch never sends a worker more than its task limit.
-                    let sent = w.tasks_done + w.in_flight.len() as u64;
-                    w.state == State::Ready
-                        && w.in_flight.len() < depth
+                    let sent = w.tasks_done + w.state.in_flight() as u64;
+                    w.state.takes_tasks()
+                        && w.state.in_flight() < depth
                         && self.cfg.max_tasks_per_worker.is_none_or(|n| sent < n)
-                        && (w.in_flight.is_empty() || quick(w))
+                        && (w.state.in_flight() == 0 || quick(w))
                 })
-                .min_by_key(|w| (w.in_flight.len(), w.key))
+                .min_by_key(|w| (w.state.in_flight(), w.key))
                 .map(|w| w.key)
             else {
                 return;
@@ -792,10 +762,15 @@ impl Engine {
                     }
                 }
             }
-            let started = w.in_flight.is_empty().then(Instant::now);
-            self.stats_dirty |= started.is_some();
-            w.outbox.push_back(Outgoing::Task(task.id));
-            w.in_flight.push_back(InFlight { task, started });
+            let id = task.id;
+            match w.state.push(task, Instant::now()) {
+                Ok(started) => self.stats_dirty |= started,
+                Err(task) => {
+                    self.pending.push_front(task);
+                    return;
+                }
+            }
+            w.outbox.push_back(Outgoing::Task(id));
             self.flush(key);
         }
     }
@@ -808,11 +783,7 @@ impl Engine {
         while let Some(next) = w.outbox.front() {
             let msg = match next {
                 Outgoing::Owned(m) => Some(m),
-                Outgoing::Task(id) => w
-                    .in_flight
-                    .iter()
-                    .find(|f| f.task.id == *id)
-                    .map(|f| &f.task.payload),
+                Outgoing::Task(id) => w.state.tasks().find(|t| t.id == *id).map(|t| &t.payload),
             };
             let Some(msg) = msg else {
                 w.outbox.pop_front();
@@ -883,10 +854,10 @@ impl Engine {
             if let Some((deadline, _)) = w.deadline(self.cfg.task_timeout) {
                 consider(deadline);
             }
-            if let Some(closed) = w.closed_at {
+            if let Some(closed) = w.state.closing_since() {
                 consider(closed + EXIT_GRACE);
             }
-            if w.running().is_some() && self.cfg.max_memory.is_some() {
+            if w.state.running().is_some() && self.cfg.max_memory.is_some() {
                 memory_watch = true;
             }
         }
@@ -913,13 +884,13 @@ impl Engine {
                     w.kill(KillReason::Timeout { limit });
                 }
             }
-            if let Some(closed) = w.closed_at {
+            if let Some(closed) = w.state.closing_since() {
                 if now >= closed + EXIT_GRACE {
                     w.kill(KillReason::Shutdown);
                 }
             }
             if let (true, Some(limit), Some(pid)) = (poll_memory, hard, w.pid) {
-                if w.running().is_some() {
+                if w.state.running().is_some() {
                     if let Some(rss) = platform::resident_bytes(pid) {
                         if rss > limit {
                             w.kill(KillReason::Memory { rss, limit });
@@ -936,17 +907,20 @@ impl Engine {
         if !self.shutting_down || !self.pending.is_empty() {
             return;
         }
-        if self.workers.values().any(|w| !w.in_flight.is_empty()) {
+        if self.workers.values().any(|w| w.state.in_flight() > 0) {
             return;
         }
         let keys: Vec<u64> = self.workers.keys().copied().collect();
         for key in keys {
             if let Some(w) = self.workers.get_mut(&key) {
-                if w.closed_at.is_none() {
-                    w.state = State::Retiring;
+                if w.state.closing_since().is_none() {
+                    // Idle or starting (nothing is in flight): exits now.
+                    for task in w.retire(Instant::now()).into_iter().rev() {
+                        self.pending.push_front(task);
+                    }
+                    self.flush(key);
                 }
             }
-            self.retire_if_idle(key);
         }
     }
 
@@ -956,15 +930,15 @@ impl Engine {
             // A recycled worker's successor is forked while it finishes its
             // last task, so a slot may have two live workers: show the one
             // doing the slot's work (the old one while it runs, then the new).
-            let rank = |w: &Worker| match (w.state == State::Retiring, w.running().is_some()) {
-                (true, true) => 0,
-                (false, _) => 1,
-                (true, false) => 2,
+            let rank = |w: &Worker| match w.state {
+                State::Retiring { .. } => 0,
+                State::Exiting { .. } => 2,
+                _ => 1,
             };
             let mut live: Vec<&Worker> = self
                 .workers
                 .values()
-                .filter(|w| w.state != State::Dead)
+                .filter(|w| !matches!(w.state, State::ChannelClosed { .. }))
                 .collect();
             live.sort_by_key(|w| (w.slot, rank(w), w.pid));
             live.dedup_by_key(|w| w.slot);
@@ -974,7 +948,7 @@ impl Engine {
                     slot: w.slot,
                     pid: w.pid.unwrap_or(0),
                     tasks_done: w.tasks_done,
-                    busy: w.running().is_some(),
+                    busy: w.state.running().is_some(),
                     rss: 0, // read by `Pool::stats`, not on every task
                     restarts: self.restarts.get(w.slot).copied().unwrap_or(0),
                     last_exit: self.last_exit.get(w.slot).cloned().unwrap_or_default(),
