@@ -7,9 +7,14 @@
 //! never touches Python, so the GIL can never delay crash detection,
 //! timeouts or kills.
 
+mod dispatch;
 mod event_loop;
+mod lifecycle;
 mod output;
+mod registry;
 mod scheduler;
+mod stats;
+mod timers;
 mod worker;
 
 use std::collections::VecDeque;
