@@ -323,15 +323,12 @@ impl Engine {
             State::StartFailed { error, .. } => (None, error),
             _ => (None, None),
         };
-        let mut running = None;
         if let Some(work) = work {
-            // Tasks the worker had not begun go back to the front, in order.
+            // Tasks the worker had not begun go back to the front, in order,
+            // behind the one it ran if that is retried.
             for task in work.queued.into_iter().rev() {
                 self.pending.push_front(task);
             }
-            running = Some(work.running);
-        }
-        if let Some(f) = running {
             let failure = match w.kill_reason {
                 Some(KillReason::Timeout { limit }) => Failure::TimedOut {
                     limit,
@@ -339,7 +336,7 @@ impl Engine {
                 },
                 _ => Failure::Crashed(crash.clone()),
             };
-            self.fail(f.task, failure);
+            self.fail(work.running.task, failure);
         }
         if let Some(s) = self.last_exit.get_mut(w.slot) {
             if !by_policy {

@@ -262,3 +262,47 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: u64) -> Task {
+        Task::new(id, 0, Message::new(Kind::Task, id, 0))
+    }
+
+    #[test]
+    fn an_idle_worker_starts_its_first_task_and_queues_the_rest() {
+        let now = Instant::now();
+        let mut s = State::Idle;
+        assert!(matches!(s.push(task(1), now), Ok(true)));
+        assert!(matches!(s.push(task(2), now), Ok(false)));
+        assert_eq!(s.running().map(|r| r.task.id), Some(1));
+        assert_eq!(s.tasks().map(|t| t.id).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(s.in_flight(), 2);
+        for mut other in [State::Starting, State::Exiting { since: now }] {
+            assert!(other.push(task(3), now).is_err(), "takes no tasks");
+        }
+    }
+
+    #[test]
+    fn a_closed_channel_keeps_the_tasks_and_whether_set_up_failed() {
+        let now = Instant::now();
+        let mut s = State::Starting;
+        s.close(now);
+        assert!(s.is_starting(), "counts as a start failure");
+        assert_eq!(s.closing_since(), Some(now));
+
+        let mut s = State::Idle;
+        assert!(s.push(task(1), now).is_ok());
+        assert!(s.push(task(2), now).is_ok());
+        s.close(now);
+        assert!(!s.takes_tasks() && !s.is_starting());
+        assert_eq!(s.tasks().map(|t| t.id).collect::<Vec<_>>(), [1, 2]);
+        assert!(s.running().is_some(), "its time limit still applies");
+
+        let mut s = State::Exiting { since: now };
+        s.close(now);
+        assert!(matches!(s, State::ChannelClosed { work: None, .. }));
+    }
+}
