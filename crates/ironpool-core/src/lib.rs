@@ -7,10 +7,12 @@
 //! - [`ipc`]: frames over SOCK_SEQPACKET channels; payloads with parts.
 //! - [`shm`]: sealed memfd segments and their mappings.
 //! - [`platform`]: the only module that calls the OS; one folder per OS.
+//! - [`reactor`]: what a poller event came from (one enum for both loops).
 //! - [`task`]: tasks and their outcomes.
 
 pub mod ipc;
 pub mod platform;
+pub mod reactor;
 pub mod shm;
 pub mod supervisor;
 pub mod task;

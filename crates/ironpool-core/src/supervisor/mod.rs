@@ -7,9 +7,14 @@
 //! never touches Python, so the GIL can never delay crash detection,
 //! timeouts or kills.
 
+mod dispatch;
 mod event_loop;
+mod lifecycle;
 mod output;
+mod registry;
 mod scheduler;
+mod stats;
+mod timers;
 mod worker;
 
 use std::collections::VecDeque;
@@ -21,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::ipc::Message;
 use crate::platform::{Poller, Waker};
+use crate::reactor::Source;
 use crate::task::{Completion, FnId, Task, TaskId};
 
 use crate::zygote::Zygote;
@@ -331,7 +337,7 @@ impl Pool {
             if let Ok(mut events) = self.shared.poller.wait(Some(Duration::ZERO)) {
                 // The wake-up eventfd is the supervisor thread's: draining it
                 // here could leave that thread asleep towards a stale deadline.
-                events.retain(|ev| ev.token != event_loop::WAKER);
+                events.retain(|ev| ev.token != Source::Waker.token());
                 if !events.is_empty() {
                     let (mine, wake) = {
                         let mut e = lock(&self.engine);

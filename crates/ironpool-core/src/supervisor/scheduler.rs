@@ -1,9 +1,19 @@
-//! Which task goes next, and how big a `map` chunk should be.
+//! Which task goes next, to which worker, and how big a `map` chunk should
+//! be. [`plan`] is a pure function of the engine's state: it decides, the
+//! engine (`dispatch.rs`) writes the frames.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::worker::State;
+use crate::reactor::WorkerKey;
 use crate::task::{FnId, Task, TaskId};
+
+/// A task is queued behind a running one only if tasks of its kind take
+/// less than this on average...
+const PREFETCH_BELOW_NS: f64 = 2_000_000.0;
+/// ...and the running one began less than this ago.
+const PREFETCH_WINDOW: Duration = Duration::from_millis(5);
 
 /// FIFO of tasks not yet sent to a worker. Cancellation is lazy: a cancelled
 /// id is skipped when it reaches the front.
@@ -124,9 +134,400 @@ impl ChunkSizer {
     }
 }
 
+/// What the scheduler needs to know about one worker.
+pub struct WorkerView<'a> {
+    pub key: WorkerKey,
+    pub state: &'a State,
+    pub tasks_done: u64,
+    /// Registered objects it has been sent.
+    pub has: &'a HashSet<FnId>,
+}
+
+/// The pool settings the choice depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Tasks a worker may hold: the one it runs plus those prefetched.
+    pub depth: usize,
+    pub max_tasks_per_worker: Option<u64>,
+    /// False with a memory limit, which is checked between tasks: then
+    /// nothing may wait behind one.
+    pub may_prefetch: bool,
+}
+
+/// Send `task` to `worker`, after the registered objects in `register`
+/// (those of the task's it has not been sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub worker: WorkerKey,
+    pub task: TaskId,
+    pub register: Vec<FnId>,
+}
+
+/// A worker as the plan fills it.
+struct Load<'a> {
+    view: &'a WorkerView<'a>,
+    in_flight: usize,
+    /// Everything it holds is known to be quick, and what it runs began
+    /// within the prefetch window: one more may wait behind it.
+    quick: bool,
+    sent_now: Vec<FnId>,
+}
+
+/// Known to take less than [`PREFETCH_BELOW_NS`], over all its items.
+fn is_quick(sizer: &ChunkSizer, t: &Task) -> bool {
+    sizer
+        .mean(t.fn_id)
+        .is_some_and(|ns| ns * f64::from(t.items) < PREFETCH_BELOW_NS)
+}
+
+/// Hands the queued tasks, in order, to workers: an idle one first (least
+/// loaded, then lowest key), and behind a running task only when that one
+/// and everything queued with it are known to be quick and it began less
+/// than [`PREFETCH_WINDOW`] ago, so a long task never strands work behind
+/// it while another worker is free. Stops at the first task no worker may
+/// take. A worker is never sent more than its task limit.
+pub fn plan<'t>(
+    workers: &[WorkerView<'_>],
+    pending: impl IntoIterator<Item = &'t Task>,
+    sizer: &ChunkSizer,
+    rules: Rules,
+    now: Instant,
+) -> Vec<Assignment> {
+    let mut loads: Vec<Load<'_>> = workers
+        .iter()
+        .filter(|v| v.state.takes_tasks())
+        .map(|v| Load {
+            view: v,
+            in_flight: v.state.in_flight(),
+            quick: rules.may_prefetch
+                && v.state.tasks().all(|t| is_quick(sizer, t))
+                && v.state
+                    .running()
+                    .is_none_or(|r| now.duration_since(r.started) < PREFETCH_WINDOW),
+            sent_now: Vec::new(),
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in pending {
+        let Some(load) = loads
+            .iter_mut()
+            .filter(|l| {
+                let sent = l.view.tasks_done + l.in_flight as u64;
+                l.in_flight < rules.depth
+                    && rules.max_tasks_per_worker.is_none_or(|n| sent < n)
+                    && (l.in_flight == 0 || l.quick)
+            })
+            .min_by_key(|l| (l.in_flight, l.view.key))
+        else {
+            break;
+        };
+        let mut register = Vec::new();
+        for id in std::iter::once(task.fn_id).chain(task.needs.iter().copied()) {
+            if !load.view.has.contains(&id) && !load.sent_now.contains(&id) {
+                load.sent_now.push(id);
+                register.push(id);
+            }
+        }
+        // A task handed to an idle worker starts now, inside the window.
+        load.quick =
+            (load.in_flight == 0 || load.quick) && rules.may_prefetch && is_quick(sizer, task);
+        load.in_flight += 1;
+        out.push(Assignment {
+            worker: load.view.key,
+            task: task.id,
+            register,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::{Kind, Message};
+    use crate::supervisor::worker::{Running, Work};
+
+    const QUICK_FN: FnId = 1; // 1 µs per item
+    const SLOW_FN: FnId = 2; // 10 ms per item
+    const UNKNOWN_FN: FnId = 3;
+
+    fn sizer() -> ChunkSizer {
+        let mut s = ChunkSizer::default();
+        s.record(QUICK_FN, Duration::from_micros(1), 1);
+        s.record(SLOW_FN, Duration::from_millis(10), 1);
+        s
+    }
+
+    fn task(id: TaskId, fn_id: FnId) -> Task {
+        Task::new(id, fn_id, Message::new(Kind::Task, id, fn_id))
+    }
+
+    fn busy(fn_id: FnId, started: Instant) -> State {
+        State::Busy(Work::from(Running {
+            task: task(100, fn_id),
+            started,
+        }))
+    }
+
+    const RULES: Rules = Rules {
+        depth: 2,
+        max_tasks_per_worker: None,
+        may_prefetch: true,
+    };
+
+    /// Every worker has been sent `QUICK_FN`, `SLOW_FN` and `UNKNOWN_FN`.
+    fn has_all() -> HashSet<FnId> {
+        [QUICK_FN, SLOW_FN, UNKNOWN_FN].into()
+    }
+
+    fn view<'a>(key: WorkerKey, state: &'a State, has: &'a HashSet<FnId>) -> WorkerView<'a> {
+        WorkerView {
+            key,
+            state,
+            tasks_done: 0,
+            has,
+        }
+    }
+
+    /// (worker, task) pairs of a plan.
+    fn pairs(plan: &[Assignment]) -> Vec<(WorkerKey, TaskId)> {
+        plan.iter().map(|a| (a.worker, a.task)).collect()
+    }
+
+    #[test]
+    fn idle_workers_get_the_head_tasks_lowest_key_first() {
+        let has = has_all();
+        let idle = State::Idle;
+        let workers = [view(2, &idle, &has), view(1, &idle, &has)];
+        let pending = [
+            task(10, UNKNOWN_FN),
+            task(11, UNKNOWN_FN),
+            task(12, UNKNOWN_FN),
+        ];
+        let p = plan(&workers, &pending, &sizer(), RULES, Instant::now());
+        // Nothing is known about the function: nothing waits behind a task.
+        assert_eq!(pairs(&p), [(1, 10), (2, 11)]);
+    }
+
+    #[test]
+    fn an_idle_worker_comes_before_prefetching_to_a_busy_one() {
+        let has = has_all();
+        let now = Instant::now();
+        let (b, idle) = (busy(QUICK_FN, now), State::Idle);
+        let workers = [view(1, &b, &has), view(2, &idle, &has)];
+        let pending = [task(10, QUICK_FN), task(11, QUICK_FN), task(12, QUICK_FN)];
+        let p = plan(&workers, &pending, &sizer(), RULES, now);
+        // Depth 2: the idle worker runs one and queues one, the busy one
+        // queues one; the fourth slot does not exist.
+        assert_eq!(pairs(&p), [(2, 10), (1, 11), (2, 12)]);
+    }
+
+    #[test]
+    fn slow_or_unknown_tasks_are_never_prefetched() {
+        let has = has_all();
+        let now = Instant::now();
+        for running in [SLOW_FN, UNKNOWN_FN] {
+            let b = busy(running, now);
+            let p = plan(
+                &[view(1, &b, &has)],
+                &[task(10, QUICK_FN)],
+                &sizer(),
+                RULES,
+                now,
+            );
+            assert!(p.is_empty(), "queued behind fn {running}");
+        }
+        let b = busy(QUICK_FN, now);
+        for next in [SLOW_FN, UNKNOWN_FN] {
+            let p = plan(
+                &[view(1, &b, &has)],
+                &[task(10, next)],
+                &sizer(),
+                RULES,
+                now,
+            );
+            assert_eq!(
+                pairs(&p),
+                [(1, 10)],
+                "fn {next} may wait behind a quick one"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_many_quick_items_is_not_quick() {
+        let has = has_all();
+        let now = Instant::now();
+        let mut long = task(100, QUICK_FN);
+        long.items = 5_000; // 5 ms
+        let b = State::Busy(Work::from(Running {
+            task: long,
+            started: now,
+        }));
+        let p = plan(
+            &[view(1, &b, &has)],
+            &[task(10, QUICK_FN)],
+            &sizer(),
+            RULES,
+            now,
+        );
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn quick_tasks_are_prefetched_only_within_the_window() {
+        let has = has_all();
+        let now = Instant::now();
+        let fresh = busy(QUICK_FN, now - Duration::from_millis(1));
+        let p = plan(
+            &[view(1, &fresh, &has)],
+            &[task(10, QUICK_FN)],
+            &sizer(),
+            RULES,
+            now,
+        );
+        assert_eq!(pairs(&p), [(1, 10)]);
+        let stale = busy(QUICK_FN, now - PREFETCH_WINDOW);
+        let p = plan(
+            &[view(1, &stale, &has)],
+            &[task(10, QUICK_FN)],
+            &sizer(),
+            RULES,
+            now,
+        );
+        assert!(
+            p.is_empty(),
+            "the running task may be stuck: do not queue behind it"
+        );
+    }
+
+    #[test]
+    fn prefetch_stops_at_the_depth() {
+        let has = has_all();
+        let now = Instant::now();
+        let b = busy(QUICK_FN, now);
+        let pending: Vec<Task> = (10..20).map(|id| task(id, QUICK_FN)).collect();
+        let deep = Rules { depth: 4, ..RULES };
+        let p = plan(&[view(1, &b, &has)], &pending, &sizer(), deep, now);
+        assert_eq!(pairs(&p), [(1, 10), (1, 11), (1, 12)]);
+    }
+
+    #[test]
+    fn a_memory_limit_allows_no_prefetch() {
+        let has = has_all();
+        let now = Instant::now();
+        let (b, idle) = (busy(QUICK_FN, now), State::Idle);
+        let rules = Rules {
+            may_prefetch: false,
+            ..RULES
+        };
+        let workers = [view(1, &b, &has), view(2, &idle, &has)];
+        let pending = [task(10, QUICK_FN), task(11, QUICK_FN)];
+        let p = plan(&workers, &pending, &sizer(), rules, now);
+        assert_eq!(pairs(&p), [(2, 10)]);
+    }
+
+    #[test]
+    fn a_worker_is_never_sent_more_than_its_task_limit() {
+        let has = has_all();
+        let now = Instant::now();
+        let idle = State::Idle;
+        let rules = Rules {
+            depth: 4,
+            max_tasks_per_worker: Some(3),
+            ..RULES
+        };
+        let worker = WorkerView {
+            tasks_done: 1,
+            ..view(1, &idle, &has)
+        };
+        let pending: Vec<Task> = (10..20).map(|id| task(id, QUICK_FN)).collect();
+        let p = plan(&[worker], &pending, &sizer(), rules, now);
+        assert_eq!(pairs(&p), [(1, 10), (1, 11)]);
+    }
+
+    #[test]
+    fn registered_objects_a_worker_lacks_go_first_and_once() {
+        let has: HashSet<FnId> = [QUICK_FN].into();
+        let idle = State::Idle;
+        let mut first = task(10, 7);
+        first.needs = vec![8, QUICK_FN, 8];
+        let mut second = task(11, 7);
+        second.needs = vec![9];
+        let p = plan(
+            &[view(1, &idle, &has)],
+            &[first, second],
+            &sizer(),
+            RULES,
+            Instant::now(),
+        );
+        assert_eq!(p[0].register, [7, 8]);
+        // Function 7 is unknown, so the second task goes nowhere.
+        assert_eq!(p.len(), 1);
+        let mut s = sizer();
+        s.record(7, Duration::from_micros(1), 1);
+        let mut first = task(10, 7);
+        first.needs = vec![8];
+        let mut second = task(11, 7);
+        second.needs = vec![8, 9];
+        let p = plan(
+            &[view(1, &idle, &has)],
+            &[first, second],
+            &s,
+            RULES,
+            Instant::now(),
+        );
+        assert_eq!(p[0].register, [7, 8]);
+        assert_eq!(p[1].register, [9], "sent earlier in the same plan");
+    }
+
+    #[test]
+    fn only_workers_that_take_tasks_get_any() {
+        let has = has_all();
+        let now = Instant::now();
+        let others = [
+            State::Starting,
+            State::Retiring {
+                running: Running {
+                    task: task(100, QUICK_FN),
+                    started: now,
+                },
+            },
+            State::Exiting { since: now },
+            State::StartFailed {
+                since: now,
+                error: None,
+            },
+            State::ChannelClosed {
+                since: now,
+                work: None,
+            },
+        ];
+        for state in &others {
+            let p = plan(
+                &[view(1, state, &has)],
+                &[task(10, QUICK_FN)],
+                &sizer(),
+                RULES,
+                now,
+            );
+            assert!(p.is_empty());
+        }
+    }
+
+    #[test]
+    fn cancelled_tasks_are_not_planned() {
+        let has = has_all();
+        let idle = State::Idle;
+        let mut pending = Pending::default();
+        for id in 10..13 {
+            pending.push_back(task(id, UNKNOWN_FN));
+        }
+        assert!(pending.cancel(10));
+        let workers = [view(1, &idle, &has), view(2, &idle, &has)];
+        let p = plan(&workers, pending.iter(), &sizer(), RULES, Instant::now());
+        assert_eq!(pairs(&p), [(1, 11), (2, 12)]);
+    }
 
     #[test]
     fn chunk_grows_for_tiny_tasks_and_stays_one_for_slow() {

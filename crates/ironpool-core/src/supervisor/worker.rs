@@ -1,23 +1,150 @@
-//! One worker slot as the supervisor sees it.
+//! One worker as the supervisor sees it: its descriptors, what is queued
+//! for its socket, and the one [`State`] it is in, which holds the tasks it
+//! has been sent.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::output::Capture;
-use crate::ipc::{Channel, Message};
+use crate::ipc::{Channel, Kind, Message};
 use crate::platform::{self, Pidfd};
+use crate::reactor::WorkerKey;
 use crate::task::{FnId, KillReason, Task};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The task a worker is running (it runs tasks in the order sent).
+pub struct Running {
+    pub task: Task,
+    /// When the worker was handed it, or finished the task before it.
+    pub started: Instant,
+}
+
+/// What a worker holds: the task it runs and those queued behind it.
+pub struct Work {
+    pub running: Running,
+    pub queued: VecDeque<Task>,
+}
+
+impl From<Running> for Work {
+    fn from(running: Running) -> Self {
+        Work {
+            running,
+            queued: VecDeque::new(),
+        }
+    }
+}
+
 pub enum State {
     /// Forked (or being forked), running its set-up.
     Starting,
-    /// Takes tasks.
-    Ready,
-    /// Finishes what it has, then is told to exit (recycling, shutdown).
-    Retiring,
-    /// Its channel is closed; waiting for the zygote to report its exit.
-    Dead,
+    /// Set up, with no task.
+    Idle,
+    /// Running a task, maybe with more queued behind it (prefetch).
+    Busy(Work),
+    /// Runs its last task, then is told to exit (recycling).
+    Retiring { running: Running },
+    /// Told to exit; waiting for the zygote to report that it did.
+    Exiting { since: Instant },
+    /// Set-up failed: the worker said why (`error`, it exits by itself) or
+    /// its channel closed. Still counts as starting, so its replacement
+    /// waits for the start-failure back-off whichever news comes first.
+    StartFailed {
+        since: Instant,
+        error: Option<Message>,
+    },
+    /// Its channel closed after set-up; the exit report settles `work`.
+    ChannelClosed { since: Instant, work: Option<Work> },
+}
+
+impl State {
+    /// Set up and open: may be sent tasks.
+    pub fn takes_tasks(&self) -> bool {
+        matches!(self, State::Idle | State::Busy(_))
+    }
+
+    /// Its set-up has not succeeded (yet).
+    pub fn is_starting(&self) -> bool {
+        matches!(self, State::Starting | State::StartFailed { .. })
+    }
+
+    /// Since when nothing more is read from it and it should be exiting.
+    pub fn closing_since(&self) -> Option<Instant> {
+        match self {
+            State::Exiting { since }
+            | State::StartFailed { since, .. }
+            | State::ChannelClosed { since, .. } => Some(*since),
+            _ => None,
+        }
+    }
+
+    pub fn running(&self) -> Option<&Running> {
+        match self {
+            State::Busy(w) | State::ChannelClosed { work: Some(w), .. } => Some(&w.running),
+            State::Retiring { running } => Some(running),
+            _ => None,
+        }
+    }
+
+    /// Every task it has been sent and not finished, in order.
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        let (running, queued) = match self {
+            State::Busy(w) | State::ChannelClosed { work: Some(w), .. } => {
+                (Some(&w.running.task), Some(&w.queued))
+            }
+            State::Retiring { running } => (Some(&running.task), None),
+            _ => (None, None),
+        };
+        running.into_iter().chain(queued.into_iter().flatten())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        match self {
+            State::Busy(w) | State::ChannelClosed { work: Some(w), .. } => 1 + w.queued.len(),
+            State::Retiring { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    /// Hands it a task (it starts now if it was idle). True if it started;
+    /// the task back if this worker takes none.
+    // The refusal is a cold path (the scheduler only picks workers that take
+    // tasks): boxing the task for it would cost every send an allocation.
+    #[allow(clippy::result_large_err)]
+    pub fn push(&mut self, task: Task, now: Instant) -> Result<bool, Task> {
+        match self {
+            State::Idle => {
+                let running = Running { task, started: now };
+                *self = State::Busy(Work {
+                    running,
+                    queued: VecDeque::new(),
+                });
+                Ok(true)
+            }
+            State::Busy(w) => {
+                w.queued.push_back(task);
+                Ok(false)
+            }
+            _ => Err(task),
+        }
+    }
+
+    /// The channel closed (or failed): nothing more is read or written.
+    fn close(&mut self, now: Instant) {
+        let since = now;
+        *self = match std::mem::replace(self, State::Idle) {
+            State::Starting => State::StartFailed { since, error: None },
+            State::StartFailed { error, .. } => State::StartFailed { since, error },
+            State::Idle | State::Exiting { .. } => State::ChannelClosed { since, work: None },
+            State::Busy(work) => State::ChannelClosed {
+                since,
+                work: Some(work),
+            },
+            State::Retiring { running } => State::ChannelClosed {
+                since,
+                work: Some(running.into()),
+            },
+            State::ChannelClosed { work, .. } => State::ChannelClosed { since, work },
+        };
+    }
 }
 
 /// Something queued for the worker's socket.
@@ -27,14 +154,8 @@ pub enum Outgoing {
     Task(u64),
 }
 
-pub struct InFlight {
-    pub task: Task,
-    /// When the worker began it (it runs tasks in the order sent).
-    pub started: Option<Instant>,
-}
-
 pub struct Worker {
-    pub key: u64,
+    pub key: WorkerKey,
     pub slot: usize,
     pub pid: Option<i32>,
     pub pidfd: Option<Pidfd>,
@@ -44,26 +165,81 @@ pub struct Worker {
     pub stdout: Capture,
     pub stderr: Capture,
     pub state: State,
-    pub in_flight: VecDeque<InFlight>,
+    /// Registered objects it has been sent.
     pub fns: HashSet<FnId>,
     pub tasks_done: u64,
     pub busy_ns: u64,
     pub kill_reason: Option<KillReason>,
     pub protocol_error: Option<String>,
-    pub init_error: Option<Message>,
-    pub closed_at: Option<Instant>,
 }
 
 impl Worker {
-    pub fn running(&self) -> Option<&InFlight> {
-        self.in_flight.front().filter(|f| f.started.is_some())
-    }
-
     /// The deadline of the running task, if it has a time limit.
     pub fn deadline(&self, default: Option<Duration>) -> Option<(Instant, Duration)> {
-        let f = self.running()?;
-        let limit = f.task.timeout.or(default)?;
-        Some((f.started? + limit, limit))
+        let r = self.state.running()?;
+        let limit = r.task.timeout.or(default)?;
+        Some((r.started + limit, limit))
+    }
+
+    /// Takes the task it finished, if `id` is the one it runs. The next one
+    /// queued starts now; a retiring worker is told to exit.
+    pub fn finish(&mut self, id: u64, now: Instant) -> Option<Running> {
+        if self.state.running().is_none_or(|r| r.task.id != id) {
+            return None;
+        }
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Busy(mut work) => {
+                if let Some(task) = work.queued.pop_front() {
+                    let done = std::mem::replace(&mut work.running, Running { task, started: now });
+                    self.state = State::Busy(work);
+                    Some(done)
+                } else {
+                    Some(work.running)
+                }
+            }
+            State::Retiring { running } => {
+                self.exit_now(now);
+                Some(running)
+            }
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
+    /// Tells the worker to exit once it has finished what it runs. Returns
+    /// the tasks queued behind that one, untouched, for the pending queue.
+    pub fn retire(&mut self, now: Instant) -> VecDeque<Task> {
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Starting | State::Idle => {
+                self.exit_now(now);
+                VecDeque::new()
+            }
+            State::Busy(work) => {
+                self.state = State::Retiring {
+                    running: work.running,
+                };
+                self.outbox.retain(|o| matches!(o, Outgoing::Owned(_)));
+                work.queued
+            }
+            other => {
+                self.state = other;
+                VecDeque::new()
+            }
+        }
+    }
+
+    fn exit_now(&mut self, now: Instant) {
+        self.outbox
+            .push_back(Outgoing::Owned(Message::new(Kind::Shutdown, 0, 0)));
+        self.state = State::Exiting { since: now };
+    }
+
+    /// Its channel closed or failed: drops what was waiting to be written.
+    pub fn close(&mut self, now: Instant) {
+        self.state.close(now);
+        self.outbox.clear();
     }
 
     /// SIGKILLs the worker and its process group, for when its template is
@@ -84,5 +260,49 @@ impl Worker {
         if let Some(p) = &self.pidfd {
             let _ = p.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: u64) -> Task {
+        Task::new(id, 0, Message::new(Kind::Task, id, 0))
+    }
+
+    #[test]
+    fn an_idle_worker_starts_its_first_task_and_queues_the_rest() {
+        let now = Instant::now();
+        let mut s = State::Idle;
+        assert!(matches!(s.push(task(1), now), Ok(true)));
+        assert!(matches!(s.push(task(2), now), Ok(false)));
+        assert_eq!(s.running().map(|r| r.task.id), Some(1));
+        assert_eq!(s.tasks().map(|t| t.id).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(s.in_flight(), 2);
+        for mut other in [State::Starting, State::Exiting { since: now }] {
+            assert!(other.push(task(3), now).is_err(), "takes no tasks");
+        }
+    }
+
+    #[test]
+    fn a_closed_channel_keeps_the_tasks_and_whether_set_up_failed() {
+        let now = Instant::now();
+        let mut s = State::Starting;
+        s.close(now);
+        assert!(s.is_starting(), "counts as a start failure");
+        assert_eq!(s.closing_since(), Some(now));
+
+        let mut s = State::Idle;
+        assert!(s.push(task(1), now).is_ok());
+        assert!(s.push(task(2), now).is_ok());
+        s.close(now);
+        assert!(!s.takes_tasks() && !s.is_starting());
+        assert_eq!(s.tasks().map(|t| t.id).collect::<Vec<_>>(), [1, 2]);
+        assert!(s.running().is_some(), "its time limit still applies");
+
+        let mut s = State::Exiting { since: now };
+        s.close(now);
+        assert!(matches!(s, State::ChannelClosed { work: None, .. }));
     }
 }

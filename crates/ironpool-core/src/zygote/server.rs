@@ -19,11 +19,8 @@ use std::time::Duration;
 
 use crate::ipc::{Channel, Kind, Message, Recv};
 use crate::platform::{self, Pidfd, Poller};
+use crate::reactor::Source;
 
-const MASTER: u64 = 0;
-const SESSION: u64 = 1 << 40;
-const CHILD: u64 = 2 << 40;
-const PARENT: u64 = 4 << 40;
 /// How long one sweep waits for a SIGKILLed process to exit before moving
 /// on (one stuck in uninterruptible sleep is reaped by a later sweep).
 const KILL_WAIT: Duration = Duration::from_millis(500);
@@ -48,7 +45,9 @@ pub struct ForkedChild {
 struct State {
     poller: Poller,
     master: Channel,
+    /// Pools' sessions by number.
     sessions: HashMap<u64, Channel>,
+    /// Workers by pid, with the number of the session that asked for each.
     children: HashMap<i32, (Pidfd, u64)>,
     next_session: u64,
 }
@@ -60,7 +59,7 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
     let master = Channel::from_fd(master);
     master.send_blocking(&Message::new(Kind::Ready, 0, 0))?;
     let poller = Poller::new()?;
-    poller.add(&master, MASTER, false)?;
+    poller.add(&master, Source::Master.token(), false)?;
     // Orphaned descendants of workers come to us, not to PID 1. Without it
     // (never on Linux >= 3.4) worker groups are still swept.
     let _ = platform::become_child_subreaper();
@@ -70,7 +69,7 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
     let Some(parent) = Pidfd::of_parent()? else {
         return Ok(Served::Exit);
     };
-    poller.add(&parent, PARENT, false)?;
+    poller.add(&parent, Source::Parent.token(), false)?;
     platform::stop_dying_with_parent()?;
     let mut st = State {
         poller,
@@ -82,15 +81,16 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
     let me = platform::current_pid();
     loop {
         for ev in st.poller.wait(None)? {
-            match ev.token {
-                MASTER => match st.master.recv_blocking() {
+            match Source::from_token(ev.token) {
+                Some(Source::Master) => match st.master.recv_blocking() {
                     Ok(Recv::Message(mut m)) if m.kind == Kind::Session && m.fds.len() == 1 => {
                         let Some(fd) = m.fds.pop() else { continue };
                         let session = Channel::from_fd(fd);
-                        let token = SESSION | st.next_session;
+                        let n = st.next_session;
                         st.next_session += 1;
-                        st.poller.add(&session, token, false)?;
-                        st.sessions.insert(token, session);
+                        st.poller
+                            .add(&session, Source::PoolSession(n).token(), false)?;
+                        st.sessions.insert(n, session);
                     }
                     Ok(Recv::Message(_)) => {}
                     Ok(Recv::Closed) | Err(_) => {
@@ -99,30 +99,29 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                     }
                     Ok(Recv::WouldBlock) => {}
                 },
-                PARENT => {
+                Some(Source::Parent) => {
                     sweep_everything(&mut st);
                     return Ok(Served::Exit);
                 }
-                t if t & SESSION != 0 => {
-                    let Some(session) = st.sessions.get_mut(&t) else {
+                Some(Source::PoolSession(n)) => {
+                    let Some(session) = st.sessions.get_mut(&n) else {
                         continue;
                     };
                     match session.recv() {
                         Ok(Recv::Message(m)) if m.kind == Kind::Fork && m.fds.len() == 3 => {
-                            if let Some(child) = fork_one(&mut st, t, m, fork, me)? {
+                            if let Some(child) = fork_one(&mut st, n, m, fork, me)? {
                                 return Ok(Served::Child(child));
                             }
                         }
                         Ok(Recv::Message(_)) | Ok(Recv::WouldBlock) => {}
                         Ok(Recv::Closed) | Err(_) => {
-                            if let Some(s) = st.sessions.remove(&t) {
+                            if let Some(s) = st.sessions.remove(&n) {
                                 st.poller.delete(&s);
                             }
                         }
                     }
                 }
-                t if t & CHILD != 0 => {
-                    let pid = (t & 0xffff_ffff) as i32;
+                Some(Source::Child(pid)) => {
                     let Some((pidfd, _)) = st.children.get(&pid) else {
                         continue;
                     };
@@ -151,6 +150,7 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                         }
                     }
                 }
+                // The supervisor's sources are never registered here.
                 _ => {}
             }
         }
@@ -193,7 +193,7 @@ fn fork_one(
             match Pidfd::open(pid) {
                 Ok(pidfd) => {
                     let copy = platform::duplicate_fd(&pidfd)?;
-                    st.poller.add(&pidfd, CHILD | pid as u32 as u64, false)?;
+                    st.poller.add(&pidfd, Source::Child(pid).token(), false)?;
                     st.children.insert(pid, (pidfd, session));
                     reply(
                         st,

@@ -1,0 +1,55 @@
+//! What callers see of the engine without its lock: per-worker figures for
+//! `Pool::stats` and the completion queue, both refreshed by [`Engine::publish`].
+
+use super::event_loop::Engine;
+use super::worker::{State, Worker};
+use super::{WorkerStats, lock};
+
+impl Engine {
+    /// Hands callers what changed: the worker figures when they are stale,
+    /// and the completions produced since the last call.
+    pub fn publish(&mut self) {
+        if self.stats_dirty {
+            self.stats_dirty = false;
+            *lock(&self.shared.stats) = self.worker_stats();
+        }
+        if !self.done.is_empty() {
+            self.stats_dirty = true;
+            let mut done = lock(&self.shared.done);
+            done.queue.extend(self.done.drain(..));
+            drop(done);
+            self.shared.done_cv.notify_all();
+        }
+    }
+
+    /// One entry per slot, for the worker doing that slot's work.
+    fn worker_stats(&self) -> Vec<WorkerStats> {
+        // A recycled worker's successor is forked while it finishes its
+        // last task, so a slot may have two live workers: show the one
+        // doing the slot's work (the old one while it runs, then the new).
+        let rank = |w: &Worker| match w.state {
+            State::Retiring { .. } => 0,
+            State::Exiting { .. } => 2,
+            _ => 1,
+        };
+        let mut live: Vec<&Worker> = self
+            .workers
+            .values()
+            .filter(|w| !matches!(w.state, State::ChannelClosed { .. }))
+            .collect();
+        live.sort_by_key(|w| (w.slot, rank(w), w.pid));
+        live.dedup_by_key(|w| w.slot);
+        live.into_iter()
+            .map(|w| WorkerStats {
+                slot: w.slot,
+                pid: w.pid.unwrap_or(0),
+                tasks_done: w.tasks_done,
+                busy: w.state.running().is_some(),
+                rss: 0, // read by `Pool::stats`, not on every task
+                restarts: self.restarts.get(w.slot).copied().unwrap_or(0),
+                last_exit: self.last_exit.get(w.slot).cloned().unwrap_or_default(),
+                busy_ns: w.busy_ns,
+            })
+            .collect()
+    }
+}
