@@ -277,13 +277,13 @@ def bytes_in_segments(obj, min_size: int = 0) -> int:
 
 
 def has_shared_base(arr) -> bool:
-    """True when the base chain of `arr` ends in an ironpool SharedBuffer."""
+    """True when the base chain of `arr` ends in an ironpool SegmentView."""
     from ironpool import _core
 
     seen = 0
     x = arr
     while x is not None and seen < 64:
-        if isinstance(x, _core.SharedBuffer):
+        if isinstance(x, _core.SegmentView):
             return True
         x = x.obj if isinstance(x, memoryview) else getattr(x, "base", None)
         seen += 1

@@ -7,7 +7,7 @@ numpy, pandas or Arrow object they meet, anywhere in the arguments: it
 answers with a handle from :class:`AutoShare` or lets the object travel with
 the call. ``pool.share(obj)`` makes such a handle explicitly
 (:class:`Shared`). Either way the object is pickled once into a registered
-payload that the engine sends each worker once (``RegisterFn``); the worker
+payload that the engine sends each worker once (``Register``); the worker
 builds the object for each task from it (``_serialize.Registered``).
 
 Automatic reuse is exact, never a guess: the cache is keyed by identity, and

@@ -65,7 +65,7 @@ class Registered:
         """A new object over the shared read-only mapping, or over private ones."""
         try:
             p = self.payload
-            return loads(p.private_parts() if private else p.shared_parts())
+            return loads(p.private_parts() if private else p.readonly_parts())
         except BaseException as exc:
             raise serialization_error(
                 f"{what} could not be unpickled in the worker: {type(exc).__name__}: {exc}"

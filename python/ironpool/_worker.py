@@ -33,7 +33,7 @@ class Handler:
     retry_on: tuple = ()
 
     def __init__(self) -> None:
-        self.fns = REGISTRY
+        self.objects = REGISTRY
 
     def init(self, parts: list) -> list | None:
         try:
@@ -53,20 +53,20 @@ class Handler:
         except BaseException as exc:  # reported to the pool
             return dumps(pack_exception(exc), 1 << 62)
 
-    def register(self, fn_id: int, payload: object) -> None:
-        self.fns[fn_id] = Registered(payload)  # unpickled when a task needs it
+    def register(self, function_id: int, payload: object) -> None:
+        self.objects[function_id] = Registered(payload)  # unpickled when a task needs it
 
     def forget(self, ref_id: int) -> None:
-        self.fns.pop(ref_id, None)
+        self.objects.pop(ref_id, None)
 
-    def run(self, task_id: int, fn_id: int, flags: int, parts: list) -> tuple[int, list]:
+    def run(self, task_id: int, function_id: int, flags: int, parts: list) -> tuple[int, list]:
         """``(status, parts)``: RETURNED with the pickled value, else RAISED
         or RETRYABLE with the pickled exception. A map chunk's exceptions
         travel inside its value, so a chunk is never RETRYABLE."""
         retry_on = () if flags & CHUNK else self.retry_on
-        entry = self.fns.get(fn_id)
+        entry = self.objects.get(function_id)
         if entry is None:
-            return self._raised(RuntimeError(f"function {fn_id} was never registered"), retry_on)
+            return self._raised(RuntimeError(f"function {function_id} was never registered"), retry_on)
         try:
             fn: Any = entry.get("the function")  # unpickled at first use, then kept
         except BaseException as exc:

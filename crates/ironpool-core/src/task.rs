@@ -6,8 +6,9 @@ use crate::ipc::Message;
 
 /// Identifies a task; chosen by the caller, unique within a pool.
 pub type TaskId = u64;
-/// Identifies a registered function; sent to each worker once.
-pub type FnId = u64;
+/// Identifies a registered object (a function, or an argument sent once):
+/// its payload goes to each worker once and stays until forgotten.
+pub type ObjectId = u64;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,14 +22,14 @@ pub enum ExitStatus {
 #[derive(Debug)]
 pub struct Task {
     pub id: TaskId,
-    pub fn_id: FnId,
+    pub function_id: ObjectId,
     /// Encoded payload (see [`crate::ipc::payload`]); forwarded untouched.
     pub payload: Message,
     /// Per-task limit; `None` falls back to the pool's.
     pub timeout: Option<Duration>,
     /// Registered objects (shared arguments) the task refers to besides its
     /// function; each is sent to a worker once, before its first such task.
-    pub needs: Vec<FnId>,
+    pub needs: Vec<ObjectId>,
     /// Items in the task (a `map` chunk carries several; chunk sizing uses it).
     pub items: u32,
     /// Re-runs left, one budget for crashes, timeouts and retryable raises.
@@ -102,10 +103,10 @@ impl From<Attempt> for Outcome {
 
 impl Task {
     /// A task of one item with no limits of its own.
-    pub fn new(id: TaskId, fn_id: FnId, payload: Message) -> Self {
+    pub fn new(id: TaskId, function_id: ObjectId, payload: Message) -> Self {
         Self {
             id,
-            fn_id,
+            function_id,
             payload,
             timeout: None,
             needs: Vec::new(),

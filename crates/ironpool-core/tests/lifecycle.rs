@@ -20,9 +20,9 @@ use ironpool_core::{platform, shm};
 
 fn busy_pool(z: &Zygote, cfg: PoolConfig) -> TestPool {
     let pool = start(z, cfg);
-    let body = payload::encode(Kind::RegisterFn, 1, 0, &[b"f"], DEFAULT_SEGMENT_THRESHOLD)
-        .expect("payload");
-    pool.register_fn(1, body);
+    let body =
+        payload::encode(Kind::Register, 1, 0, &[b"f"], DEFAULT_SEGMENT_THRESHOLD).expect("payload");
+    pool.register_object(1, body);
     let cmds: [&[u8]; 8] = [
         b"echo",
         b"fn",

@@ -49,9 +49,9 @@ fn every_task_gets_its_own_result() {
 fn functions_are_sent_to_each_worker_once() {
     let z = zygote();
     let pool = start(&z, config(2));
-    let body = payload::encode(Kind::RegisterFn, 7, 0, &[b"f7"], DEFAULT_SEGMENT_THRESHOLD)
+    let body = payload::encode(Kind::Register, 7, 0, &[b"f7"], DEFAULT_SEGMENT_THRESHOLD)
         .expect("payload");
-    pool.register_fn(7, body);
+    pool.register_object(7, body);
     for id in 0..40 {
         pool.submit(task_fn(id, 7, b"fn"));
     }
@@ -66,15 +66,9 @@ fn functions_are_sent_to_each_worker_once() {
 fn an_object_released_while_tasks_need_it_is_forgotten_after_them() {
     let z = zygote();
     let pool = start(&z, config(1));
-    let body = payload::encode(
-        Kind::RegisterFn,
-        9,
-        0,
-        &[b"obj9"],
-        DEFAULT_SEGMENT_THRESHOLD,
-    )
-    .expect("payload");
-    pool.register_fn(9, body);
+    let body = payload::encode(Kind::Register, 9, 0, &[b"obj9"], DEFAULT_SEGMENT_THRESHOLD)
+        .expect("payload");
+    pool.register_object(9, body);
     pool.submit(task_fn(1, 9, b"sleep:200"));
     pool.submit(task_fn(2, 9, b"fn")); // queued behind the first
     pool.unregister(9);
@@ -92,7 +86,7 @@ fn an_object_released_while_tasks_need_it_is_forgotten_after_them() {
 }
 
 #[test]
-fn pump_delivers_results_to_the_calling_thread() {
+fn wait_driving_delivers_results_to_the_calling_thread() {
     let z = zygote();
     let pool = start(&z, config(1));
     for id in 0..20u64 {
@@ -103,7 +97,7 @@ fn pump_delivers_results_to_the_calling_thread() {
         while mine.is_empty() {
             assert!(Instant::now() < end, "no result for {id}");
             let got = pool
-                .pump(
+                .wait_driving(
                     gen_,
                     Duration::from_millis(5),
                     Some(Duration::from_millis(200)),

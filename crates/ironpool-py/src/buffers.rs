@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyList, PyTuple};
 /// protocol; the segment is unmapped when the last of them is gone. There is
 /// no `close()`, so `BufferError: ... exported buffers` cannot happen.
 #[pyclass(frozen, module = "ironpool._core")]
-pub struct SharedBuffer {
+pub struct SegmentView {
     map: Arc<Mapping>,
     offset: usize,
     len: usize,
@@ -31,7 +31,7 @@ pub struct SharedBuffer {
 }
 
 #[pymethods]
-impl SharedBuffer {
+impl SegmentView {
     /// # Safety
     /// Called by the interpreter with a valid `view` to fill.
     unsafe fn __getbuffer__(
@@ -70,7 +70,7 @@ impl SharedBuffer {
     }
 
     fn __repr__(&self) -> String {
-        format!("<ironpool SharedBuffer of {} bytes>", self.len)
+        format!("<ironpool SegmentView of {} bytes>", self.len)
     }
 }
 
@@ -192,7 +192,7 @@ pub fn digest<'py>(py: Python<'py>, parts: &Bound<'py, PyList>) -> PyResult<Boun
 }
 
 /// Turns a received payload into a list of parts: `bytes` for inline parts,
-/// [`SharedBuffer`] views for parts in the segment (read-only if `readonly`).
+/// [`SegmentView`] views for parts in the segment (read-only if `readonly`).
 pub fn decode<'py>(py: Python<'py>, msg: &Message, readonly: bool) -> PyResult<Bound<'py, PyList>> {
     let (parts, mappings) = map_payload(msg)?;
     views(py, msg, &parts, &mappings, readonly)
@@ -222,7 +222,7 @@ fn views<'py>(
                     .ok_or_else(|| Error::Protocol("segment part without segment".into()))?;
                 list.append(Bound::new(
                     py,
-                    SharedBuffer {
+                    SegmentView {
                         map,
                         offset: range.start,
                         len: range.len(),
@@ -273,7 +273,7 @@ fn pristine(mappings: &Mappings) -> bool {
 impl RegisteredPayload {
     /// The parts over one read-only mapping per segment, made at first use
     /// and the same for every task: nothing is mapped or faulted in again.
-    fn shared_parts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+    fn readonly_parts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         let parts = self.shared.get_or_try_init(py, || {
             decode(py, &self.msg, true).map(|list| list.to_tuple().unbind())
         })?;

@@ -21,7 +21,7 @@ fn default_workers() -> usize {
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use super::buffers::{RegisteredPayload, SharedBuffer, digest};
+    use super::buffers::{RegisteredPayload, SegmentView, digest};
     #[pymodule_export]
     use super::default_workers;
     #[pymodule_export]

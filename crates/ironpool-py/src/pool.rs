@@ -73,14 +73,14 @@ impl PoolCore {
         Ok(Self { pool, threshold })
     }
 
-    /// Queues task `task_id` calling function `fn_id` with the payload `parts`.
-    #[pyo3(signature = (task_id, fn_id, parts, timeout=None, retries=0, items=1, flags=0, needs=Vec::new()))]
+    /// Queues task `task_id` calling function `function_id` with the payload `parts`.
+    #[pyo3(signature = (task_id, function_id, parts, timeout=None, retries=0, items=1, flags=0, needs=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         py: Python<'_>,
         task_id: u64,
-        fn_id: u64,
+        function_id: u64,
         parts: &Bound<'_, PyList>,
         timeout: Option<f64>,
         retries: u32,
@@ -88,9 +88,10 @@ impl PoolCore {
         flags: u8,
         needs: Vec<u64>,
     ) -> PyResult<()> {
-        let mut payload = buffers::encode(py, Kind::Task, task_id, fn_id, parts, self.threshold)?;
+        let mut payload =
+            buffers::encode(py, Kind::Task, task_id, function_id, parts, self.threshold)?;
         payload.flags = flags;
-        let mut task = Task::new(task_id, fn_id, payload);
+        let mut task = Task::new(task_id, function_id, payload);
         task.timeout = seconds(timeout)?;
         task.retries_left = retries;
         task.items = items;
@@ -99,26 +100,27 @@ impl PoolCore {
         Ok(())
     }
 
-    /// Makes function `fn_id` known to the pool (sent to each worker once).
-    fn register_fn(&self, py: Python<'_>, fn_id: u64, parts: &Bound<'_, PyList>) -> PyResult<()> {
-        let msg = buffers::encode(py, Kind::RegisterFn, fn_id, 0, parts, self.threshold)?;
-        self.pool.register_fn(fn_id, msg);
+    /// Makes object `id` (a function or a shared argument) known to the pool;
+    /// the engine sends it to each worker once, before the first task that needs it.
+    fn register_object(&self, py: Python<'_>, id: u64, parts: &Bound<'_, PyList>) -> PyResult<()> {
+        let msg = buffers::encode(py, Kind::Register, id, 0, parts, self.threshold)?;
+        self.pool.register_object(id, msg);
         Ok(())
     }
 
-    /// Registers a shared object like [`PoolCore::register_fn`], returning
+    /// Registers a shared object like [`PoolCore::register_object`], returning
     /// the digest of the bytes registered (as `ironpool._core.digest` gives
     /// it), taken while copying them, so they are read once; `None` if they
     /// changed while being registered.
-    fn register_shared<'py>(
+    fn register_digested<'py>(
         &self,
         py: Python<'py>,
         id: u64,
         parts: &Bound<'py, PyList>,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let (msg, d) =
-            buffers::encode_digested(py, Kind::RegisterFn, id, 0, parts, self.threshold, true)?;
-        self.pool.register_fn(id, msg);
+            buffers::encode_digested(py, Kind::Register, id, 0, parts, self.threshold, true)?;
+        self.pool.register_object(id, msg);
         Ok(d.map(|d| PyBytes::new(py, &d.to_le_bytes())))
     }
 
@@ -178,7 +180,7 @@ impl PoolCore {
     /// polls the workers itself for up to `spin` seconds first, and returns
     /// (possibly empty) once the generation moves past `generation`.
     #[pyo3(signature = (generation, spin, timeout=None))]
-    fn pump<'py>(
+    fn wait_driving<'py>(
         &self,
         py: Python<'py>,
         generation: u64,
@@ -187,14 +189,17 @@ impl PoolCore {
     ) -> PyResult<Option<Vec<Py<Completion>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         let spin = Duration::from_secs_f64(spin.max(0.0));
-        completions(py, py.detach(|| self.pool.pump(generation, spin, timeout)))
+        completions(
+            py,
+            py.detach(|| self.pool.wait_driving(generation, spin, timeout)),
+        )
     }
 
     fn generation(&self) -> u64 {
         self.pool.generation()
     }
 
-    /// Wakes callers blocked in `pump` to re-check their futures.
+    /// Wakes callers blocked in `wait_driving` to re-check their futures.
     fn kick(&self) {
         self.pool.kick();
     }
@@ -218,9 +223,9 @@ impl PoolCore {
             .collect()
     }
 
-    /// Items for the next `map` chunk of `fn_id`, from measured task times.
-    #[pyo3(signature = (fn_id, remaining=None))]
-    fn chunk_size(&self, fn_id: u64, remaining: Option<usize>) -> usize {
-        self.pool.chunk_size(fn_id, remaining)
+    /// Items for the next `map` chunk of `function_id`, from measured task times.
+    #[pyo3(signature = (function_id, remaining=None))]
+    fn chunk_size(&self, function_id: u64, remaining: Option<usize>) -> usize {
+        self.pool.chunk_size(function_id, remaining)
     }
 }

@@ -13,7 +13,7 @@ use crate::errors::Error;
 use crate::zygote::WorkerChannel;
 
 /// Serves tasks until the pool says Shutdown or goes away. `handler` has
-/// `init(parts)`, `register(fn_id, payload)`, `run(task_id, fn_id, flags,
+/// `init(parts)`, `register(function_id, payload)`, `run(task_id, function_id, flags,
 /// parts) -> (status, parts)` (0 returned, 1 raised, 2 raised one of the
 /// pool's `retry_on` types) and a `threshold` attribute (segment size).
 #[pyfunction]
@@ -55,7 +55,7 @@ pub fn worker_main(
                     return Ok(());
                 }
             }
-            Kind::RegisterFn => {
+            Kind::Register => {
                 let id = msg.id;
                 let payload = Bound::new(py, buffers::RegisteredPayload::new(msg))?;
                 handler.call_method1("register", (id, payload))?;

@@ -93,7 +93,7 @@ class Functions:
                         f"function {describe_call(fn)} could not be pickled: {type(exc).__name__}: {exc}"
                     ) from exc
                 function = Function(self, key, next(self.ids), parts)
-                self.core.register_fn(function.id, payload)
+                self.core.register_object(function.id, payload)
                 self.by_key[key] = function
             function.holds += 1
             return function

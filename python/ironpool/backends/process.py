@@ -236,12 +236,12 @@ class ProcessBackend:
         self.check_open()
         parts = dumps_shared(value, self.threshold)
         ref_id = next(self.object_ids)
-        self.core.register_fn(ref_id, parts)
+        self.core.register_object(ref_id, parts)
         return Shared(SharedRef(ref_id, self.token, REUSE if reuse else FRESH, self.core.unregister), value)
 
     def _register_digested(self, parts: list, mode: int) -> tuple[Shared, bytes | None]:
         ref_id = next(self.object_ids)
-        digest = self.core.register_shared(ref_id, parts)
+        digest = self.core.register_digested(ref_id, parts)
         return Shared(SharedRef(ref_id, self.token, mode, self.core.unregister), None), digest
 
     def stats(self) -> list[WorkerInfo]:
@@ -280,7 +280,7 @@ class ProcessBackend:
             # Sleep in slices: Ctrl-C is handled between them (the wait itself
             # runs detached in Rust, where Python cannot see signals).
             step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
-            batch = core.pump(generation, _SPIN_SECONDS, step)
+            batch = core.wait_driving(generation, _SPIN_SECONDS, step)
             if batch is None:
                 return
             if batch:

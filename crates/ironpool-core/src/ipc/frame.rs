@@ -31,7 +31,7 @@ pub enum Kind {
     /// [W→P] set-up failed; body is the pickled error.
     InitFailed = 3,
     /// [P→W] a function the following tasks refer to by `aux`.
-    RegisterFn = 4,
+    Register = 4,
     /// [P→W] run task `id` with function `aux`.
     Task = 5,
     /// [W→P] task `id` returned; `aux` = nanoseconds spent.
@@ -61,7 +61,7 @@ impl Kind {
             1 => Init,
             2 => Ready,
             3 => InitFailed,
-            4 => RegisterFn,
+            4 => Register,
             5 => Task,
             6 => Returned,
             7 => Raised,

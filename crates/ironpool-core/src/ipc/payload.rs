@@ -304,7 +304,7 @@ mod tests {
             .collect();
         let parts: [&[u8]; 3] = [b"head", &big, b"tail"];
         let mut d = Digest::new();
-        let msg = encode_digested(Kind::RegisterFn, 1, 0, &parts, 64 * 1024, Some(&mut d)).unwrap();
+        let msg = encode_digested(Kind::Register, 1, 0, &parts, 64 * 1024, Some(&mut d)).unwrap();
         assert_eq!(d.finish(), Some(crate::shm::digest::digest(&parts)));
         let (decoded, map) = decode(&msg).unwrap();
         assert_eq!(bytes_of(&msg, &map, &decoded[1]), &big[..]);

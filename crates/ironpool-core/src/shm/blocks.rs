@@ -55,7 +55,7 @@ fn limit(max: usize) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Mapped shared and writable: the memfd is the array.
-    Shared,
+    Writable,
     /// Mapped privately over a sealed memfd: the memfd is a snapshot.
     Sealed,
     /// Sealing failed (someone else writes it too): never lent.
@@ -187,7 +187,7 @@ fn new_block(size: usize) -> Option<*mut u8> {
     // never leaves a child an unregistered shared mapping.
     REGISTRY.with(|blocks| {
         let ptr = platform::map_shared(&fd, len).ok()?;
-        let state = State::Shared;
+        let state = State::Writable;
         blocks.insert(ptr as usize, Block { fd, len, state });
         Some(ptr)
     })
@@ -262,7 +262,7 @@ pub fn lend(ptr: *const u8, len: usize) -> Option<(OwnedFd, u64)> {
         if addr + len > start + block.len {
             return None;
         }
-        if block.state == State::Shared {
+        if block.state == State::Writable {
             block.state = seal_in_place(start, block);
         }
         if !matches!(block.state, State::Sealed | State::Adopted) {
@@ -308,7 +308,7 @@ pub fn forget(ptr: *const u8) {
 /// Replaces the shared mapping of `block` at `start` by a private one of
 /// the same memfd, then seals the memfd: its contents are final, and the
 /// owner's later writes go to private copies of the pages. Returns the new
-/// state: still `Shared` if the remap failed (nothing changed), `Unlendable`
+/// state: still `Writable` if the remap failed (nothing changed), `Unlendable`
 /// if only the seal did.
 fn seal_in_place(start: usize, block: &Block) -> State {
     // SAFETY: [start, start + len) is exactly this block's mapping, made by
@@ -320,7 +320,7 @@ fn seal_in_place(start: usize, block: &Block) -> State {
     let remapped =
         unsafe { platform::remap_private_in_place(start as *mut u8, block.len, &block.fd) };
     if remapped.is_err() {
-        return State::Shared;
+        return State::Writable;
     }
     match platform::seal_readonly(block.fd.as_fd()) {
         Ok(()) => State::Sealed,
@@ -337,7 +337,7 @@ fn install_fork_hook() {
         // SAFETY: the lock is held until `release` runs after fork().
         let blocks = unsafe { &mut *REGISTRY.blocks.get() };
         for (&start, block) in blocks.iter_mut() {
-            if block.state == State::Shared {
+            if block.state == State::Writable {
                 block.state = seal_in_place(start, block);
             }
         }

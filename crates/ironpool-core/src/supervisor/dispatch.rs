@@ -37,10 +37,10 @@ impl Engine {
                         key: w.key,
                         state: &w.state,
                         tasks_done: w.tasks_done,
-                        has: &w.fns,
+                        has: &w.objects,
                     })
                     .collect();
-                let sizer = lock(&self.shared.sizer);
+                let sizer = lock(&self.hub.sizer);
                 scheduler::plan(&views, self.pending.iter(), &sizer, rules, Instant::now())
             };
             if plan.is_empty() {
@@ -56,7 +56,7 @@ impl Engine {
                     return;
                 };
                 for id in step.register {
-                    if w.fns.insert(id) {
+                    if w.objects.insert(id) {
                         if let Some(f) = self.registry.payload(id).and_then(|f| f.try_clone().ok())
                         {
                             w.outbox.push_back(Outgoing::Owned(f));
@@ -116,7 +116,7 @@ impl Engine {
         if want != w.wants_write {
             w.wants_write = want;
             let _ = self
-                .shared
+                .hub
                 .poller
                 .modify(&w.chan, Source::Channel(key).token(), want);
         }

@@ -10,7 +10,7 @@
 //! descriptors become ready or a deadline passes; a caller thread drives it
 //! directly to submit (the task goes to an idle worker's socket without a
 //! thread hop) and, while it waits for a result, may poll the same
-//! descriptors itself (see `Pool::pump`).
+//! descriptors itself (see `Pool::wait_driving`).
 
 use std::collections::HashMap;
 use std::io;
@@ -21,18 +21,18 @@ use super::lifecycle::Backoff;
 use super::registry::Registry;
 use super::scheduler::Pending;
 use super::worker::{State, Worker};
-use super::{PoolConfig, Shared, lock};
+use super::{Hub, PoolConfig, lock};
 use crate::ipc::{Kind, Message, RETRYABLE, Recv};
 use crate::platform::Ready;
 use crate::reactor::{Source, WorkerKey};
-use crate::task::{Attempt, Completion, Crash, FnId, KillReason, Outcome, Task};
+use crate::task::{Attempt, Completion, Crash, KillReason, ObjectId, Outcome, Task};
 use crate::zygote::Session;
 
 /// The state of one pool. Fields are shared with the sibling modules that
 /// implement each concern on it.
 pub(super) struct Engine {
     pub(super) cfg: PoolConfig,
-    pub(super) shared: Arc<Shared>,
+    pub(super) hub: Arc<Hub>,
     pub(super) session: Option<Session>,
     pub(super) workers: HashMap<WorkerKey, Worker>,
     pub(super) pid_to_key: HashMap<i32, WorkerKey>,
@@ -64,17 +64,17 @@ impl Engine {
         cfg: PoolConfig,
         init: Message,
         session: Session,
-        shared: Arc<Shared>,
+        hub: Arc<Hub>,
     ) -> io::Result<Self> {
         session.set_nonblocking(true)?;
-        let poller = &shared.poller;
-        shared.waker.register(poller, Source::Waker.token())?;
+        let poller = &hub.poller;
+        hub.waker.register(poller, Source::Waker.token())?;
         poller.add(&session, Source::Session.token(), false)?;
-        lock(&shared.sizer).set_workers(cfg.workers);
+        lock(&hub.sizer).set_workers(cfg.workers);
         let slots = cfg.workers;
         Ok(Self {
             cfg,
-            shared,
+            hub,
             session: Some(session),
             workers: HashMap::new(),
             pid_to_key: HashMap::new(),
@@ -100,7 +100,7 @@ impl Engine {
     pub fn handle(&mut self, events: &[Ready]) {
         for ev in events {
             match Source::from_token(ev.token) {
-                Some(Source::Waker) => self.shared.waker.drain(),
+                Some(Source::Waker) => self.hub.waker.drain(),
                 Some(Source::Session) => self.on_session(),
                 Some(Source::Channel(key)) => {
                     if ev.writable {
@@ -110,8 +110,8 @@ impl Engine {
                         self.on_channel(key);
                     }
                 }
-                Some(Source::Stdout(key)) => self.pump_output(key, false),
-                Some(Source::Stderr(key)) => self.pump_output(key, true),
+                Some(Source::Stdout(key)) => self.drain_output(key, false),
+                Some(Source::Stderr(key)) => self.drain_output(key, true),
                 // The zygote's sources are never registered here.
                 _ => {}
             }
@@ -203,7 +203,7 @@ impl Engine {
                 // its channel once nothing is left to send: a level-triggered
                 // EOF would otherwise wake the loop until its exit is reported.
                 if w.outbox.is_empty() {
-                    self.shared.poller.delete(&w.chan);
+                    self.hub.poller.delete(&w.chan);
                 }
                 return;
             }
@@ -226,7 +226,7 @@ impl Engine {
 
     pub(super) fn close_channel(&mut self, key: WorkerKey) {
         if let Some(w) = self.workers.get_mut(&key) {
-            self.shared.poller.delete(&w.chan);
+            self.hub.poller.delete(&w.chan);
             w.close(Instant::now());
         }
     }
@@ -261,7 +261,7 @@ impl Engine {
                 w.tasks_done += 1;
                 self.stats_dirty = true;
                 w.busy_ns += m.aux;
-                lock(&self.shared.sizer).record(done.task.fn_id, elapsed, done.task.items);
+                lock(&self.hub.sizer).record(done.task.function_id, elapsed, done.task.items);
                 self.maybe_retire(key);
                 if m.kind == Kind::Returned {
                     self.complete(done.task, Outcome::Returned(m), elapsed);
@@ -303,21 +303,21 @@ impl Engine {
         });
         // Only a task that needed a released object can be its last user
         // (and scanning every queued task on each completion would cost).
-        let released = |id: &FnId| self.registry.is_releasing(*id);
-        if released(&task.fn_id) || task.needs.iter().any(released) {
+        let released = |id: &ObjectId| self.registry.is_releasing(*id);
+        if released(&task.function_id) || task.needs.iter().any(released) {
             drop(task); // no longer queued or running
             self.forget_released();
         }
     }
 
     /// Forwards a worker's output (and keeps the stderr tail).
-    fn pump_output(&mut self, key: WorkerKey, stderr: bool) {
+    fn drain_output(&mut self, key: WorkerKey, stderr: bool) {
         let Some(w) = self.workers.get_mut(&key) else {
             return;
         };
         let cap = if stderr { &mut w.stderr } else { &mut w.stdout };
-        // At EOF `pump` closes the pipe, which also takes it out of epoll.
-        cap.pump();
+        // At EOF `drain` closes the pipe, which also takes it out of epoll.
+        cap.drain();
     }
 
     // ---- shutdown -----------------------------------------------------------
@@ -355,18 +355,18 @@ impl Engine {
         self.workers.clear();
         self.registry.clear();
         self.session = None;
-        self.shared.poller.close();
-        self.shared.waker.close();
-        let mut done = lock(&self.shared.done);
+        self.hub.poller.close();
+        self.hub.waker.close();
+        let mut done = lock(&self.hub.done);
         done.finished = true;
         drop(done);
-        self.shared.done_cv.notify_all();
+        self.hub.done_cv.notify_all();
     }
 }
 
 /// The supervisor thread: sleeps until a descriptor is ready or the nearest
 /// deadline, then drives the engine. Never touches Python.
-pub(super) fn run(shared: Arc<Shared>, engine: Arc<Mutex<Engine>>) {
+pub(super) fn run(hub: Arc<Hub>, engine: Arc<Mutex<Engine>>) {
     lock(&engine).fill_workers();
     loop {
         let timeout = {
@@ -379,7 +379,7 @@ pub(super) fn run(shared: Arc<Shared>, engine: Arc<Mutex<Engine>>) {
             e.set_sleep(timeout);
             timeout
         };
-        let Ok(events) = shared.poller.wait(timeout) else {
+        let Ok(events) = hub.poller.wait(timeout) else {
             break;
         };
         lock(&engine).handle(&events);

@@ -130,7 +130,7 @@ impl Engine {
         self.next_key += 1;
         let fork = Message::new(Kind::Fork, key, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
         session.send_blocking(&fork)?;
-        let poller = &self.shared.poller;
+        let poller = &self.hub.poller;
         poller.add(&ours, Source::Channel(key).token(), false)?;
         poller.add(&out_r, Source::Stdout(key).token(), false)?;
         poller.add(&err_r, Source::Stderr(key).token(), false)?;
@@ -147,7 +147,7 @@ impl Engine {
             stdout: Capture::new(out_r, false, 0, forward),
             stderr: Capture::new(err_r, true, keep, forward),
             state: State::Starting,
-            fns: Default::default(),
+            objects: Default::default(),
             tasks_done: 0,
             busy_ns: 0,
             kill_reason: None,
@@ -220,7 +220,7 @@ impl Engine {
         let Some(old) = self.session.take() else {
             return;
         };
-        self.shared.poller.delete(&old);
+        self.hub.poller.delete(&old);
         self.losing_template = true;
         let keys: Vec<WorkerKey> = self.workers.keys().copied().collect();
         for key in keys {
@@ -237,7 +237,7 @@ impl Engine {
         }
         match old.reopen().and_then(|s| {
             s.set_nonblocking(true)?;
-            self.shared.poller.add(&s, Source::Session.token(), false)?;
+            self.hub.poller.add(&s, Source::Session.token(), false)?;
             Ok(s)
         }) {
             Ok(s) => self.session = Some(s),
@@ -304,7 +304,7 @@ impl Engine {
         if let Some(pid) = w.pid {
             self.pid_to_key.remove(&pid);
         }
-        w.stdout.pump();
+        w.stdout.drain();
         let crash = Crash {
             pid: w.pid.unwrap_or(0),
             status,

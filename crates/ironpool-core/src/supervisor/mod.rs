@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::ipc::Message;
 use crate::platform::{Poller, Waker};
 use crate::reactor::Source;
-use crate::task::{Completion, FnId, Task, TaskId};
+use crate::task::{Completion, ObjectId, Task, TaskId};
 
 use crate::zygote::Zygote;
 use event_loop::Engine;
@@ -94,12 +94,15 @@ struct Done {
     finished: bool,
 }
 
-struct Shared {
+/// What callers and the supervisor thread reach without the engine lock: the
+/// poller and its waker, the completion queue, the published stats and the
+/// chunk sizer.
+struct Hub {
     poller: Poller,
     waker: Waker,
     done: Mutex<Done>,
     done_cv: Condvar,
-    /// Bumped by [`Pool::kick`]; wakes callers blocked in [`Pool::pump`].
+    /// Bumped by [`Pool::kick`]; wakes callers blocked in [`Pool::wait_driving`].
     generation: AtomicU64,
     stats: Mutex<Vec<WorkerStats>>,
     sizer: Mutex<ChunkSizer>,
@@ -111,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Handle on a running pool. Dropping it shuts the pool down.
 pub struct Pool {
-    shared: Arc<Shared>,
+    hub: Arc<Hub>,
     engine: Arc<Mutex<Engine>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The process that started the supervisor thread. A forked copy of
@@ -124,7 +127,7 @@ impl Pool {
     /// each is sent `init` (a [`Kind::Init`](crate::ipc::Kind) message) first.
     pub fn start(zygote: &Zygote, config: PoolConfig, init: Message) -> io::Result<Pool> {
         let session = zygote.session()?;
-        let shared = Arc::new(Shared {
+        let hub = Arc::new(Hub {
             poller: Poller::new()?,
             waker: Waker::new()?,
             done: Mutex::new(Done::default()),
@@ -133,20 +136,15 @@ impl Pool {
             stats: Mutex::new(Vec::new()),
             sizer: Mutex::new(ChunkSizer::default()),
         });
-        let engine = Arc::new(Mutex::new(Engine::new(
-            config,
-            init,
-            session,
-            shared.clone(),
-        )?));
+        let engine = Arc::new(Mutex::new(Engine::new(config, init, session, hub.clone())?));
         let thread = {
-            let (shared, engine) = (shared.clone(), engine.clone());
+            let (hub, engine) = (hub.clone(), engine.clone());
             std::thread::Builder::new()
                 .name("ironpool-supervisor".into())
-                .spawn(move || event_loop::run(shared, engine))?
+                .spawn(move || event_loop::run(hub, engine))?
         };
         Ok(Pool {
-            shared,
+            hub,
             engine,
             thread: Mutex::new(Some(thread)),
             owner: crate::platform::current_pid(),
@@ -164,24 +162,24 @@ impl Pool {
             e.needs_wake()
         };
         if wake {
-            self.shared.waker.wake();
+            self.hub.waker.wake();
         }
     }
 
     /// Queues a task and sends it to a free worker right away, from the
     /// calling thread. Its completion arrives through [`Pool::wait_completions`]
-    /// or [`Pool::pump`].
+    /// or [`Pool::wait_driving`].
     pub fn submit(&self, task: Task) {
         self.drive(|e| e.submit(task));
     }
 
     /// Makes a function known; tasks refer to it by `id`.
-    pub fn register_fn(&self, id: FnId, body: Message) {
-        self.drive(|e| e.register_fn(id, body));
+    pub fn register_object(&self, id: ObjectId, body: Message) {
+        self.drive(|e| e.register_object(id, body));
     }
 
     /// Forgets a registered object (a released shared argument).
-    pub fn unregister(&self, id: FnId) {
+    pub fn unregister(&self, id: ObjectId) {
         self.drive(|e| e.unregister(id));
     }
 
@@ -258,13 +256,13 @@ impl Pool {
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let kicked =
-            || generation.is_some_and(|g| self.shared.generation.load(Ordering::Acquire) != g);
-        let mut done = lock(&self.shared.done);
+            || generation.is_some_and(|g| self.hub.generation.load(Ordering::Acquire) != g);
+        let mut done = lock(&self.hub.done);
         while done.queue.is_empty() && !done.finished && !kicked() {
             match deadline {
                 None => {
                     done = self
-                        .shared
+                        .hub
                         .done_cv
                         .wait(done)
                         .unwrap_or_else(|p| p.into_inner())
@@ -275,7 +273,7 @@ impl Pool {
                         return Some(Vec::new());
                     }
                     done = self
-                        .shared
+                        .hub
                         .done_cv
                         .wait_timeout(done, d - now)
                         .unwrap_or_else(|p| p.into_inner())
@@ -290,17 +288,17 @@ impl Pool {
     }
 
     /// The current kick generation; read it before checking whether the
-    /// result you want has arrived, then pass it to [`Pool::pump`].
+    /// result you want has arrived, then pass it to [`Pool::wait_driving`].
     pub fn generation(&self) -> u64 {
-        self.shared.generation.load(Ordering::Acquire)
+        self.hub.generation.load(Ordering::Acquire)
     }
 
-    /// Tells callers blocked in [`Pool::pump`] that results were delivered
+    /// Tells callers blocked in [`Pool::wait_driving`] that results were delivered
     /// by another thread, so they re-check theirs.
     pub fn kick(&self) {
-        let _guard = lock(&self.shared.done);
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
-        self.shared.done_cv.notify_all();
+        let _guard = lock(&self.hub.done);
+        self.hub.generation.fetch_add(1, Ordering::AcqRel);
+        self.hub.done_cv.notify_all();
     }
 
     /// Waits for completions on behalf of a caller that wants a result now.
@@ -308,7 +306,7 @@ impl Pool {
     /// between a worker's answer and this caller), then blocks like
     /// [`Pool::wait_completions`]. Returns early, possibly empty, when the
     /// generation moves past `generation`.
-    pub fn pump(
+    pub fn wait_driving(
         &self,
         generation: u64,
         spin: Duration,
@@ -319,7 +317,7 @@ impl Pool {
         let spin_until = start + spin.min(timeout.unwrap_or(spin));
         loop {
             {
-                let mut done = lock(&self.shared.done);
+                let mut done = lock(&self.hub.done);
                 if !done.queue.is_empty() {
                     return Some(done.queue.drain(..).collect());
                 }
@@ -327,14 +325,14 @@ impl Pool {
                     return None;
                 }
             }
-            if self.shared.generation.load(Ordering::Acquire) != generation {
+            if self.hub.generation.load(Ordering::Acquire) != generation {
                 return Some(Vec::new());
             }
             let now = Instant::now();
             if now >= spin_until {
                 break;
             }
-            if let Ok(mut events) = self.shared.poller.wait(Some(Duration::ZERO)) {
+            if let Ok(mut events) = self.hub.poller.wait(Some(Duration::ZERO)) {
                 // The wake-up eventfd is the supervisor thread's: draining it
                 // here could leave that thread asleep towards a stale deadline.
                 events.retain(|ev| ev.token != Source::Waker.token());
@@ -347,7 +345,7 @@ impl Pool {
                         (mine, e.needs_wake())
                     };
                     if wake {
-                        self.shared.waker.wake();
+                        self.hub.waker.wake();
                     }
                     if !mine.is_empty() {
                         return Some(mine);
@@ -362,16 +360,16 @@ impl Pool {
     }
 
     pub fn stats(&self) -> Vec<WorkerStats> {
-        let mut stats = lock(&self.shared.stats).clone();
+        let mut stats = lock(&self.hub.stats).clone();
         for s in &mut stats {
             s.rss = crate::platform::resident_bytes(s.pid).unwrap_or(0);
         }
         stats
     }
 
-    /// How many items of `fn_id` to put in the next `map` chunk.
-    pub fn chunk_size(&self, fn_id: FnId, remaining_hint: Option<usize>) -> usize {
-        lock(&self.shared.sizer).next(fn_id, remaining_hint)
+    /// How many items of `function_id` to put in the next `map` chunk.
+    pub fn chunk_size(&self, function_id: ObjectId, remaining_hint: Option<usize>) -> usize {
+        lock(&self.hub.sizer).next(function_id, remaining_hint)
     }
 }
 

@@ -29,7 +29,7 @@ impl Capture {
     }
 
     /// Reads what is available without blocking. Returns false at EOF.
-    pub fn pump(&mut self) -> bool {
+    pub fn drain(&mut self) -> bool {
         let mut buf = [0u8; 16 * 1024];
         loop {
             let Some(fd) = &self.fd else { return false };
@@ -82,7 +82,7 @@ impl Capture {
     }
 
     pub fn tail(&mut self) -> String {
-        self.pump();
+        self.drain();
         self.flush_partial();
         self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }

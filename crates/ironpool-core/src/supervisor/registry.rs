@@ -9,22 +9,22 @@ use super::event_loop::Engine;
 use super::worker::Outgoing;
 use crate::ipc::{Kind, Message};
 use crate::reactor::WorkerKey;
-use crate::task::{FnId, Task};
+use crate::task::{ObjectId, Task};
 
 #[derive(Default)]
 pub(super) struct Registry {
-    payloads: HashMap<FnId, Message>,
+    payloads: HashMap<ObjectId, Message>,
     /// Released while tasks that need them are queued or running:
     /// forgotten once the last of those tasks is done.
-    releasing: HashSet<FnId>,
+    releasing: HashSet<ObjectId>,
 }
 
 impl Registry {
-    pub fn payload(&self, id: FnId) -> Option<&Message> {
+    pub fn payload(&self, id: ObjectId) -> Option<&Message> {
         self.payloads.get(&id)
     }
 
-    pub fn is_releasing(&self, id: FnId) -> bool {
+    pub fn is_releasing(&self, id: ObjectId) -> bool {
         self.releasing.contains(&id)
     }
 
@@ -36,13 +36,13 @@ impl Registry {
 }
 
 impl Engine {
-    pub fn register_fn(&mut self, id: FnId, body: Message) {
+    pub fn register_object(&mut self, id: ObjectId, body: Message) {
         self.registry.payloads.insert(id, body);
     }
 
     /// Forgets a registered object, once no queued or running task needs
     /// it; workers holding it are told to drop it.
-    pub fn unregister(&mut self, id: FnId) {
+    pub fn unregister(&mut self, id: ObjectId) {
         if self.needed(id) {
             self.registry.releasing.insert(id);
         } else {
@@ -50,8 +50,8 @@ impl Engine {
         }
     }
 
-    fn needed(&self, id: FnId) -> bool {
-        let needs = |t: &Task| t.fn_id == id || t.needs.contains(&id);
+    fn needed(&self, id: ObjectId) -> bool {
+        let needs = |t: &Task| t.function_id == id || t.needs.contains(&id);
         self.pending.iter().any(needs) || self.workers.values().any(|w| w.state.tasks().any(needs))
     }
 
@@ -60,7 +60,7 @@ impl Engine {
         if self.registry.releasing.is_empty() {
             return;
         }
-        let done: Vec<FnId> = self
+        let done: Vec<ObjectId> = self
             .registry
             .releasing
             .iter()
@@ -73,12 +73,12 @@ impl Engine {
         }
     }
 
-    fn forget(&mut self, id: FnId) {
+    fn forget(&mut self, id: ObjectId) {
         self.registry.payloads.remove(&id);
         let keys: Vec<WorkerKey> = self.workers.keys().copied().collect();
         for key in keys {
             if let Some(w) = self.workers.get_mut(&key) {
-                if w.fns.remove(&id) && w.state.closing_since().is_none() {
+                if w.objects.remove(&id) && w.state.closing_since().is_none() {
                     w.outbox
                         .push_back(Outgoing::Owned(Message::new(Kind::Forget, id, 0)));
                     self.flush(key);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::worker::State;
 use crate::reactor::WorkerKey;
-use crate::task::{FnId, Task, TaskId};
+use crate::task::{ObjectId, Task, TaskId};
 
 /// A task is queued behind a running one only if tasks of its kind take
 /// less than this on average...
@@ -85,7 +85,7 @@ pub struct ChunkSizer {
     target: Duration,
     max_chunk: usize,
     workers: usize,
-    per_item_ns: HashMap<FnId, f64>,
+    per_item_ns: HashMap<ObjectId, f64>,
 }
 
 impl Default for ChunkSizer {
@@ -105,24 +105,24 @@ impl ChunkSizer {
     }
 
     /// Folds in one finished chunk (exponential moving average).
-    pub fn record(&mut self, fn_id: FnId, elapsed: Duration, items: u32) {
+    pub fn record(&mut self, function_id: ObjectId, elapsed: Duration, items: u32) {
         if items == 0 {
             return;
         }
         let sample = elapsed.as_nanos() as f64 / items as f64;
-        let avg = self.per_item_ns.entry(fn_id).or_insert(sample);
+        let avg = self.per_item_ns.entry(function_id).or_insert(sample);
         *avg = 0.7 * *avg + 0.3 * sample;
     }
 
-    /// Mean measured time per item of `fn_id`, in nanoseconds.
-    pub fn mean(&self, fn_id: FnId) -> Option<f64> {
-        self.per_item_ns.get(&fn_id).copied()
+    /// Mean measured time per item of `function_id`, in nanoseconds.
+    pub fn mean(&self, function_id: ObjectId) -> Option<f64> {
+        self.per_item_ns.get(&function_id).copied()
     }
 
     /// Items for the next chunk; `remaining` (if known) keeps the tail of a
     /// map spread over all workers.
-    pub fn next(&mut self, fn_id: FnId, remaining: Option<usize>) -> usize {
-        let Some(&ns) = self.per_item_ns.get(&fn_id) else {
+    pub fn next(&mut self, function_id: ObjectId, remaining: Option<usize>) -> usize {
+        let Some(&ns) = self.per_item_ns.get(&function_id) else {
             return 1;
         };
         let by_time = (self.target.as_nanos() as f64 / ns.max(1.0)) as usize;
@@ -140,7 +140,7 @@ pub struct WorkerView<'a> {
     pub state: &'a State,
     pub tasks_done: u64,
     /// Registered objects it has been sent.
-    pub has: &'a HashSet<FnId>,
+    pub has: &'a HashSet<ObjectId>,
 }
 
 /// The pool settings the choice depends on.
@@ -160,7 +160,7 @@ pub struct Rules {
 pub struct Assignment {
     pub worker: WorkerKey,
     pub task: TaskId,
-    pub register: Vec<FnId>,
+    pub register: Vec<ObjectId>,
 }
 
 /// A worker as the plan fills it.
@@ -170,13 +170,13 @@ struct Load<'a> {
     /// Everything it holds is known to be quick, and what it runs began
     /// within the prefetch window: one more may wait behind it.
     quick: bool,
-    sent_now: Vec<FnId>,
+    sent_now: Vec<ObjectId>,
 }
 
 /// Known to take less than [`PREFETCH_BELOW_NS`], over all its items.
 fn is_quick(sizer: &ChunkSizer, t: &Task) -> bool {
     sizer
-        .mean(t.fn_id)
+        .mean(t.function_id)
         .is_some_and(|ns| ns * f64::from(t.items) < PREFETCH_BELOW_NS)
 }
 
@@ -222,7 +222,7 @@ pub fn plan<'t>(
             break;
         };
         let mut register = Vec::new();
-        for id in std::iter::once(task.fn_id).chain(task.needs.iter().copied()) {
+        for id in std::iter::once(task.function_id).chain(task.needs.iter().copied()) {
             if !load.view.has.contains(&id) && !load.sent_now.contains(&id) {
                 load.sent_now.push(id);
                 register.push(id);
@@ -247,9 +247,9 @@ mod tests {
     use crate::ipc::{Kind, Message};
     use crate::supervisor::worker::{Running, Work};
 
-    const QUICK_FN: FnId = 1; // 1 µs per item
-    const SLOW_FN: FnId = 2; // 10 ms per item
-    const UNKNOWN_FN: FnId = 3;
+    const QUICK_FN: ObjectId = 1; // 1 µs per item
+    const SLOW_FN: ObjectId = 2; // 10 ms per item
+    const UNKNOWN_FN: ObjectId = 3;
 
     fn sizer() -> ChunkSizer {
         let mut s = ChunkSizer::default();
@@ -258,13 +258,13 @@ mod tests {
         s
     }
 
-    fn task(id: TaskId, fn_id: FnId) -> Task {
-        Task::new(id, fn_id, Message::new(Kind::Task, id, fn_id))
+    fn task(id: TaskId, function_id: ObjectId) -> Task {
+        Task::new(id, function_id, Message::new(Kind::Task, id, function_id))
     }
 
-    fn busy(fn_id: FnId, started: Instant) -> State {
+    fn busy(function_id: ObjectId, started: Instant) -> State {
         State::Busy(Work::from(Running {
-            task: task(100, fn_id),
+            task: task(100, function_id),
             started,
         }))
     }
@@ -276,11 +276,11 @@ mod tests {
     };
 
     /// Every worker has been sent `QUICK_FN`, `SLOW_FN` and `UNKNOWN_FN`.
-    fn has_all() -> HashSet<FnId> {
+    fn has_all() -> HashSet<ObjectId> {
         [QUICK_FN, SLOW_FN, UNKNOWN_FN].into()
     }
 
-    fn view<'a>(key: WorkerKey, state: &'a State, has: &'a HashSet<FnId>) -> WorkerView<'a> {
+    fn view<'a>(key: WorkerKey, state: &'a State, has: &'a HashSet<ObjectId>) -> WorkerView<'a> {
         WorkerView {
             key,
             state,
@@ -448,7 +448,7 @@ mod tests {
 
     #[test]
     fn registered_objects_a_worker_lacks_go_first_and_once() {
-        let has: HashSet<FnId> = [QUICK_FN].into();
+        let has: HashSet<ObjectId> = [QUICK_FN].into();
         let idle = State::Idle;
         let mut first = task(10, 7);
         first.needs = vec![8, QUICK_FN, 8];

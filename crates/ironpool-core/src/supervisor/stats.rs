@@ -11,14 +11,14 @@ impl Engine {
     pub fn publish(&mut self) {
         if self.stats_dirty {
             self.stats_dirty = false;
-            *lock(&self.shared.stats) = self.worker_stats();
+            *lock(&self.hub.stats) = self.worker_stats();
         }
         if !self.done.is_empty() {
             self.stats_dirty = true;
-            let mut done = lock(&self.shared.done);
+            let mut done = lock(&self.hub.done);
             done.queue.extend(self.done.drain(..));
             drop(done);
-            self.shared.done_cv.notify_all();
+            self.hub.done_cv.notify_all();
         }
     }
 

@@ -9,7 +9,7 @@ use super::output::Capture;
 use crate::ipc::{Channel, Kind, Message};
 use crate::platform::{self, Pidfd};
 use crate::reactor::WorkerKey;
-use crate::task::{FnId, KillReason, Task};
+use crate::task::{KillReason, ObjectId, Task};
 
 /// The task a worker is running (it runs tasks in the order sent).
 pub struct Running {
@@ -166,7 +166,7 @@ pub struct Worker {
     pub stderr: Capture,
     pub state: State,
     /// Registered objects it has been sent.
-    pub fns: HashSet<FnId>,
+    pub objects: HashSet<ObjectId>,
     pub tasks_done: u64,
     pub busy_ns: u64,
     pub kill_reason: Option<KillReason>,

@@ -93,10 +93,16 @@ pub fn task(id: u64, cmd: &[u8]) -> Task {
     task_fn(id, 0, cmd)
 }
 
-pub fn task_fn(id: u64, fn_id: u64, cmd: &[u8]) -> Task {
-    let msg = payload::encode(Kind::Task, id, fn_id, &[cmd], DEFAULT_SEGMENT_THRESHOLD)
-        .expect("task payload");
-    Task::new(id, fn_id, msg)
+pub fn task_fn(id: u64, function_id: u64, cmd: &[u8]) -> Task {
+    let msg = payload::encode(
+        Kind::Task,
+        id,
+        function_id,
+        &[cmd],
+        DEFAULT_SEGMENT_THRESHOLD,
+    )
+    .expect("task payload");
+    Task::new(id, function_id, msg)
 }
 
 /// Every part of a result payload, concatenated in order.

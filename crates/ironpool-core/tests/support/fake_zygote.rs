@@ -13,7 +13,7 @@
 //! The worker answers:
 //! - `Init`: part 0 `fail` → `InitFailed` and exit 1; `crash` → SIGSEGV;
 //!   `exit` → exit 3 without a word; anything else → `Ready`.
-//! - `RegisterFn`: remembers part 0 under `id` and counts the registrations.
+//! - `Register`: remembers part 0 under `id` and counts the registrations.
 //! - `Forget`: drops it. `Shutdown`: exits 0.
 //! - `Task`, by part 0:
 //!   - `raise` → `Raised`; `retryable` → `Raised` marked retryable;
@@ -168,7 +168,7 @@ fn hang() -> ! {
 }
 
 fn worker(mut chan: Channel) -> ! {
-    let mut fns: HashMap<u64, (Vec<u8>, u32)> = HashMap::new();
+    let mut objects: HashMap<u64, (Vec<u8>, u32)> = HashMap::new();
     loop {
         let msg = match chan.recv_blocking() {
             Ok(Recv::Message(m)) => m,
@@ -197,24 +197,24 @@ fn worker(mut chan: Channel) -> ! {
                     _ => send(&chan, &Message::new(Kind::Ready, 0, 0)),
                 }
             }
-            Kind::RegisterFn => {
+            Kind::Register => {
                 let body = parts_of(&msg).into_iter().next().unwrap_or_default();
-                let entry = fns.entry(msg.id).or_insert((Vec::new(), 0));
+                let entry = objects.entry(msg.id).or_insert((Vec::new(), 0));
                 entry.0 = body;
                 entry.1 += 1;
             }
             Kind::Forget => {
-                fns.remove(&msg.id);
+                objects.remove(&msg.id);
             }
             Kind::Shutdown => exit(0),
-            Kind::Task => run_task(&mut chan, &msg, &fns),
+            Kind::Task => run_task(&mut chan, &msg, &objects),
             // Whatever the pool adds later: nothing to do here.
             _ => {}
         }
     }
 }
 
-fn run_task(chan: &mut Channel, msg: &Message, fns: &HashMap<u64, (Vec<u8>, u32)>) {
+fn run_task(chan: &mut Channel, msg: &Message, objects: &HashMap<u64, (Vec<u8>, u32)>) {
     let started = Instant::now();
     let parts = parts_of(msg);
     let head = parts.first().cloned().unwrap_or_default();
@@ -256,7 +256,7 @@ fn run_task(chan: &mut Channel, msg: &Message, fns: &HashMap<u64, (Vec<u8>, u32)
         let pid = std::process::id().to_string();
         reply(chan, Kind::Returned, id, started, &[pid.as_bytes()]);
     } else if text == "fn" {
-        let out = match fns.get(&msg.aux) {
+        let out = match objects.get(&msg.aux) {
             Some((body, n)) => {
                 let mut out = body.clone();
                 out.extend_from_slice(format!("#{n}").as_bytes());
