@@ -119,7 +119,7 @@ class Backend(Protocol):
 
 
 #: Backend name -> the module that holds it; its ``start(options)`` returns the backend.
-_BACKENDS = {"processes": "process"}
+_BACKENDS = {"processes": "ironpool.backends.process"}
 
 
 def create(name: str, options: PoolOptions) -> Backend:
@@ -128,4 +128,4 @@ def create(name: str, options: PoolOptions) -> Backend:
     if module is None:
         known = ", ".join(repr(n) for n in _BACKENDS)
         raise ValueError(f"backend must be one of {known}, got {name!r}")
-    return importlib.import_module(f"{__name__}.{module}").start(options)
+    return importlib.import_module(module).start(options)
