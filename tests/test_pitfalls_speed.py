@@ -91,3 +91,25 @@ def test_p12_per_worker_utilisation_is_reported():
     assert sum(w.tasks_done for w in stats) >= 4
     assert sum(w.busy_seconds for w in stats) >= 0.35
     assert all(w.pid > 0 and w.rss > 0 for w in stats)
+
+
+_HAS_CLOUDPICKLE = "'cloudpickle' in __import__('sys').modules"
+
+
+@pytest.mark.parametrize("defines_functions", [True, False])
+def test_p9_fresh_workers_have_cloudpickle_when_main_defines_functions(tmp_path, defines_functions):
+    """A script (or notebook) whose ``__main__`` defines functions sends them
+    by value: each new, replaced or recycled worker must not import
+    cloudpickle again. The probe itself is a builtin, so running it imports
+    nothing; recycling makes every probe run on a freshly forked worker."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import ironpool\n"
+        + ("def work(x):\n    return x\n" if defines_functions else "")
+        + "if __name__ == '__main__':\n"
+        "    with ironpool.Pool(1, max_tasks_per_worker=1) as pool:\n"
+        f"        print([pool.submit(eval, {_HAS_CLOUDPICKLE!r}).result(timeout=60) for _ in range(3)])\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([defines_functions] * 3)

@@ -53,6 +53,7 @@ def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
         env = {
             "IRONPOOL_SYS_PATH": os.pathsep.join(p for p in sys.path if p),
             "IRONPOOL_PRELOAD": ",".join(preload),
+            "IRONPOOL_BY_VALUE": "1" if _main_defines_functions() else "",
         }
         if thread_limit is not None:
             for var in THREAD_LIMIT_VARS:
@@ -62,6 +63,14 @@ def get(preload: tuple[str, ...], thread_limit: int | None) -> _core.Zygote:
         z = _core.Zygote.spawn([sys.executable, "-S", "-c", _BOOT], list(env.items()))
         _zygotes[key] = z
         return z
+
+
+def _main_defines_functions() -> bool:
+    """Whether the caller's ``__main__`` (a script, a notebook) defines
+    functions: those go to workers by value, through cloudpickle."""
+    main = sys.modules.get("__main__")
+    names = getattr(main, "__dict__", {})
+    return any(getattr(v, "__module__", None) == "__main__" and callable(v) for v in list(names.values()))
 
 
 def main() -> None:
@@ -76,6 +85,11 @@ def main() -> None:
         for name in preload:
             __import__(name)
         from . import _worker  # noqa: F401 - imported once here, not per worker
+        if os.environ.pop("IRONPOOL_BY_VALUE", ""):
+            # The caller's `__main__` defines functions, which travel by
+            # value and need cloudpickle to unpickle: imported once here, or
+            # every new, replaced or recycled worker imports it again.
+            from . import _by_value  # noqa: F401
     except BaseException:
         import traceback
 
