@@ -1,7 +1,10 @@
 """A __main__ function on a first pool, a second pool and a worker recycled
 after every task, with the template importing cloudpickle ("on") or not
 ("off"), interleaved in one session. Run: .venv/bin/python benches/template_warmth.py"""
-import sys, statistics, subprocess
+import statistics
+import subprocess
+import sys
+
 CHILD = r'''
 import sys, time
 import ironpool, ironpool._zygote as z
