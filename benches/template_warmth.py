@@ -28,7 +28,9 @@ if __name__ == "__main__":
 res = {"off": [], "on": []}
 for _ in range(7):
     for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True).stdout.split()
+        cmd = [sys.executable, "-c", CHILD, mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
         res[mode].append([float(x) for x in out])
+names = ["first_pool_ms", "second_pool_ms", "recycle_ms_per_task"]
 for mode, rows in res.items():
-    print(mode, " ".join(f"{n}={statistics.median(r[i] for r in rows):.1f}" for i, n in enumerate(["first_pool_ms", "second_pool_ms", "recycle_ms_per_task"])))
+    print(mode, " ".join(f"{n}={statistics.median(r[i] for r in rows):.1f}" for i, n in enumerate(names)))
