@@ -174,7 +174,7 @@ class ProcessBackend:
         return _Use(self.functions.acquire(fn))
 
     def submit(self, call: Call, function: Any = None) -> TaskFuture:
-        use = function
+        use = function  # a map's _Use, or None: this call holds the function itself
         future = TaskFuture()
         self.check_open()
         if use is None:

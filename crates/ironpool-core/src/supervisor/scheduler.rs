@@ -290,6 +290,12 @@ mod tests {
     }
 
     /// (worker, task) pairs of a plan.
+    /// The plan for one worker (key 1, which has every object) and one task.
+    fn plan_one(state: &State, task: Task, now: Instant) -> Vec<Assignment> {
+        let has = has_all();
+        plan(&[view(1, state, &has)], &[task], &sizer(), RULES, now)
+    }
+
     fn pairs(plan: &[Assignment]) -> Vec<(WorkerKey, TaskId)> {
         plan.iter().map(|a| (a.worker, a.task)).collect()
     }
@@ -324,28 +330,15 @@ mod tests {
 
     #[test]
     fn slow_or_unknown_tasks_are_never_prefetched() {
-        let has = has_all();
         let now = Instant::now();
         for running in [SLOW_FN, UNKNOWN_FN] {
             let b = busy(running, now);
-            let p = plan(
-                &[view(1, &b, &has)],
-                &[task(10, QUICK_FN)],
-                &sizer(),
-                RULES,
-                now,
-            );
+            let p = plan_one(&b, task(10, QUICK_FN), now);
             assert!(p.is_empty(), "queued behind fn {running}");
         }
         let b = busy(QUICK_FN, now);
         for next in [SLOW_FN, UNKNOWN_FN] {
-            let p = plan(
-                &[view(1, &b, &has)],
-                &[task(10, next)],
-                &sizer(),
-                RULES,
-                now,
-            );
+            let p = plan_one(&b, task(10, next), now);
             assert_eq!(
                 pairs(&p),
                 [(1, 10)],
@@ -356,7 +349,6 @@ mod tests {
 
     #[test]
     fn a_chunk_of_many_quick_items_is_not_quick() {
-        let has = has_all();
         let now = Instant::now();
         let mut long = task(100, QUICK_FN);
         long.items = 5_000; // 5 ms
@@ -364,37 +356,18 @@ mod tests {
             task: long,
             started: now,
         }));
-        let p = plan(
-            &[view(1, &b, &has)],
-            &[task(10, QUICK_FN)],
-            &sizer(),
-            RULES,
-            now,
-        );
+        let p = plan_one(&b, task(10, QUICK_FN), now);
         assert!(p.is_empty());
     }
 
     #[test]
     fn quick_tasks_are_prefetched_only_within_the_window() {
-        let has = has_all();
         let now = Instant::now();
         let fresh = busy(QUICK_FN, now - Duration::from_millis(1));
-        let p = plan(
-            &[view(1, &fresh, &has)],
-            &[task(10, QUICK_FN)],
-            &sizer(),
-            RULES,
-            now,
-        );
+        let p = plan_one(&fresh, task(10, QUICK_FN), now);
         assert_eq!(pairs(&p), [(1, 10)]);
         let stale = busy(QUICK_FN, now - PREFETCH_WINDOW);
-        let p = plan(
-            &[view(1, &stale, &has)],
-            &[task(10, QUICK_FN)],
-            &sizer(),
-            RULES,
-            now,
-        );
+        let p = plan_one(&stale, task(10, QUICK_FN), now);
         assert!(
             p.is_empty(),
             "the running task may be stuck: do not queue behind it"
@@ -483,7 +456,6 @@ mod tests {
 
     #[test]
     fn only_workers_that_take_tasks_get_any() {
-        let has = has_all();
         let now = Instant::now();
         let others = [
             State::Starting,
@@ -504,13 +476,7 @@ mod tests {
             },
         ];
         for state in &others {
-            let p = plan(
-                &[view(1, state, &has)],
-                &[task(10, QUICK_FN)],
-                &sizer(),
-                RULES,
-                now,
-            );
+            let p = plan_one(state, task(10, QUICK_FN), now);
             assert!(p.is_empty());
         }
     }
