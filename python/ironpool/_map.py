@@ -13,9 +13,16 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as _wait
 from typing import Any
 
+from ._progress import Progress, make_progress
 from ._send_once import call_started
-from .backends import CHUNK, SINGLE, Backend, Call
-from .errors import TaskTimeout, WorkerCrashed
+from .backends import CHUNK, KEEP_GOING, SINGLE, Backend, Call
+from .errors import SerializationError, TaskTimeout, WorkerCrashed
+
+#: A chunk failing as a whole with one of these is run again an item at a
+#: time, so that only the item at fault fails (with ``return_exceptions``,
+#: a pickling failure too: a neighbour's result may be the one at fault).
+_ITEM_FAULTS = (WorkerCrashed, TaskTimeout)
+_ITEM_FAULTS_KEPT = (WorkerCrashed, TaskTimeout, SerializationError)
 
 
 def common_len(iterables: tuple) -> int | None:
@@ -70,6 +77,9 @@ class MapRun:
         retries: int,
         ordered: bool,
         single: bool,
+        keep_going: bool = False,
+        progress: Any = None,
+        name: str = "map",
     ) -> None:
         backend.check_open()
         self.backend = backend
@@ -83,12 +93,17 @@ class MapRun:
         self.retries = retries
         self.ordered = ordered
         self.flags = CHUNK | SINGLE if single else CHUNK  # single: items are arguments, not tuples
+        if keep_going:
+            self.flags |= KEEP_GOING
+        self.faults = _ITEM_FAULTS_KEPT if keep_going else _ITEM_FAULTS
+        self.progress: Progress | None = None
         self.window = max(4, 4 * backend.workers)
         self.inflight: deque[tuple[Future, Call]] = deque()
         self.error: BaseException | None = None
         self.exhausted = False
         self.since = call_started()  # every chunk is part of this one call
         try:
+            self.progress = make_progress(progress, total, name)
             self._fill()
         except BaseException:
             self.close()
@@ -99,7 +114,19 @@ class MapRun:
             self.fn, items, None, chunk=self.flags, timeout=self.task_timeout, retries=self.retries,
             since=self.since, rerun_of=rerun_of,
         )
-        return self.backend.submit(call, self.function), call
+        future = self.backend.submit(call, self.function)
+        if self.progress is not None:
+            self.progress.expect()
+            future.add_done_callback(self._count)
+        return future, call
+
+    def _count(self, future: Future) -> None:
+        assert self.progress is not None
+        items = 0
+        if not future.cancelled() and future.exception() is None:  # else a rerun counts them
+            values, error = future.result()
+            items = len(values) + (error is not None)
+        self.progress.settled(items)
 
     def _fill(self) -> None:
         while not self.exhausted and len(self.inflight) < self.window:
@@ -159,27 +186,40 @@ class MapRun:
         raise AssertionError("a finished chunk is not in flight")
 
     def _outcome(self, future: Future, call: Call) -> tuple[list, BaseException | None]:
-        """The values a chunk produced and the error at its end, if any."""
+        """The values a chunk produced and the error at its end, if any
+        (with ``return_exceptions``, errors stand in their items' places)."""
+        keep_going = self.flags & KEEP_GOING
         try:
             return future.result()
-        except (WorkerCrashed, TaskTimeout):
+        except self.faults as exc:
             if len(call.args) == 1:
-                raise
+                if not keep_going:
+                    raise
+                self._advance(1)
+                return [exc], None
         # A chunk whose worker died: run its items one by one so that only the
         # item that kills a worker fails. Items before it may run twice.
         values: list = []
         for item in call.args:
             try:
                 vals, failure = self._submit([item], rerun_of=call)[0].result()
-            except (WorkerCrashed, TaskTimeout) as exc:
-                return values, exc
+            except self.faults as exc:
+                if not keep_going:
+                    return values, exc
+                self._advance(1)
+                vals, failure = [exc], None
             values.extend(vals)
             if failure is not None:
                 return values, failure
         return values, None
 
+    def _advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(n)
+
     def close(self) -> None:
         """Withdraws chunks not yet started."""
+        cancelled = bool(self.inflight)
         for future, _call in self.inflight:
             future.cancel()
         self.inflight.clear()
@@ -187,3 +227,5 @@ class MapRun:
         function, self.function = self.function, None
         if function is not None:
             function.release()
+        if self.progress is not None:
+            self.progress.close(finished=not cancelled)

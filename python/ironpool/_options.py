@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._progress import check_progress
+
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 
@@ -42,7 +44,9 @@ def check_timeout(value: float | None, name: str) -> None:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
-def check_map(fn: Any, chunksize: int | None, timeout: float | None, task_timeout: float | None) -> None:
+def check_map(
+    fn: Any, chunksize: int | None, timeout: float | None, task_timeout: float | None, progress: Any = None
+) -> None:
     """The arguments of ``map``, ``starmap`` and ``imap_unordered``."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -51,6 +55,7 @@ def check_map(fn: Any, chunksize: int | None, timeout: float | None, task_timeou
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
         raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
     check_timeout(task_timeout, "task_timeout")
+    check_progress(progress)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import _core
@@ -19,6 +20,9 @@ CHUNK = 1
 #: With CHUNK: the list holds single arguments, not tuples (``map`` over one
 #: iterable), which pickles several times faster.
 SINGLE = 2
+#: With CHUNK: an item that raises does not stop the chunk; its exception is
+#: reported in its place (``map(..., return_exceptions=True)``).
+KEEP_GOING = 4
 
 #: What ``Handler.run`` reports: the function returned, raised, or raised an
 #: exception of the pool's ``retry_on`` types (the engine decides whether
@@ -80,7 +84,7 @@ class Handler:
             )
             return self._raised(err, retry_on)
         if flags & CHUNK:
-            return self._result(self._run_chunk(fn, call, bool(flags & SINGLE)), fn, (), ())
+            return self._result(run_chunk(fn, call, flags, pack_exception), fn, (), ())
         args, kwargs = call
         try:
             value = fn(*args, **kwargs)
@@ -89,19 +93,6 @@ class Handler:
         finally:
             del call
         return self._result(value, fn, args, retry_on)
-
-    def _run_chunk(self, fn: Any, items: list, single: bool) -> tuple[list, tuple | None]:
-        results = []
-        try:
-            if single:
-                for arg in items:
-                    results.append(fn(arg))
-            else:
-                for args in items:
-                    results.append(fn(*args))
-        except BaseException as exc:
-            return results, pack_exception(exc)
-        return results, None
 
     def _result(self, value: object, fn: Any, args: tuple, retry_on: tuple) -> tuple[int, list]:
         try:
@@ -118,6 +109,34 @@ class Handler:
         # matched the rebuilt exception (a SerializationError too).
         status = RETRYABLE if retry_on and isinstance(exc, retry_on) else RAISED
         return status, dumps(pack_exception(exc), self.threshold)
+
+
+def run_chunk(fn: Any, items: list, flags: int, capture: Callable[[BaseException], Any]) -> tuple[list, Any]:
+    """Runs a map chunk: ``(results, None)`` when every item returned;
+    ``(results so far, capture(exc))`` when an item raised; with KEEP_GOING,
+    every item runs and a failing one's ``(index, capture(exc))`` is listed
+    in place of the error (its result slot holds None)."""
+    results: list = []
+    append = results.append
+    if flags & KEEP_GOING:
+        failed = []
+        for i, item in enumerate(items):
+            try:
+                append(fn(item) if flags & SINGLE else fn(*item))
+            except BaseException as exc:
+                append(None)
+                failed.append((i, capture(exc)))
+        return results, failed or None
+    try:
+        if flags & SINGLE:
+            for arg in items:
+                append(fn(arg))
+        else:
+            for args in items:
+                append(fn(*args))
+    except BaseException as exc:
+        return results, capture(exc)
+    return results, None
 
 
 def _adopt_caller(cfg: dict) -> None:

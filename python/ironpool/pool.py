@@ -158,6 +158,8 @@ class Pool(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         task_timeout: float | None = None,
+        return_exceptions: bool = False,
+        progress: Any = None,
     ) -> Iterator[Any]:
         """Ordered results of ``fn`` over ``iterables``, consumed lazily::
 
@@ -175,13 +177,15 @@ class Pool(Executor):
         chunk is run again one item at a time."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        check_map(fn, chunksize, timeout, task_timeout)
+        check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len(iterables)
         if len(iterables) == 1:
             items, single = iter(iterables[0]), True
         else:
             items, single = zip(*iterables, strict=False), False
-        return self._map(fn, items, total, timeout, chunksize, task_timeout, True, single)
+        return self._map(
+            fn, items, total, timeout, chunksize, task_timeout, True, single, return_exceptions, progress, "map"
+        )
 
     def starmap(
         self,
@@ -191,15 +195,19 @@ class Pool(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         task_timeout: float | None = None,
+        return_exceptions: bool = False,
+        progress: Any = None,
     ) -> Iterator[Any]:
         """Ordered ``fn(*args)`` for each ``args`` in ``iterable``::
 
             totals = list(pool.starmap(add, [(1, 2), (3, 4)]))  # [3, 7]
         """
-        check_map(fn, chunksize, timeout, task_timeout)
+        check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len((iterable,))
         items = (tuple(a) for a in iterable)
-        return self._map(fn, items, total, timeout, chunksize, task_timeout, True, False)
+        return self._map(
+            fn, items, total, timeout, chunksize, task_timeout, True, False, return_exceptions, progress, "starmap"
+        )
 
     def imap_unordered(
         self,
@@ -209,20 +217,28 @@ class Pool(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         task_timeout: float | None = None,
+        return_exceptions: bool = False,
+        progress: Any = None,
     ) -> Iterator[Any]:
         """Results of ``fn`` over ``iterable`` in the order they finish::
 
             for path in pool.imap_unordered(convert, paths):
                 print("done", path)
         """
-        check_map(fn, chunksize, timeout, task_timeout)
+        check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len((iterable,))
-        return self._map(fn, iter(iterable), total, timeout, chunksize, task_timeout, False, True)
+        return self._map(
+            fn, iter(iterable), total, timeout, chunksize, task_timeout, False, True, return_exceptions, progress,
+            "imap_unordered",
+        )
 
-    def _map(self, fn, items, total, timeout, chunksize, task_timeout, ordered, single) -> Iterator[Any]:
+    def _map(
+        self, fn, items, total, timeout, chunksize, task_timeout, ordered, single, return_exceptions, progress, name
+    ) -> Iterator[Any]:
         run = MapRun(
             self._running(), fn, items, total=total, timeout=timeout, chunksize=chunksize,
             task_timeout=task_timeout, retries=self._retries, ordered=ordered, single=single,
+            keep_going=bool(return_exceptions), progress=progress, name=name,
         )
         return run.results()
 

@@ -10,7 +10,10 @@ A backend's futures are :class:`ironpool._futures.TaskFuture` objects bound
 to it (``TaskFuture.bind``); it resolves each with the task's value, or with
 its exception as ``_outcomes`` builds it. A ``map`` chunk (``Call.chunk``
 non-zero) resolves to ``(values, error)``: the values of the items that ran,
-in order, and the exception that stopped the chunk, or None.
+in order, and the exception that stopped the chunk, or None. With
+``KEEP_GOING`` in ``Call.chunk`` every item runs and a failing item's
+exception stands in its place among the values (``_worker.run_chunk`` runs
+a chunk either way).
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._worker import CHUNK, SINGLE  # the task flags workers read
+from .._worker import CHUNK, KEEP_GOING, SINGLE  # the task flags workers read
 
 if TYPE_CHECKING:
     from .._futures import TaskFuture
     from .._options import PoolOptions
     from .._send_once import Shared
 
-__all__ = ["CHUNK", "SINGLE", "Backend", "Call", "Function", "WorkerInfo", "create"]
+__all__ = ["CHUNK", "KEEP_GOING", "SINGLE", "Backend", "Call", "Function", "WorkerInfo", "create"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class Call:
     #: A call's argument tuple, or a chunk's list of items.
     args: Any
     kwargs: dict | None
-    #: 0 for a call; CHUNK (| SINGLE) for a map chunk.
+    #: 0 for a call; CHUNK (| SINGLE | KEEP_GOING) for a map chunk.
     chunk: int = 0
     #: Seconds the task may run; None: the pool's ``task_timeout``.
     timeout: float | None = None

@@ -312,8 +312,7 @@ class ProcessBackend:
             try:
                 value, error = resolve(completion.outcome, completion.attempts, task.describe)
                 if error is None and task.call.chunk:
-                    values, failure = value
-                    value = (values, None if failure is None else unpack_exception(failure))
+                    value = _chunk_value(*value)
             except BaseException as exc:  # never lose a result
                 value, error = None, exc
             settle(task.future, value, error)
@@ -394,6 +393,19 @@ class ProcessBackend:
                     "and will never receive its result"
                 ))
         self.tasks.clear()
+
+
+def _chunk_value(values: list, failure: Any) -> tuple[list, BaseException | None]:
+    """A chunk's ``(values, error)`` from what its worker sent: the packed
+    error that stopped it, or (KEEP_GOING) the failed items' packed errors,
+    which take their places among the values."""
+    if failure is None:
+        return values, None
+    if isinstance(failure, list):
+        for index, packed in failure:
+            values[index] = unpack_exception(packed)
+        return values, None
+    return values, unpack_exception(failure)
 
 
 class Unstarted:
