@@ -78,7 +78,7 @@ class Progress:
             self._callback(self.done, self.total)
 
     def close(self, finished: bool) -> None:
-        """Ends an ironpool-made bar (the caller's own bar is left open).
+        """Ends an ironpool-made bar (the caller's own bar is left open, redrawn).
         ``finished``: every chunk is done, so wait the moment it takes their
         last callbacks to run, and the count ends complete."""
         with self._changed:
@@ -86,8 +86,12 @@ class Progress:
                 self._changed.wait_for(lambda: self._unsettled <= 0, timeout=1.0)
             bar, self._bar = self._bar, None
             self._callback = None
-        if bar is not None and self._owned:
+        if bar is None:
+            return
+        if self._owned:
             bar.close()
+        else:
+            bar.refresh()  # tqdm skips some updates; show where the map ended
 
 
 def _new_bar(total: int | None, desc: str) -> Any:

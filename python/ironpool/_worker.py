@@ -84,7 +84,11 @@ class Handler:
             )
             return self._raised(err, retry_on)
         if flags & CHUNK:
-            return self._result(run_chunk(fn, call, flags, pack_exception), fn, (), ())
+            outcome = run_chunk(fn, call, flags, pack_exception)
+            try:
+                return RETURNED, dumps(outcome, self.threshold)
+            except BaseException as exc:
+                return self._raised(_chunk_result_error(fn, call, flags, outcome[0], exc), ())
         args, kwargs = call
         try:
             value = fn(*args, **kwargs)
@@ -109,6 +113,22 @@ class Handler:
         # matched the rebuilt exception (a SerializationError too).
         status = RETRYABLE if retry_on and isinstance(exc, retry_on) else RAISED
         return status, dumps(pack_exception(exc), self.threshold)
+
+
+def _chunk_result_error(fn: Any, items: list, flags: int, results: list, exc: BaseException) -> BaseException:
+    """Names the item whose result could not be pickled (the first found)."""
+    for i, value in enumerate(results):
+        try:
+            dumps(value, 1 << 62)
+        except BaseException as item_exc:
+            args = (items[i],) if flags & SINGLE else tuple(items[i])
+            return serialization_error(
+                f"the result of {describe_call(fn, args)} (item {i} of its chunk) could not be pickled: "
+                f"{type(value).__module__}.{type(value).__qualname__} object: {type(item_exc).__name__}: {item_exc}"
+            )
+    return serialization_error(
+        f"the results of a chunk of {describe_call(fn)} could not be pickled: {type(exc).__name__}: {exc}"
+    )
 
 
 def run_chunk(fn: Any, items: list, flags: int, capture: Callable[[BaseException], Any]) -> tuple[list, Any]:

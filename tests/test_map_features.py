@@ -1,0 +1,163 @@
+"""``map``'s per-item errors (``return_exceptions``) and progress
+(``progress``), with real raises, segfaults and kill timeouts mixed in."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import ironpool
+import pytest
+from tqdm import tqdm
+
+
+def mixed(x: int) -> int:
+    """Fails on some items: raises on multiples of 7, segfaults on 13, hangs on 17."""
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if x == 17:
+        time.sleep(60)
+    if x % 7 == 0 and x:
+        raise ValueError(f"bad {x}")
+    return x * 10
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("no pickling for you")
+
+
+def result_unpicklable_at(x: int) -> object:
+    return Unpicklable() if x == 4 else x
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ironpool.Pool(2, task_timeout=2.0) as p:
+        yield p
+
+
+def check_mixed(results: list, items: range) -> None:
+    for x, got in zip(items, results, strict=True):
+        if x == 13:
+            assert isinstance(got, ironpool.WorkerCrashed) and got.signal == signal.SIGSEGV, got
+        elif x == 17:
+            assert isinstance(got, ironpool.TaskTimeout), got
+        elif x % 7 == 0 and x:
+            assert isinstance(got, ValueError) and str(got) == f"bad {x}", got
+        else:
+            assert got == x * 10
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 4])
+def test_return_exceptions_keeps_every_other_result(pool, chunksize):
+    items = range(30)
+    results = list(pool.map(mixed, items, return_exceptions=True, chunksize=chunksize))
+    check_mixed(results, items)
+
+
+def test_return_exceptions_starmap_and_unordered(pool):
+    items = range(20)
+    check_mixed(list(pool.starmap(mixed, [(x,) for x in items], return_exceptions=True)), items)
+    got = list(pool.imap_unordered(mixed, items, return_exceptions=True, chunksize=3))
+    assert len(got) == 20
+    assert sorted(v for v in got if isinstance(v, int)) == [x * 10 for x in items if x not in (7, 13, 14, 17)]
+    kinds = sorted(type(v).__name__ for v in got if not isinstance(v, int))
+    assert kinds == ["TaskTimeout", "ValueError", "ValueError", "WorkerCrashed"]
+
+
+def test_return_exceptions_isolates_a_result_that_cannot_be_pickled(pool):
+    got = list(pool.map(result_unpicklable_at, range(8), chunksize=8, return_exceptions=True))
+    assert got[:4] == [0, 1, 2, 3] and got[5:] == [5, 6, 7]
+    assert isinstance(got[4], ironpool.SerializationError)
+    assert "Unpicklable" in str(got[4])
+
+
+def test_without_return_exceptions_the_first_error_ends_the_map(pool):
+    it = pool.map(mixed, range(10), chunksize=2)
+    assert [next(it) for _ in range(7)] == [x * 10 for x in range(7)]
+    with pytest.raises(ValueError, match="bad 7"):
+        next(it)
+
+
+def test_an_item_exception_keeps_its_remote_traceback(pool):
+    (err,) = [v for v in pool.map(mixed, [7], return_exceptions=True)]
+    assert isinstance(err, ValueError)
+    assert 'in mixed\n    raise ValueError(f"bad {x}")' in str(err.__cause__)
+
+
+def progress_bar(total=None) -> tuple[tqdm, io.StringIO]:
+    stream = io.StringIO()
+    return tqdm(total=total, file=stream, mininterval=0), stream
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+def test_progress_counts_every_item_of_a_sized_input(pool, chunksize):
+    bar, stream = progress_bar()
+    assert sum(pool.map(abs, range(1000), chunksize=chunksize, progress=bar)) == sum(range(1000))
+    assert bar.n == 1000 and bar.total == 1000
+    assert "1000/1000" in stream.getvalue()
+
+
+def test_progress_counts_a_generator_without_a_length(pool):
+    bar, stream = progress_bar()
+    assert len(list(pool.imap_unordered(abs, (x for x in range(500)), progress=bar))) == 500
+    assert bar.n == 500 and bar.total is None
+    assert "500it" in stream.getvalue().replace(" ", "")
+
+
+def test_progress_callback_sees_done_and_total(pool):
+    calls: list[tuple[int, int | None]] = []
+    lock = threading.Lock()
+
+    def seen(done, total):
+        with lock:
+            calls.append((done, total))
+
+    list(pool.starmap(pow, [(x, 2) for x in range(300)], chunksize=10, progress=seen))
+    assert calls[-1] == (300, 300)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert len(calls) <= 30  # once per chunk, not per item
+
+
+def test_progress_counts_failed_items_with_return_exceptions(pool):
+    bar, _ = progress_bar()
+    got = list(pool.map(mixed, range(20), return_exceptions=True, progress=bar))
+    check_mixed(got, range(20))
+    assert bar.n == 20
+
+
+def test_progress_true_draws_a_bar_on_stderr(pool, capsys):
+    assert list(pool.map(abs, range(50), progress=True)) == list(range(50))
+    err = capsys.readouterr().err
+    assert "50/50" in err and "map" in err
+
+
+def test_progress_rejects_what_it_cannot_use(pool):
+    with pytest.raises(TypeError, match="progress must be"):
+        pool.map(abs, range(3), progress="yes")
+
+
+def test_progress_bar_is_closed_when_the_map_is_abandoned(pool):
+    bar, _ = progress_bar(total=None)
+    it = pool.map(abs, range(100_000), chunksize=10, progress=bar)
+    next(it)
+    it.close()  # the caller's own bar stays open, and no later chunk is counted
+    n = bar.n
+    assert 1 <= n < 100_000
+    assert not bar.disable
+
+
+def test_tqdm_is_not_imported_unless_progress_is_asked_for():
+    code = (
+        "import sys, ironpool\n"
+        "def f(x): return x\n"
+        "with ironpool.Pool(1) as p: assert list(p.map(f, range(5), return_exceptions=True)) == list(range(5))\n"
+        "assert 'tqdm' not in sys.modules, 'tqdm imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
