@@ -58,6 +58,9 @@ class InlineBackend:
     def stats(self):
         return []
 
+    def counts(self):
+        return backends.no_counts()
+
     def shutdown(self, wait, cancel_futures) -> None:
         self.closed = True
 

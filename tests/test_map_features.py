@@ -10,30 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import ironpool
 import pytest
+from maplib import blocked, mixed, result_unpicklable_at
 from tqdm import tqdm
-
-
-def mixed(x: int) -> int:
-    """Fails on some items: raises on multiples of 7, segfaults on 13, hangs on 17."""
-    if x == 13:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if x == 17:
-        time.sleep(60)
-    if x % 7 == 0 and x:
-        raise ValueError(f"bad {x}")
-    return x * 10
-
-
-class Unpicklable:
-    def __reduce__(self):
-        raise TypeError("no pickling for you")
-
-
-def result_unpicklable_at(x: int) -> object:
-    return Unpicklable() if x == 4 else x
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +143,67 @@ def test_tqdm_is_not_imported_unless_progress_is_asked_for():
         "assert 'tqdm' not in sys.modules, 'tqdm imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_stats_counts_the_pool_s_tasks(pool):
+    before = pool.stats()
+    list(pool.map(mixed, range(14), chunksize=1, return_exceptions=True))  # 7 raises, 13 segfaults
+    after = pool.stats()
+    assert after.submitted - before.submitted >= 14
+    assert after.done - before.done == after.submitted - before.submitted
+    assert after.failed - before.failed == 1  # the crash (a raise inside a chunk still returns its chunk)
+    assert after.items_done - before.items_done == 14
+    assert after.queued == 0 and after.running == 0
+    assert len(after) == 2 and {w.slot for w in after} == {0, 1}  # still the per-worker list
+    assert after.throughput > 0 and 0 <= after.utilisation <= 1 and after.mean_task_seconds > 0
+    assert "PoolStats(workers=2" in repr(after)
+
+
+def test_stats_shows_queued_and_running_tasks(tmp_path):
+    fifos = [tmp_path / f"go{i}" for i in range(3)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    with ironpool.Pool(1) as p:
+        futures = [p.submit(blocked, str(fifo)) for fifo in fifos]
+        with open(fifos[0], "w") as gate:  # opens once the first task is reading
+            s = p.stats()
+            assert (s.submitted, s.running + s.queued, s.done) == (3, 3, 0)
+            assert s.running >= 1
+            gate.write("x")
+        for fifo in fifos[1:]:
+            with open(fifo, "w") as gate:
+                gate.write("x")
+        assert [f.result(timeout=30) for f in futures] == [1, 1, 1]
+        s = p.stats()
+        assert (s.done, s.failed, s.running, s.queued) == (3, 0, 0, 0)
+
+
+def test_hint_when_chunks_are_far_shorter_than_dispatch(pool, monkeypatch):
+    from ironpool import _insight
+
+    monkeypatch.setattr(_insight, "_given", set())
+    with pytest.warns(ironpool.PerformanceHint, match="chunks of 1 item"):
+        for _ in pool.map(abs, range(20000), chunksize=1):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        list(pool.map(abs, range(20000), chunksize=1))
+
+
+def test_hint_when_the_caller_s_loop_is_the_bottleneck(pool, monkeypatch):
+    from ironpool import _insight
+
+    monkeypatch.setattr(_insight, "_given", set())
+    with pytest.warns(ironpool.PerformanceHint, match="that loop is the bottleneck"):
+        for _ in pool.map(abs, range(8), chunksize=1):
+            time.sleep(0.06)  # the caller's own work on each result
+
+
+def test_no_hint_for_a_well_sized_map(pool, monkeypatch):
+    from ironpool import _insight
+
+    monkeypatch.setattr(_insight, "_given", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ironpool.PerformanceHint)
+        assert len(list(pool.map(abs, range(200_000)))) == 200_000
+        list(pool.map(time.sleep, [0.1] * 8))

@@ -19,6 +19,7 @@ futures that work with ``as_completed``, ``wait`` and ``asyncio.wrap_future``.
 # package) do not pay for the executor machinery they never run.
 _EXPORTS = {
     "Attempt": "errors",
+    "CheckpointMismatch": "_checkpoint",
     "IronpoolError": "errors",
     "MemoryLimitExceeded": "errors",
     "PoolClosed": "errors",
@@ -27,7 +28,9 @@ _EXPORTS = {
     "TaskTimeout": "errors",
     "WorkerCrashed": "errors",
     "WorkerStartError": "errors",
+    "PerformanceHint": "_insight",
     "Pool": "pool",
+    "PoolStats": "pool",
     "Shared": "pool",
     "WorkerInfo": "pool",
     "shared_memory": "_shared_memory",
@@ -53,6 +56,8 @@ def __dir__() -> list[str]:
 
 
 if False:  # for type checkers; typing itself is not imported at run time
+    from ._checkpoint import CheckpointMismatch
+    from ._insight import PerformanceHint
     from ._shared_memory import shared_memory
     from .errors import (
         Attempt,
@@ -65,4 +70,4 @@ if False:  # for type checkers; typing itself is not imported at run time
         WorkerCrashed,
         WorkerStartError,
     )
-    from .pool import Pool, Shared, WorkerInfo
+    from .pool import Pool, PoolStats, Shared, WorkerInfo

@@ -13,8 +13,10 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as _wait
 from typing import Any
 
+from ._insight import MapClock
 from ._progress import Progress, make_progress
 from ._send_once import call_started
+from ._serialize import describe_call
 from .backends import CHUNK, KEEP_GOING, SINGLE, Backend, Call
 from .errors import SerializationError, TaskTimeout, WorkerCrashed
 
@@ -80,13 +82,15 @@ class MapRun:
         keep_going: bool = False,
         progress: Any = None,
         name: str = "map",
+        recorded: int = 0,
     ) -> None:
         backend.check_open()
         self.backend = backend
         self.fn = fn
         self.function: Any = backend.function(fn)
         self.items = items
-        self.remaining = total
+        # recorded: items a checkpoint already holds, which are not run again
+        self.remaining = None if total is None else max(0, total - recorded)
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.chunksize = chunksize
         self.task_timeout = task_timeout
@@ -97,6 +101,8 @@ class MapRun:
             self.flags |= KEEP_GOING
         self.faults = _ITEM_FAULTS_KEPT if keep_going else _ITEM_FAULTS
         self.progress: Progress | None = None
+        self.name = name
+        self.clock: MapClock | None = MapClock(backend)
         self.window = max(4, 4 * backend.workers)
         self.inflight: deque[tuple[Future, Call]] = deque()
         self.error: BaseException | None = None
@@ -104,6 +110,8 @@ class MapRun:
         self.since = call_started()  # every chunk is part of this one call
         try:
             self.progress = make_progress(progress, total, name)
+            if self.progress is not None:
+                self.progress.advance(recorded)
             self._fill()
         except BaseException:
             self.close()
@@ -153,7 +161,10 @@ class MapRun:
                 # Handed out by popping, so the iterator keeps no value it
                 # has yielded, inside a chunk too (at C speed).
                 values.reverse()
+                handed_out = time.monotonic()
                 yield itertools.starmap(values.pop, itertools.repeat((), len(values)))
+                if self.clock is not None:  # the caller's own time, spent on this chunk's values
+                    self.clock.caller_seconds += time.monotonic() - handed_out
                 if self.error is not None:
                     raise self._pop_error()  # no local may hold it: its traceback has this frame
         finally:
@@ -229,3 +240,6 @@ class MapRun:
             function.release()
         if self.progress is not None:
             self.progress.close(finished=not cancelled)
+        clock, self.clock = self.clock, None
+        if clock is not None and not cancelled and self.error is None:
+            clock.advise(f"{self.name}({describe_call(self.fn)[:-2]})", self.chunksize, self.backend.workers)

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, Literal
 
 from . import _core, backends
+from ._checkpoint import Checkpoint, Resumed
 from ._map import MapRun, common_len
 from ._options import check_map, check_timeout, pool_options
 from ._send_once import Shared, call_started
-from .backends import Call, WorkerInfo
+from .backends import Call, PoolStats, WorkerInfo, no_counts
 
-__all__ = ["Pool", "Shared", "WorkerInfo"]
+__all__ = ["Pool", "PoolStats", "Shared", "WorkerInfo"]
 
 
 class Pool(Executor):
@@ -86,6 +89,7 @@ class Pool(Executor):
         mp_context: Any = None,
     ) -> None:
         self._backend: backends.Backend | None = None
+        self._started = time.monotonic()
         options = pool_options(
             workers,
             default_workers=_core.default_workers,
@@ -160,6 +164,7 @@ class Pool(Executor):
         task_timeout: float | None = None,
         return_exceptions: bool = False,
         progress: Any = None,
+        checkpoint: str | os.PathLike[str] | None = None,
     ) -> Iterator[Any]:
         """Ordered results of ``fn`` over ``iterables``, consumed lazily::
 
@@ -174,7 +179,32 @@ class Pool(Executor):
         same chunk gives that chunk's items the last state (as the stdlib's
         chunks do); use ``chunksize=1`` when every item must be a separate
         snapshot. An item whose worker crashes fails alone: the rest of its
-        chunk is run again one item at a time."""
+        chunk is run again one item at a time.
+
+        ``return_exceptions=True`` yields a failing item's exception (its own,
+        :class:`WorkerCrashed`, :class:`TaskTimeout`, :class:`SerializationError`)
+        in its place and goes on with the rest, instead of ending the map::
+
+            for row, out in zip(rows, pool.map(parse, rows, return_exceptions=True)):
+                if isinstance(out, Exception):
+                    log.warning("row %s failed: %r", row, out)
+
+        ``progress=True`` draws a tqdm bar (``pip install 'ironpool[progress]'``;
+        the notebook widget under Jupyter); ``progress=`` also takes your own
+        tqdm instance, or a callable ``(done, total)`` (total is None for an
+        input without a length), called once per finished chunk, from the
+        thread that delivers results.
+
+        ``checkpoint=path`` records each result in ``path`` as it is handed
+        out; run the same map again after a crash, Ctrl-C or a killed process
+        and only the missing items are computed (see ``docs/guide.md``)::
+
+            for out in pool.map(convert, files, checkpoint="convert.ckpt", progress=True):
+                ...
+
+        A checkpoint written by a changed function, or for changed items,
+        raises :class:`CheckpointMismatch` instead of mixing results. Failed
+        items are not recorded, so a rerun tries them again."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         check_map(fn, chunksize, timeout, task_timeout, progress)
@@ -184,7 +214,8 @@ class Pool(Executor):
         else:
             items, single = zip(*iterables, strict=False), False
         return self._map(
-            fn, items, total, timeout, chunksize, task_timeout, True, single, return_exceptions, progress, "map"
+            fn, items, total, timeout, chunksize, task_timeout, True, single, return_exceptions, progress, "map",
+            checkpoint,
         )
 
     def starmap(
@@ -197,16 +228,20 @@ class Pool(Executor):
         task_timeout: float | None = None,
         return_exceptions: bool = False,
         progress: Any = None,
+        checkpoint: str | os.PathLike[str] | None = None,
     ) -> Iterator[Any]:
         """Ordered ``fn(*args)`` for each ``args`` in ``iterable``::
 
             totals = list(pool.starmap(add, [(1, 2), (3, 4)]))  # [3, 7]
+
+        ``return_exceptions``, ``progress`` and ``checkpoint`` work as in :meth:`map`.
         """
         check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len((iterable,))
         items = (tuple(a) for a in iterable)
         return self._map(
-            fn, items, total, timeout, chunksize, task_timeout, True, False, return_exceptions, progress, "starmap"
+            fn, items, total, timeout, chunksize, task_timeout, True, False, return_exceptions, progress, "starmap",
+            checkpoint,
         )
 
     def imap_unordered(
@@ -224,6 +259,8 @@ class Pool(Executor):
 
             for path in pool.imap_unordered(convert, paths):
                 print("done", path)
+
+        ``return_exceptions`` and ``progress`` work as in :meth:`map`.
         """
         check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len((iterable,))
@@ -233,14 +270,27 @@ class Pool(Executor):
         )
 
     def _map(
-        self, fn, items, total, timeout, chunksize, task_timeout, ordered, single, return_exceptions, progress, name
+        self, fn, items, total, timeout, chunksize, task_timeout, ordered, single, return_exceptions, progress, name,
+        checkpoint=None,
     ) -> Iterator[Any]:
-        run = MapRun(
-            self._running(), fn, items, total=total, timeout=timeout, chunksize=chunksize,
-            task_timeout=task_timeout, retries=self._retries, ordered=ordered, single=single,
-            keep_going=bool(return_exceptions), progress=progress, name=name,
-        )
-        return run.results()
+        resumed = None
+        if checkpoint is not None:
+            resumed = Resumed(Checkpoint(checkpoint, name, fn, total), items)
+            items = resumed.todo()
+        try:
+            run = MapRun(
+                self._running(), fn, items, total=total, timeout=timeout, chunksize=chunksize,
+                task_timeout=task_timeout, retries=self._retries, ordered=ordered, single=single,
+                keep_going=bool(return_exceptions), progress=progress, name=name,
+                recorded=0 if resumed is None else resumed.recorded,
+            )
+        except BaseException:
+            if resumed is not None:
+                resumed.checkpoint.close()
+            raise
+        if resumed is None:
+            return run.results()
+        return resumed.merge(run.results())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops the pool once queued work is done (pending work is dropped with
@@ -277,9 +327,19 @@ class Pool(Executor):
 
     # Introspection -------------------------------------------------------
 
-    def stats(self) -> list[WorkerInfo]:
-        """Per-worker figures: pid, tasks done, resident memory, restarts and why."""
-        return [] if self._backend is None else self._backend.stats()
+    def stats(self) -> PoolStats:
+        """The pool's figures and each worker's (pid, tasks done, resident
+        memory, restarts and why); see :class:`PoolStats`::
+
+            s = pool.stats()
+            print(f"{s.done} done, {s.failed} failed, {s.utilisation:.0%} busy")
+            for w in s:
+                print(w.pid, w.tasks_done, w.rss)
+        """
+        elapsed = time.monotonic() - self._started
+        if self._backend is None:
+            return PoolStats([], no_counts(), elapsed)
+        return PoolStats(self._backend.stats(), self._backend.counts(), elapsed)
 
     @property
     def workers(self) -> int:

@@ -223,6 +223,22 @@ impl PoolCore {
             .collect()
     }
 
+    /// The pool's task figures: submitted, queued, running, returned,
+    /// failed, retried, items_done, task_seconds.
+    fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.pool.counts();
+        let d = PyDict::new(py);
+        d.set_item("submitted", c.submitted)?;
+        d.set_item("queued", c.queued)?;
+        d.set_item("running", c.running)?;
+        d.set_item("returned", c.returned)?;
+        d.set_item("failed", c.failed)?;
+        d.set_item("retried", c.retried)?;
+        d.set_item("items_done", c.items_done)?;
+        d.set_item("task_seconds", c.task_ns as f64 / 1e9)?;
+        Ok(d)
+    }
+
     /// Items for the next `map` chunk of `function_id`, from measured task times.
     #[pyo3(signature = (function_id, remaining=None))]
     fn chunk_size(&self, function_id: u64, remaining: Option<usize>) -> usize {

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .._options import PoolOptions
     from .._send_once import Shared
 
-__all__ = ["CHUNK", "KEEP_GOING", "SINGLE", "Backend", "Call", "Function", "WorkerInfo", "create"]
+__all__ = [
+    "CHUNK", "KEEP_GOING", "SINGLE", "Backend", "Call", "Function", "PoolStats", "WorkerInfo", "create", "no_counts",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,73 @@ class WorkerInfo:
     restarts: int
     last_exit: str
     busy_seconds: float
+
+
+#: The keys of ``Backend.counts()``.
+COUNT_KEYS = ("submitted", "queued", "running", "returned", "failed", "retried", "items_done", "task_seconds")
+
+
+def no_counts() -> dict[str, Any]:
+    """``Backend.counts()`` of a pool that ran nothing."""
+    return dict.fromkeys(COUNT_KEYS, 0)
+
+
+class PoolStats(list):
+    """What :meth:`ironpool.Pool.stats` returns: the list of each worker's
+    :class:`WorkerInfo` (as before), with the pool's figures as attributes::
+
+        s = pool.stats()
+        print(s.done, s.failed, f"{s.throughput:.0f} items/s", f"{s.utilisation:.0%} busy")
+        print(max(w.rss for w in s))
+
+    Attributes:
+        submitted: tasks submitted (a ``map`` chunk counts once).
+        queued: tasks waiting for a worker.
+        running: tasks sent to a worker and not finished.
+        done: tasks finished, either way; ``failed`` of them did not return
+            (raised, crashed, timed out or never started).
+        retried: runs started again (crash, timeout, ``retry_on``).
+        items_done: ``map`` items and calls finished.
+        elapsed: seconds since the pool started.
+        throughput: ``items_done`` per second since the pool started.
+        mean_task_seconds: mean run time of a finished task (a chunk: all its items).
+        utilisation: the share of the workers' time spent running tasks.
+    """
+
+    submitted: int
+    queued: int
+    running: int
+    done: int
+    failed: int
+    retried: int
+    items_done: int
+    elapsed: float
+    throughput: float
+    mean_task_seconds: float
+    utilisation: float
+
+    def __init__(self, workers: list[WorkerInfo], counts: dict, elapsed: float) -> None:
+        super().__init__(workers)
+        self.submitted = counts["submitted"]
+        self.queued = counts["queued"]
+        self.running = counts["running"]
+        self.failed = counts["failed"]
+        self.done = counts["returned"] + self.failed
+        self.retried = counts["retried"]
+        self.items_done = counts["items_done"]
+        self.elapsed = elapsed
+        self.throughput = self.items_done / elapsed if elapsed > 0 else 0.0
+        self.mean_task_seconds = counts["task_seconds"] / self.done if self.done else 0.0
+        busy = sum(w.busy_seconds for w in workers)
+        self.utilisation = min(1.0, busy / (elapsed * len(workers))) if workers and elapsed > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"PoolStats(workers={len(self)}, submitted={self.submitted}, queued={self.queued}, "
+            f"running={self.running}, done={self.done}, failed={self.failed}, retried={self.retried}, "
+            f"items_done={self.items_done}, throughput={self.throughput:.1f}/s, "
+            f"mean_task_seconds={self.mean_task_seconds:.6f}, utilisation={self.utilisation:.2f})"
+        )
 
 
 @dataclass(slots=True, eq=False)
@@ -114,7 +183,13 @@ class Backend(Protocol):
         """A handle to ``value`` sent to each worker once."""
         ...
 
-    def stats(self) -> list[WorkerInfo]: ...
+    def stats(self) -> list[WorkerInfo]:
+        """One entry per worker."""
+        ...
+
+    def counts(self) -> dict[str, Any]:
+        """The pool's task figures (the keys :class:`PoolStats` reads)."""
+        ...
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...
 

@@ -37,7 +37,7 @@ from .._send_once import (
 )
 from .._serialize import FRESH, REUSE, describe_call, dumps
 from ..errors import PoolClosed, SerializationError, WorkerStartError
-from . import Call, WorkerInfo
+from . import Call, WorkerInfo, no_counts
 from ._functions import Function, Functions
 
 #: How long a caller waiting in ``result()`` polls the workers itself before
@@ -247,6 +247,9 @@ class ProcessBackend:
     def stats(self) -> list[WorkerInfo]:
         return [WorkerInfo(**d) for d in self.core.stats()]
 
+    def counts(self) -> dict[str, Any]:
+        return self.core.counts()
+
     # Futures (the TaskDriver protocol) ------------------------------------
 
     def cancel_task(self, task_id: int) -> bool:
@@ -434,6 +437,9 @@ class Unstarted:
 
     def stats(self) -> list[WorkerInfo]:
         return []
+
+    def counts(self) -> dict[str, Any]:
+        return no_counts()
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         pass

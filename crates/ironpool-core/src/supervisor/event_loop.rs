@@ -21,7 +21,7 @@ use super::lifecycle::Backoff;
 use super::registry::Registry;
 use super::scheduler::Pending;
 use super::worker::{State, Worker};
-use super::{Hub, PoolConfig, lock};
+use super::{Hub, PoolConfig, TaskCounts, lock};
 use crate::ipc::{Kind, Message, RETRYABLE, Recv};
 use crate::platform::Ready;
 use crate::reactor::{Source, WorkerKey};
@@ -54,6 +54,8 @@ pub(super) struct Engine {
     pub(super) restarts: Vec<u64>,
     pub(super) last_exit: Vec<String>,
     pub(super) done: Vec<Completion>,
+    /// Running totals for `counts` (queued and running are read off the state).
+    pub(super) totals: TaskCounts,
     pub(super) stats_dirty: bool,
     /// When the supervisor thread wakes on its own (None: only on events).
     pub(super) sleep_until: Option<Instant>,
@@ -91,6 +93,7 @@ impl Engine {
             restarts: vec![0; slots],
             last_exit: vec![String::new(); slots],
             done: Vec::new(),
+            totals: TaskCounts::default(),
             stats_dirty: true,
             sleep_until: None,
         })
@@ -138,6 +141,7 @@ impl Engine {
 
     /// Queues a task and sends it at once if a worker is free.
     pub fn submit(&mut self, task: Task) {
+        self.totals.submitted += 1;
         if let Some((error, crash)) = &self.broken {
             let outcome = Outcome::StartFailed {
                 error: error.clone(),
@@ -288,6 +292,7 @@ impl Engine {
         if task.retries_left > 0 && !self.shutting_down {
             task.retries_left -= 1;
             task.attempts.push(attempt);
+            self.totals.retried += 1;
             self.pending.push_front(task);
         } else {
             self.complete(task, attempt.into(), elapsed);
@@ -295,6 +300,14 @@ impl Engine {
     }
 
     pub(super) fn complete(&mut self, mut task: Task, outcome: Outcome, elapsed: Duration) {
+        let totals = &mut self.totals;
+        if matches!(outcome, Outcome::Returned(_)) {
+            totals.returned += 1;
+        } else {
+            totals.failed += 1;
+        }
+        totals.items_done += u64::from(task.items);
+        totals.task_ns += u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.done.push(Completion {
             task_id: task.id,
             outcome,

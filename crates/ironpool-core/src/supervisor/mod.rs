@@ -88,6 +88,28 @@ pub struct WorkerStats {
     pub busy_ns: u64,
 }
 
+/// Pool-wide task figures for `Pool::counts`, kept by the engine as tasks
+/// come and go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskCounts {
+    /// Tasks submitted (a `map` chunk is one task of several items).
+    pub submitted: u64,
+    /// Waiting for a worker (not yet sent to one).
+    pub queued: u64,
+    /// Sent to a worker and not finished (prefetched ones included).
+    pub running: u64,
+    /// Finished with a value returned (a chunk whose item raised too).
+    pub returned: u64,
+    /// Finished otherwise: raised, crashed, timed out, or never started.
+    pub failed: u64,
+    /// Runs started again after a crash, a timeout or a `retry_on` raise.
+    pub retried: u64,
+    /// Items in the finished tasks.
+    pub items_done: u64,
+    /// Run time of the finished tasks, summed.
+    pub task_ns: u64,
+}
+
 #[derive(Default)]
 struct Done {
     queue: VecDeque<Completion>,
@@ -365,6 +387,11 @@ impl Pool {
             s.rss = crate::platform::resident_bytes(s.pid).unwrap_or(0);
         }
         stats
+    }
+
+    /// The pool's task figures now.
+    pub fn counts(&self) -> TaskCounts {
+        lock(&self.engine).counts()
     }
 
     /// How many items of `function_id` to put in the next `map` chunk.

@@ -67,6 +67,11 @@ impl Pending {
         self.queue.len() == self.cancelled.len()
     }
 
+    /// Queued tasks not withdrawn.
+    pub fn len(&self) -> usize {
+        self.queue.len() - self.cancelled.len()
+    }
+
     pub fn take_all(&mut self) -> Vec<Task> {
         let cancelled = std::mem::take(&mut self.cancelled);
         self.queue
@@ -287,6 +292,20 @@ mod tests {
             tasks_done: 0,
             has,
         }
+    }
+
+    #[test]
+    fn pending_len_leaves_out_withdrawn_tasks() {
+        let mut pending = Pending::default();
+        for id in 1..=3 {
+            pending.push_back(task(id, QUICK_FN));
+        }
+        assert!(pending.cancel(2));
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending.pop().map(|t| t.id), Some(1));
+        assert_eq!(pending.pop().map(|t| t.id), Some(3));
+        assert_eq!(pending.len(), 0);
+        assert!(pending.is_empty());
     }
 
     /// (worker, task) pairs of a plan.

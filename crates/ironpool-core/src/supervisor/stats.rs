@@ -1,9 +1,10 @@
-//! What callers see of the engine without its lock: per-worker figures for
-//! `Pool::stats` and the completion queue, both refreshed by [`Engine::publish`].
+//! What callers see of the engine: per-worker figures for `Pool::stats` and
+//! the completion queue, both refreshed by [`Engine::publish`] (read without
+//! the engine's lock), and the pool's task counts.
 
 use super::event_loop::Engine;
 use super::worker::{State, Worker};
-use super::{WorkerStats, lock};
+use super::{TaskCounts, WorkerStats, lock};
 
 impl Engine {
     /// Hands callers what changed: the worker figures when they are stale,
@@ -19,6 +20,19 @@ impl Engine {
             done.queue.extend(self.done.drain(..));
             drop(done);
             self.hub.done_cv.notify_all();
+        }
+    }
+
+    /// The running totals with what is queued and running now.
+    pub fn counts(&self) -> TaskCounts {
+        TaskCounts {
+            queued: self.pending.len() as u64,
+            running: self
+                .workers
+                .values()
+                .map(|w| w.state.tasks().count() as u64)
+                .sum(),
+            ..self.totals
         }
     }
 
