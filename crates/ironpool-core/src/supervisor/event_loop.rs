@@ -54,6 +54,8 @@ pub(super) struct Engine {
     pub(super) restarts: Vec<u64>,
     pub(super) last_exit: Vec<String>,
     pub(super) done: Vec<Completion>,
+    /// Workers' logging records, in the order they arrived, until published.
+    pub(super) logs: Vec<Message>,
     pub(super) stats_dirty: bool,
     /// When the supervisor thread wakes on its own (None: only on events).
     pub(super) sleep_until: Option<Instant>,
@@ -91,6 +93,7 @@ impl Engine {
             restarts: vec![0; slots],
             last_exit: vec![String::new(); slots],
             done: Vec::new(),
+            logs: Vec::new(),
             stats_dirty: true,
             sleep_until: None,
         })
@@ -236,6 +239,9 @@ impl Engine {
             return;
         };
         match m.kind {
+            // Read before the result that follows it on the same socket, so
+            // a task's records reach the caller before its future settles.
+            Kind::Log => self.logs.push(m),
             Kind::Ready if matches!(w.state, State::Starting) => {
                 w.state = State::Idle;
                 self.backoff.reset();
