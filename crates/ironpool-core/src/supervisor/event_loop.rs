@@ -17,7 +17,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::lifecycle::Backoff;
+use super::lifecycle::{Backoff, OomLedger};
 use super::registry::Registry;
 use super::scheduler::Pending;
 use super::worker::{State, Worker};
@@ -45,6 +45,7 @@ pub(super) struct Engine {
     /// `terminate` was called: queued work is dropped, not run.
     pub(super) terminated: bool,
     pub(super) backoff: Backoff,
+    pub(super) oom: OomLedger,
     /// Set while the workers of a template that died are written off: their
     /// deaths are not start failures of this pool.
     pub(super) losing_template: bool,
@@ -87,6 +88,7 @@ impl Engine {
             shutting_down: false,
             terminated: false,
             backoff: Backoff::default(),
+            oom: OomLedger::default(),
             losing_template: false,
             broken: None,
             last_memory_poll: Instant::now(),
