@@ -100,13 +100,16 @@ def crash_error(crash: Any, task: str) -> WorkerCrashed:
     naming the likely cause."""
     sig, code, pid = crash.signal, crash.exitcode, crash.pid
     tail = crash.stderr_tail or ""
+    advice = ""
     if crash.killed_by == "memory":
         rss, limit = crash.rss or 0, crash.memory_limit or 0
         msg = (
             f"worker pid {pid} was killed running {task}: its memory reached "
             f"{rss / 2**20:.0f} MiB, over the hard limit of {limit / 2**20:.0f} MiB"
         )
-        err = MemoryLimitExceeded(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)
+        err = MemoryLimitExceeded(
+            msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task, oom_killed=crash.oom_killed
+        )
         err.rss = rss
         err.limit = limit
         return err
@@ -115,7 +118,19 @@ def crash_error(crash: Any, task: str) -> WorkerCrashed:
     elif sig is not None:
         cause = f"was killed by {_signal_name(sig)}"
         if sig == _signal.SIGKILL and crash.killed_by is None:
-            cause += " that ironpool did not send: probably the out-of-memory killer"
+            if crash.oom_killed:
+                cause += " from the kernel's out-of-memory killer (its memory cgroup counted the kill)"
+                advice = (
+                    ": it, or the workers together, needed more memory than the machine or container "
+                    "allows; use fewer workers or smaller pieces of work"
+                )
+            elif crash.oom_killed is None:
+                cause += " that ironpool did not send: probably the out-of-memory killer"
+            else:
+                cause += (
+                    " that ironpool did not send, and not the out-of-memory killer "
+                    "(the kernel counted no OOM kill): another process killed it"
+                )
         elif sig == _signal.SIGSEGV:
             cause += " (a segmentation fault in native code)"
         elif sig == _signal.SIGABRT:
@@ -124,10 +139,12 @@ def crash_error(crash: Any, task: str) -> WorkerCrashed:
         cause = f"exited with code {code} (os._exit or exit() from native code)"
     else:
         cause = "was lost (the template process died)"
-    msg = f"worker pid {pid} {cause} while running {task}"
+    msg = f"worker pid {pid} {cause} while running {task}{advice}"
     if tail:
         msg += "\n--- last lines of the worker's stderr ---\n" + tail
-    return WorkerCrashed(msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task)
+    return WorkerCrashed(
+        msg, exitcode=code, signal=sig, pid=pid, stderr_tail=tail, task=task, oom_killed=crash.oom_killed
+    )
 
 
 def start_error(parts: list | None, crash: Any) -> WorkerStartError:

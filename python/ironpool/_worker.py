@@ -36,8 +36,35 @@ class Handler:
     threshold = 64 * 1024
     retry_on: tuple = ()
 
-    def __init__(self) -> None:
+    def __init__(self, log_sender: Any = None) -> None:
         self.objects = REGISTRY
+        self.log_sender = log_sender
+        #: What runs now, for logging records: ``(fn, args, kwargs)``, or a
+        #: map chunk's ``(fn, items, single, results)``; None between tasks.
+        self.running: tuple | None = None
+        #: ``(running, item, text)``: the last answer of ``current_task``.
+        self.described: tuple | None = None
+
+    def current_task(self) -> str | None:
+        """The call this worker runs now, as error messages name it (in a
+        map chunk, the item it is at); worked out once per task or item, so
+        a task that logs often does not repr its arguments each time."""
+        running = self.running
+        if running is None:
+            return None
+        at = len(running[3]) if len(running) == 4 else 0
+        described = self.described
+        if described is not None and described[0] is running and described[1] == at:
+            return described[2]
+        if len(running) == 3:
+            text = describe_call(*running)
+        elif at < len(running[1]):
+            fn, items, single, _ = running
+            text = describe_call(fn, (items[at],) if single else tuple(items[at]))
+        else:
+            text = describe_call(running[0])
+        self.described = (running, at, text)
+        return text
 
     def init(self, parts: list) -> list | None:
         try:
@@ -50,12 +77,31 @@ class Handler:
             self.threshold = cfg["threshold"]
             self.retry_on = tuple(cfg.get("retry_on", ()))
             _adopt_caller(cfg)
+            self._route_logging(cfg)
             initializer = cfg["initializer"]
             if initializer is not None:
+                self.running = (initializer, cfg["initargs"], None)
                 initializer(*cfg["initargs"])
             return None
         except BaseException as exc:  # reported to the pool
             return dumps(pack_exception(exc), 1 << 62)
+        finally:
+            self.running = self.described = None
+
+    def _route_logging(self, cfg: dict) -> None:
+        """Sends this worker's ``logging`` records to the pool, from the
+        moment something imports ``logging`` (a worker that never logs
+        never imports it)."""
+        sender, caller_levels = self.log_sender, cfg.get("logging")
+        if sender is None or caller_levels is None:
+            return
+
+        def install(_module: Any) -> None:
+            from . import _logging
+
+            _logging.install(sender, self.threshold, caller_levels, self.current_task)
+
+        after_import("logging", install)
 
     def register(self, function_id: int, payload: object) -> None:
         self.objects[function_id] = Registered(payload)  # unpickled when a task needs it
@@ -84,17 +130,24 @@ class Handler:
             )
             return self._raised(err, retry_on)
         if flags & CHUNK:
-            outcome = run_chunk(fn, call, flags, pack_exception)
+            results: list = []
+            self.running = (fn, call, bool(flags & SINGLE), results)  # the item run is results' length
+            try:
+                outcome = run_chunk(fn, call, flags, pack_exception, results)
+            finally:
+                self.running = self.described = None
             try:
                 return RETURNED, dumps(outcome, self.threshold)
             except BaseException as exc:
                 return self._raised(_chunk_result_error(fn, call, flags, outcome[0], exc), ())
         args, kwargs = call
+        self.running = (fn, args, kwargs)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too: it ends the task, not the worker
             return self._raised(exc, retry_on)
         finally:
+            self.running = self.described = None
             del call
         return self._result(value, fn, args, retry_on)
 
@@ -131,12 +184,16 @@ def _chunk_result_error(fn: Any, items: list, flags: int, results: list, exc: Ba
     )
 
 
-def run_chunk(fn: Any, items: list, flags: int, capture: Callable[[BaseException], Any]) -> tuple[list, Any]:
+def run_chunk(
+    fn: Any, items: list, flags: int, capture: Callable[[BaseException], Any], results: list | None = None
+) -> tuple[list, Any]:
     """Runs a map chunk: ``(results, None)`` when every item returned;
     ``(results so far, capture(exc))`` when an item raised; with KEEP_GOING,
     every item runs and a failing one's ``(index, capture(exc))`` is listed
-    in place of the error (its result slot holds None)."""
-    results: list = []
+    in place of the error (its result slot holds None). ``results``: the
+    list to fill (its length tells which item runs)."""
+    if results is None:
+        results = []
     append = results.append
     if flags & KEEP_GOING:
         failed = []
@@ -173,21 +230,33 @@ def _adopt_caller(cfg: dict) -> None:
         main.__spec__ = ModuleSpec(cfg["main_spec"], None)
     key = cfg.get("authkey")
     if key is not None:
-        process = sys.modules.get("multiprocessing.process")
-        if process is not None:
-            process.current_process().authkey = key
-        else:  # importing it here would cost every worker ~15 ms
-            sys.meta_path.insert(0, _AuthkeyOnImport(key))
+
+        def adopt(module: Any) -> None:
+            module.current_process().authkey = key
+
+        # Importing multiprocessing here would cost every worker ~15 ms.
+        after_import("multiprocessing.process", adopt)
 
 
-class _AuthkeyOnImport:
-    """Sets the caller's authkey the moment a task imports ``multiprocessing``."""
+def after_import(name: str, then: Callable[[Any], None]) -> None:
+    """Calls ``then(module)`` once module ``name`` is imported: now if it is
+    already, else the moment something imports it."""
+    module = sys.modules.get(name)
+    if module is not None:
+        then(module)
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, then))
 
-    def __init__(self, key: bytes) -> None:
-        self.key = key
+
+class _AfterImport:
+    """An import hook that runs ``then`` on module ``name`` once it has run."""
+
+    def __init__(self, name: str, then: Callable[[Any], None]) -> None:
+        self.name = name
+        self.then = then
 
     def find_spec(self, name: str, path: Any, target: object = None) -> Any:
-        if name != "multiprocessing.process":
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         from importlib.machinery import PathFinder
@@ -196,11 +265,11 @@ class _AuthkeyOnImport:
         loader = getattr(spec, "loader", None)
         if loader is None:
             return spec
-        run_module, key = loader.exec_module, self.key
+        run_module, then = loader.exec_module, self.then
 
         def exec_module(module: Any) -> None:
             run_module(module)
-            module.current_process().authkey = key
+            then(module)
 
         loader.exec_module = exec_module
         return spec
@@ -211,7 +280,7 @@ def run(channel: _core.WorkerChannel) -> None:
     template already enabled faulthandler and line buffering for us.)"""
     code = 0
     try:
-        _core.worker_main(channel, Handler())
+        _core.worker_main(channel, Handler(channel.log_sender()))
     except BaseException:
         import traceback
 

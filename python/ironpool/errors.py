@@ -68,6 +68,18 @@ class WorkerCrashed(BrokenProcessPool, IronpoolError):
         stderr_tail: the last lines the worker wrote to stderr.
         python_stack: the worker's Python stack as faulthandler dumped it, if any.
         task: a short description of the task (function and arguments).
+        oom_killed: True if the kernel's out-of-memory killer ended the worker
+            (its memory cgroup counted the kill), False if the kernel counted
+            no such kill, None where the kernel keeps no count (no memory
+            cgroup) or the worker's end is unknown.
+
+    Example::
+
+        try:
+            pool.submit(build_index, path).result()
+        except ironpool.WorkerCrashed as err:
+            if err.oom_killed:
+                ...  # retry with fewer workers, or a smaller chunk
     """
 
     def __init__(
@@ -79,6 +91,7 @@ class WorkerCrashed(BrokenProcessPool, IronpoolError):
         pid: int = 0,
         stderr_tail: str = "",
         task: str = "",
+        oom_killed: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.exitcode = exitcode
@@ -87,6 +100,7 @@ class WorkerCrashed(BrokenProcessPool, IronpoolError):
         self.stderr_tail = stderr_tail
         self.python_stack = _python_stack(stderr_tail)
         self.task = task
+        self.oom_killed = oom_killed
 
     def __reduce__(self):
         return (_rebuild, (type(self), self.args, self.__dict__))

@@ -57,6 +57,10 @@ pub struct Crash {
     pub stderr_tail: String,
     /// Set when the worker sent something that is not a valid frame.
     pub protocol_error: Option<String>,
+    /// Whether the kernel's OOM killer ended it, as its memory cgroup's
+    /// count of OOM kills tells; None where the kernel keeps no count (or
+    /// the worker's end is unknown).
+    pub oom_killed: Option<bool>,
 }
 
 /// An attempt that ended badly: retried while the task's budget lasts, and

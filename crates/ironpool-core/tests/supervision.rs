@@ -113,6 +113,38 @@ fn wait_driving_delivers_results_to_the_calling_thread() {
 }
 
 #[test]
+fn logging_records_sent_before_a_crash_are_all_delivered_before_it() {
+    let z = zygote();
+    let pool = start(&z, config(1));
+    let n = 2000;
+    pool.submit(task(1, format!("log:{n}").as_bytes()));
+    let mut logs = Vec::new();
+    let crashed = loop {
+        let batch = pool
+            .wait_completions(Some(Duration::from_secs(20)))
+            .expect("pool running");
+        // Taken after the wait, as the binding does: every record the
+        // worker sent before dying is here by the time its crash is.
+        logs.extend(pool.take_logs());
+        if let Some(c) = batch.into_iter().next() {
+            break c;
+        }
+    };
+    assert_eq!(crash_of(&crashed).status, Some(ExitStatus::Signal(11)));
+    let mut texts: Vec<String> = logs
+        .iter()
+        .map(|m| String::from_utf8(parts(m).remove(0)).expect("utf-8"))
+        .collect();
+    assert_eq!(texts.len(), n);
+    texts.sort_by_key(|t| t[7..].parse::<usize>().expect("a number"));
+    assert_eq!(
+        texts,
+        (0..n).map(|i| format!("record {i}")).collect::<Vec<_>>()
+    );
+    shutdown(pool);
+}
+
+#[test]
 fn raised_is_a_result_not_a_crash() {
     let z = zygote();
     let pool = start(&z, config(1));

@@ -27,6 +27,10 @@ pub struct CrashReport {
     /// Bytes seen and the ceiling, when killed for memory.
     rss: Option<u64>,
     memory_limit: Option<u64>,
+    /// True when the kernel's OOM killer ended it (its memory cgroup counted
+    /// the kill), False when the kernel counted none; None where it keeps
+    /// no count.
+    oom_killed: Option<bool>,
 }
 
 impl CrashReport {
@@ -59,6 +63,7 @@ impl CrashReport {
             limit,
             rss,
             memory_limit,
+            oom_killed: c.oom_killed,
         }
     }
 
@@ -108,6 +113,9 @@ impl CrashReport {
             if let Some(v) = v {
                 s += &format!(", {name}={v}");
             }
+        }
+        if let Some(o) = self.oom_killed {
+            s += &format!(", oom_killed={}", if o { "True" } else { "False" });
         }
         if let Some(e) = &self.protocol_error {
             s += &format!(", protocol_error={}", PyString::new(py, e).repr()?);

@@ -195,6 +195,17 @@ impl PoolCore {
         )
     }
 
+    /// Workers' logging records since the last call, oldest first: each a
+    /// list of payload parts (the pickled state of one record). A task's
+    /// records are here before its completion is.
+    fn take_logs<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyList>>> {
+        self.pool
+            .take_logs()
+            .iter()
+            .map(|m| buffers::decode(py, m, false))
+            .collect()
+    }
+
     fn generation(&self) -> u64 {
         self.pool.generation()
     }

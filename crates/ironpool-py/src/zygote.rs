@@ -5,10 +5,12 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use ironpool_core::ipc::Channel;
+use ironpool_core::ipc::{Channel, Kind};
 use ironpool_core::zygote::{self, Served};
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
+use crate::buffers;
 use crate::errors::Error;
 
 /// A running template process that pools fork their workers from.
@@ -61,6 +63,44 @@ impl Zygote {
 #[pyclass(frozen, module = "ironpool._core")]
 pub struct WorkerChannel {
     pub(crate) chan: Mutex<Option<Channel>>,
+}
+
+#[pymethods]
+impl WorkerChannel {
+    /// A sender of logging records over the same socket, usable from any
+    /// thread while the worker loop owns the channel.
+    fn log_sender(&self) -> PyResult<LogSender> {
+        let guard = self
+            .chan
+            .lock()
+            .map_err(|_| Error::Engine("worker channel poisoned".into()))?;
+        let chan = guard
+            .as_ref()
+            .ok_or_else(|| Error::Engine("worker channel already in use".into()))?;
+        let chan = chan
+            .try_clone()
+            .map_err(|e| Error::io("could not share the worker channel", e))?;
+        Ok(LogSender { chan })
+    }
+}
+
+/// Sends a worker's logging records to its pool (`Kind::Log` frames).
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct LogSender {
+    chan: Channel,
+}
+
+#[pymethods]
+impl LogSender {
+    /// Sends one record's payload `parts` (large parts in a segment, from
+    /// `threshold` bytes); returns once the pool's socket holds it, so a
+    /// worker that dies right after still delivers it.
+    fn send(&self, py: Python<'_>, parts: &Bound<'_, PyList>, threshold: usize) -> PyResult<()> {
+        let msg = buffers::encode(py, Kind::Log, 0, 0, parts, threshold)?;
+        Ok(py
+            .detach(|| self.chan.send_blocking(&msg))
+            .map_err(|e| Error::io("could not send a logging record to the pool", e))?)
+    }
 }
 
 /// Runs inside the zygote: serves fork requests until the caller goes away

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from .. import _core, _zygote
+from .. import _core, _logging, _zygote
 from .._futures import TaskFuture, settle
 from .._options import PoolOptions
 from .._outcomes import argument_error, resolve, sharing_hint
@@ -56,6 +56,7 @@ def start(options: PoolOptions) -> ProcessBackend | Unstarted:
         "initargs": options.initargs,
         "threshold": options.buffer_threshold,
         "retry_on": options.retry_on,
+        "logging": _logging.levels(),
         **_caller_identity(),
     }
     try:
@@ -286,6 +287,7 @@ class ProcessBackend:
             batch = core.wait_driving(generation, _SPIN_SECONDS, step)
             if batch is None:
                 return
+            _logging.handle_records(core.take_logs)  # a task's records before its result
             if batch:
                 self._settle_all(batch)
                 core.kick()
@@ -298,6 +300,9 @@ class ProcessBackend:
             batch = core.wait_completions(None)
             if batch is None:
                 break
+            _logging.handle_records(core.take_logs)  # a task's records before its result
+            if not batch:  # woken for logging records only
+                continue
             self._settle_all(batch)
             del batch  # do not pin the last results' segments while asleep
             core.kick()

@@ -53,6 +53,13 @@ impl Channel {
         }
     }
 
+    /// Another handle on the same socket, for a second sender (a worker's
+    /// logging records, sent from whichever thread logs). Each message is
+    /// one datagram, so senders sharing the socket never interleave bytes.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel::from_fd(platform::duplicate_fd(&self.fd)?))
+    }
+
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }

@@ -52,6 +52,9 @@ pub enum Kind {
     Shutdown = 13,
     /// [P→W] drop registered object `id` (a released shared object).
     Forget = 14,
+    /// [W→P] a `logging` record made in the worker; body is its pickled
+    /// state. Sent whatever the worker is doing (set-up, a task, idle).
+    Log = 15,
 }
 
 impl Kind {
@@ -72,6 +75,7 @@ impl Kind {
             12 => ForkFailed,
             13 => Shutdown,
             14 => Forget,
+            15 => Log,
             _ => return None,
         })
     }

@@ -29,6 +29,8 @@ pub use os::fd::{
 pub use os::heap::{c_calloc, c_free, c_malloc, c_realloc};
 // What the process may use and uses: CPUs, descriptors, resident memory.
 pub use os::limits::{default_workers, open_files_limit, resident_bytes};
+// Whether the kernel's OOM killer ended a process (its memory cgroup's count).
+pub use os::oom::{OOM_KILL_SIGNAL, OomCounter};
 // Mappings of segments, and whether a private mapping was written.
 pub use os::pages::{
     map_private, map_shared, page_size, pages_unmodified, remap_private_in_place, unmap,

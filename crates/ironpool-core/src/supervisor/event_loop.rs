@@ -17,7 +17,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::lifecycle::Backoff;
+use super::lifecycle::{Backoff, OomLedger};
 use super::registry::Registry;
 use super::scheduler::Pending;
 use super::worker::{State, Worker};
@@ -45,6 +45,7 @@ pub(super) struct Engine {
     /// `terminate` was called: queued work is dropped, not run.
     pub(super) terminated: bool,
     pub(super) backoff: Backoff,
+    pub(super) oom: OomLedger,
     /// Set while the workers of a template that died are written off: their
     /// deaths are not start failures of this pool.
     pub(super) losing_template: bool,
@@ -56,6 +57,8 @@ pub(super) struct Engine {
     pub(super) done: Vec<Completion>,
     /// Running totals for `counts` (queued and running are read off the state).
     pub(super) totals: TaskCounts,
+    /// Workers' logging records, in the order they arrived, until published.
+    pub(super) logs: Vec<Message>,
     pub(super) stats_dirty: bool,
     /// When the supervisor thread wakes on its own (None: only on events).
     pub(super) sleep_until: Option<Instant>,
@@ -87,6 +90,7 @@ impl Engine {
             shutting_down: false,
             terminated: false,
             backoff: Backoff::default(),
+            oom: OomLedger::default(),
             losing_template: false,
             broken: None,
             last_memory_poll: Instant::now(),
@@ -94,6 +98,7 @@ impl Engine {
             last_exit: vec![String::new(); slots],
             done: Vec::new(),
             totals: TaskCounts::default(),
+            logs: Vec::new(),
             stats_dirty: true,
             sleep_until: None,
         })
@@ -240,6 +245,9 @@ impl Engine {
             return;
         };
         match m.kind {
+            // Read before the result that follows it on the same socket, so
+            // a task's records reach the caller before its future settles.
+            Kind::Log => self.logs.push(m),
             Kind::Ready if matches!(w.state, State::Starting) => {
                 w.state = State::Idle;
                 self.backoff.reset();

@@ -2,6 +2,7 @@
 //! template's replies, recycling, exits and what they settle, a lost
 //! template, and the back-off (then giving up) when workers fail to start.
 
+use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use super::event_loop::Engine;
 use super::output::Capture;
 use super::worker::{Outgoing, State, Work, Worker};
 use crate::ipc::{Channel, Kind, Message, Recv};
-use crate::platform::{self, Pidfd};
+use crate::platform::{self, OomCounter, Pidfd};
 use crate::reactor::{Source, WorkerKey};
 use crate::task::{Attempt, Crash, ExitStatus, KillReason, Outcome};
 use crate::zygote::decode_status;
@@ -51,6 +52,47 @@ impl Backoff {
 
     pub fn respawn_at(&self) -> Option<Instant> {
         self.respawn_at
+    }
+}
+
+/// The OOM kills the kernel counted per memory cgroup, and how many of them
+/// are already charged to a dead worker, so that one kill explains at most
+/// one death. (The kernel counts per cgroup: a kill of another process in
+/// it, followed by a SIGKILL from outside, would be taken for the OOM
+/// killer's. The kernel gives nothing finer.)
+#[derive(Debug, Default)]
+pub(super) struct OomLedger {
+    charged: HashMap<OomCounter, u64>,
+}
+
+impl OomLedger {
+    /// A worker of this cgroup started: kills counted before are not its.
+    pub fn watch(&mut self, counter: &OomCounter) {
+        if !self.charged.contains_key(counter) {
+            if let Some(n) = counter.kills() {
+                self.charged.insert(counter.clone(), n);
+            }
+        }
+    }
+
+    /// A worker of this cgroup died of a SIGKILL the pool did not send:
+    /// whether a kill the kernel counted, not yet charged, explains it.
+    /// None if the count cannot be read.
+    pub fn charge(&mut self, counter: &OomCounter) -> Option<bool> {
+        let now = counter.kills()?;
+        let charged = self.charged.entry(counter.clone()).or_insert(now);
+        Some(charge_kill(charged, now))
+    }
+}
+
+/// One death against the kernel's count `now`, of which `charged` are
+/// explained already.
+fn charge_kill(charged: &mut u64, now: u64) -> bool {
+    if now > *charged {
+        *charged += 1;
+        true
+    } else {
+        false
     }
 }
 
@@ -152,6 +194,7 @@ impl Engine {
             busy_ns: 0,
             kill_reason: None,
             protocol_error: None,
+            oom: None,
         };
         w.outbox.push_back(Outgoing::Owned(self.init.try_clone()?));
         self.workers.insert(key, w);
@@ -171,10 +214,15 @@ impl Engine {
                     Kind::Forked => {
                         let pid = m.aux as i32;
                         let pidfd = m.fds.pop().map(|fd| Pidfd::from_fd(fd, pid));
+                        let oom = OomCounter::of(pid);
+                        if let Some(c) = &oom {
+                            self.oom.watch(c);
+                        }
                         match self.workers.get_mut(&m.id) {
                             Some(w) => {
                                 w.pid = Some(pid);
                                 w.pidfd = pidfd;
+                                w.oom = oom;
                                 self.pid_to_key.insert(pid, m.id);
                                 // A kill requested before the pid was known.
                                 if let Some(reason) = w.kill_reason {
@@ -305,12 +353,24 @@ impl Engine {
             self.pid_to_key.remove(&pid);
         }
         w.stdout.drain();
+        // The OOM killer sends SIGKILL; the kernel counts the kill in the
+        // worker's memory cgroup before sending it.
+        let oom_killed = match status {
+            Some(ExitStatus::Signal(s))
+                if s == platform::OOM_KILL_SIGNAL && w.kill_reason.is_none() =>
+            {
+                w.oom.as_ref().and_then(|c| self.oom.charge(c))
+            }
+            Some(_) => Some(false),
+            None => None,
+        };
         let crash = Crash {
             pid: w.pid.unwrap_or(0),
             status,
             killed_by_pool: w.kill_reason,
             stderr_tail: w.stderr.tail(),
             protocol_error: w.protocol_error.take(),
+            oom_killed,
         };
         let ran_ok = !w.state.is_starting();
         let by_policy = matches!(w.state, State::Exiting { .. });
@@ -370,6 +430,7 @@ impl Engine {
                 killed_by_pool: None,
                 stderr_tail: String::new(),
                 protocol_error: Some(why.to_string()),
+                oom_killed: None,
             };
             self.broken = Some((error, crash));
         }
@@ -405,6 +466,9 @@ fn describe_exit(c: &Crash) -> String {
         (Some(KillReason::Protocol), _) => "killed: protocol error".into(),
         (Some(KillReason::Shutdown), _) => "killed: did not exit".into(),
         (None, Some(ExitStatus::Code(c))) => format!("exited with code {c}"),
+        (None, Some(ExitStatus::Signal(s))) if c.oom_killed == Some(true) => {
+            format!("killed by the kernel's OOM killer (signal {s})")
+        }
         (None, Some(ExitStatus::Signal(s))) => format!("killed by signal {s}"),
         (None, None) => "lost".into(),
     }
@@ -413,6 +477,31 @@ fn describe_exit(c: &Crash) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_counted_kill_explains_one_death() {
+        let mut charged = 3;
+        assert!(!charge_kill(&mut charged, 3), "no kill counted since");
+        assert!(charge_kill(&mut charged, 5));
+        assert!(charge_kill(&mut charged, 5), "two kills, two deaths");
+        assert!(
+            !charge_kill(&mut charged, 5),
+            "a third death is not the OOM killer's"
+        );
+        assert_eq!(charged, 5);
+    }
+
+    #[test]
+    fn the_ledger_over_this_process_cgroup_counter() {
+        // The real counter of our own cgroup: no OOM kill happens during
+        // this test, so a death now is not charged to the OOM killer.
+        let Some(counter) = OomCounter::of(platform::current_pid()) else {
+            return; // the kernel keeps no count here (tested in platform)
+        };
+        let mut ledger = OomLedger::default();
+        ledger.watch(&counter);
+        assert_eq!(ledger.charge(&counter), Some(false));
+    }
 
     #[test]
     fn start_failures_back_off_doubling_then_give_up() {

@@ -113,6 +113,8 @@ pub struct TaskCounts {
 #[derive(Default)]
 struct Done {
     queue: VecDeque<Completion>,
+    /// Workers' `Kind::Log` messages not yet taken ([`Pool::take_logs`]).
+    logs: Vec<Message>,
     finished: bool,
 }
 
@@ -268,6 +270,8 @@ impl Pool {
 
     /// Takes all available completions, waiting up to `timeout` for the
     /// first. `None` means the pool has finished and nothing more will come.
+    /// Returns early, possibly empty, when workers' logging records arrive
+    /// (take them with [`Pool::take_logs`]).
     pub fn wait_completions(&self, timeout: Option<Duration>) -> Option<Vec<Completion>> {
         self.wait(timeout, None)
     }
@@ -280,7 +284,7 @@ impl Pool {
         let kicked =
             || generation.is_some_and(|g| self.hub.generation.load(Ordering::Acquire) != g);
         let mut done = lock(&self.hub.done);
-        while done.queue.is_empty() && !done.finished && !kicked() {
+        while done.queue.is_empty() && done.logs.is_empty() && !done.finished && !kicked() {
             match deadline {
                 None => {
                     done = self
@@ -303,10 +307,17 @@ impl Pool {
                 }
             }
         }
-        if done.queue.is_empty() && done.finished {
+        if done.queue.is_empty() && done.logs.is_empty() && done.finished {
             return None;
         }
         Some(done.queue.drain(..).collect())
+    }
+
+    /// The logging records workers sent since the last call, in the order
+    /// they arrived: those a task made come before its completion is
+    /// delivered, so take them after each wait and before settling.
+    pub fn take_logs(&self) -> Vec<Message> {
+        std::mem::take(&mut lock(&self.hub.done).logs)
     }
 
     /// The current kick generation; read it before checking whether the
@@ -340,7 +351,7 @@ impl Pool {
         loop {
             {
                 let mut done = lock(&self.hub.done);
-                if !done.queue.is_empty() {
+                if !done.queue.is_empty() || !done.logs.is_empty() {
                     return Some(done.queue.drain(..).collect());
                 }
                 if done.finished {

@@ -1,6 +1,6 @@
-//! What callers see of the engine: per-worker figures for `Pool::stats` and
-//! the completion queue, both refreshed by [`Engine::publish`] (read without
-//! the engine's lock), and the pool's task counts.
+//! What callers see of the engine: per-worker figures for `Pool::stats`,
+//! the completion queue and workers' logging records, refreshed by
+//! [`Engine::publish`] (read without the engine's lock), and the pool's task counts.
 
 use super::event_loop::Engine;
 use super::worker::{State, Worker};
@@ -8,16 +8,17 @@ use super::{TaskCounts, WorkerStats, lock};
 
 impl Engine {
     /// Hands callers what changed: the worker figures when they are stale,
-    /// and the completions produced since the last call.
+    /// and the completions and logging records produced since the last call.
     pub fn publish(&mut self) {
         if self.stats_dirty {
             self.stats_dirty = false;
             *lock(&self.hub.stats) = self.worker_stats();
         }
-        if !self.done.is_empty() {
-            self.stats_dirty = true;
+        if !self.done.is_empty() || !self.logs.is_empty() {
+            self.stats_dirty |= !self.done.is_empty();
             let mut done = lock(&self.hub.done);
             done.queue.extend(self.done.drain(..));
+            done.logs.append(&mut self.logs);
             drop(done);
             self.hub.done_cv.notify_all();
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::output::Capture;
 use crate::ipc::{Channel, Kind, Message};
-use crate::platform::{self, Pidfd};
+use crate::platform::{self, OomCounter, Pidfd};
 use crate::reactor::WorkerKey;
 use crate::task::{KillReason, ObjectId, Task};
 
@@ -171,6 +171,8 @@ pub struct Worker {
     pub busy_ns: u64,
     pub kill_reason: Option<KillReason>,
     pub protocol_error: Option<String>,
+    /// Its memory cgroup's OOM kill counter, read when its pid is known.
+    pub oom: Option<OomCounter>,
 }
 
 impl Worker {

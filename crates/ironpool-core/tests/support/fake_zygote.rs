@@ -27,6 +27,8 @@
 //!   - `wrongid` → a result for a task it was not given;
 //!   - `stderr:TEXT` → writes TEXT and a newline to fd 2, then SIGSEGV;
 //!   - `stdout:TEXT` → writes TEXT and a newline to fd 1, then echoes;
+//!   - `log:N` → sends N `Log` frames (`record 0` ...) from two threads,
+//!     then SIGSEGV;
 //!   - `big:N` → an N-byte result (byte i is `i % 251`), through a segment;
 //!   - `crash_once:PATH` → creates PATH and crashes if it did not exist,
 //!     else echoes (retry tests);
@@ -288,6 +290,29 @@ fn run_task(chan: &mut Channel, msg: &Message, objects: &HashMap<u64, (Vec<u8>, 
         let _ = out.write_all(format!("{t}\n").as_bytes());
         let _ = out.flush();
         reply(chan, Kind::Returned, id, started, &[head.as_slice()]);
+    } else if let Some(n) = arg("log:") {
+        let n: usize = n.parse().unwrap_or(0);
+        let record = |chan: &Channel, i: usize| {
+            let body = format!("record {i}");
+            match payload::encode(
+                Kind::Log,
+                0,
+                0,
+                &[body.as_bytes()],
+                DEFAULT_SEGMENT_THRESHOLD,
+            ) {
+                Ok(m) => send(chan, &m),
+                Err(_) => exit(5),
+            }
+        };
+        let second = match chan.try_clone() {
+            Ok(c) => c,
+            Err(_) => exit(5),
+        };
+        let evens = std::thread::spawn(move || (0..n).step_by(2).for_each(|i| record(&second, i)));
+        (1..n).step_by(2).for_each(|i| record(chan, i));
+        let _ = evens.join();
+        segfault();
     } else if let Some(n) = arg("big:") {
         let n: usize = n.parse().unwrap_or(0);
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
