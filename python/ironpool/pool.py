@@ -6,13 +6,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core, backends
 from ._map import MapRun, common_len
 from ._options import check_map, check_timeout, pool_options
 from ._send_once import Shared, call_started
 from .backends import Call, WorkerInfo
+
+if TYPE_CHECKING:
+    from ._zygote import TemplateInfo
 
 __all__ = ["Pool", "Shared", "WorkerInfo"]
 
@@ -35,7 +38,14 @@ class Pool(Executor):
         initializer, initargs: called in each worker before its first task
             (give each worker its own parser, connection, configuration).
         preload: modules imported once in the template process that workers are
-            forked from (e.g. ``("numpy", "pandas")``), so no worker pays for them.
+            forked from (e.g. ``("numpy", "pandas")``), so no worker pays for them;
+            the pool waits for these imports, and a failing one is an error.
+        warm: also let the template import, in the background, the packages
+            this process has imported (numpy, pandas, your own modules: not
+            the standard library), so replacement, recycled and later pools'
+            workers start with them. A module whose import fails, hangs,
+            prints or starts threads is skipped; :meth:`template_info` says
+            what the template holds. ``False``: only ``preload``.
         task_timeout: seconds a task may run before its worker is killed and the
             task fails with :class:`TaskTimeout`; overridable per call.
         max_tasks_per_worker: replace a worker after this many tasks.
@@ -71,6 +81,7 @@ class Pool(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         preload: Iterable[str] = (),
+        warm: bool = True,
         task_timeout: float | None = None,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | str | None = None,
@@ -92,6 +103,7 @@ class Pool(Executor):
             initializer=initializer,
             initargs=initargs,
             preload=preload,
+            warm=warm,
             task_timeout=task_timeout,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker,
@@ -264,6 +276,22 @@ class Pool(Executor):
     def stats(self) -> list[WorkerInfo]:
         """Per-worker figures: pid, tasks done, resident memory, restarts and why."""
         return [] if self._backend is None else self._backend.stats()
+
+    def template_info(self, timeout: float = 0.0) -> TemplateInfo | None:
+        """What the template this pool's workers are forked from holds: the
+        ``preload`` modules, those it imported automatically (``warm``),
+        those it skipped and why, and those still being imported (it waits
+        up to ``timeout`` seconds for them). None for a backend without a
+        template. Example::
+
+            import pandas, ironpool
+            with ironpool.Pool(2) as pool:
+                info = pool.template_info(timeout=30)
+                assert "pandas" in info.warm   # new workers start with it
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        return None if self._backend is None else self._backend.template_info(float(timeout))
 
     @property
     def workers(self) -> int:

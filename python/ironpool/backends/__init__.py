@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .._futures import TaskFuture
     from .._options import PoolOptions
     from .._send_once import Shared
+    from .._zygote import TemplateInfo
 
 __all__ = ["CHUNK", "SINGLE", "Backend", "Call", "Function", "WorkerInfo", "create"]
 
@@ -112,6 +113,10 @@ class Backend(Protocol):
         ...
 
     def stats(self) -> list[WorkerInfo]: ...
+
+    def template_info(self, timeout: float) -> TemplateInfo | None:
+        """What the process its workers fork from holds (None: no such process)."""
+        ...
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...
 

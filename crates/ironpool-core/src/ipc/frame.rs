@@ -52,6 +52,11 @@ pub enum Kind {
     Shutdown = 13,
     /// [P→W] drop registered object `id` (a released shared object).
     Forget = 14,
+    /// [P→Z] import modules in the template between forks; body = the
+    /// request (module names, see `ironpool/_zygote.py`).
+    Warm = 15,
+    /// [Z→P] the warm request is done; body = what was imported or skipped.
+    Warmed = 16,
 }
 
 impl Kind {
@@ -72,6 +77,8 @@ impl Kind {
             12 => ForkFailed,
             13 => Shutdown,
             14 => Forget,
+            15 => Warm,
+            16 => Warmed,
             _ => return None,
         })
     }
