@@ -4,10 +4,31 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypeAlias, final
 
 __all__ = [
-    "Completion", "CrashReport", "Crashed", "PoolCore", "Raised", "RegisteredPayload", "Returned",
-    "SegmentView", "StartFailed", "TimedOut", "WorkerChannel", "Zygote", "default_workers", "digest",
-    "in_shared_memory", "live_mappings", "open_segments", "set_numpy_handler", "shared_memory_handler",
-    "shared_memory_stats", "worker_main", "zygote_fail", "zygote_serve", "WarmRequest", "die_with_parent",
+    "Completion",
+    "CrashReport",
+    "Crashed",
+    "PoolCore",
+    "Raised",
+    "RegisteredPayload",
+    "Returned",
+    "SegmentView",
+    "StartFailed",
+    "TimedOut",
+    "WarmRequest",
+    "WorkerChannel",
+    "Zygote",
+    "default_workers",
+    "die_with_parent",
+    "digest",
+    "in_shared_memory",
+    "live_mappings",
+    "open_segments",
+    "set_numpy_handler",
+    "shared_memory_handler",
+    "shared_memory_stats",
+    "worker_main",
+    "zygote_fail",
+    "zygote_serve",
 ]
 
 @final

@@ -221,7 +221,7 @@ def _collect(w: _Warmth, request: _core.WarmRequest, names: list[str]) -> None:
         if report is None:
             skipped = {n: "not imported: the template did not answer the warm request" for n in names}
         for line in (report or b"").decode(errors="replace").splitlines():
-            what, name, why = (line.split("\t", 2) + ["", ""])[:3]
+            what, name, why = _fields(line)
             if what == "imported":
                 held.append(name)
             elif what == "skipped":
@@ -429,7 +429,7 @@ class _Probe:
             self.buffered += chunk
             *lines, self.buffered = self.buffered.split(b"\n")
             for line in lines:
-                what, name, why = (line.decode(errors="replace").split("\t", 2) + ["", ""])[:3]
+                what, name, why = _fields(line.decode(errors="replace"))
                 if what == "begin":
                     self.current, self.since = name, time.monotonic()
                 else:
@@ -443,11 +443,11 @@ class _Probe:
         return False
 
     def _end(self, why: str | None) -> bool:
-        import _signal  # type: ignore[import-not-found]
+        import signal
 
         os.close(self.fd)
         try:
-            os.kill(self.pid, _signal.SIGKILL)
+            os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         _, status = os.waitpid(self.pid, 0)
@@ -495,6 +495,12 @@ def _probe_child(names: list[str], out: int, template: int) -> None:
 def _threads() -> int:
     """Threads of this process, the interpreter's and any other (/proc)."""
     return len(os.listdir("/proc/self/task"))
+
+
+def _fields(line: str) -> tuple[str, str, str]:
+    """A report line: what, module, why (tab-separated; why may be empty)."""
+    what, name, why = [*line.split("\t", 2), "", ""][:3]
+    return what, name, why
 
 
 def _one_line(exc: BaseException) -> str:

@@ -215,7 +215,10 @@ fn warm_request_waits_for_the_forks_asked_before_it() {
     let mut session = z.session().expect("session");
     let _chans: Vec<Channel> = (1..=3).map(|i| ask_fork(&mut session, i)).collect();
     let warm = z.warm(b"numpy\npandas".to_vec()).expect("warm request");
-    let report = warm.wait(Some(DEADLINE)).expect("answered").expect("within the deadline");
+    let report = warm
+        .wait(Some(DEADLINE))
+        .expect("answered")
+        .expect("within the deadline");
     // The fake template answers with the request reversed.
     assert_eq!(report, b"pandas\nnumpy");
     // The template answered the forks before it did the imports: all three
@@ -238,7 +241,10 @@ fn a_template_left_with_threads_exits_and_is_started_again() {
     // Either the report arrived before the exit (then the next wait sees
     // the end) or the end came first.
     if err.is_none() {
-        assert!(warm.wait(Some(DEADLINE)).is_err(), "the session ends with the template");
+        assert!(
+            warm.wait(Some(DEADLINE)).is_err(),
+            "the session ends with the template"
+        );
     }
     let end = Instant::now() + DEADLINE;
     while z.is_alive() {

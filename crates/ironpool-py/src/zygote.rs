@@ -142,7 +142,11 @@ impl WarmRequest {
         let timeout = timeout
             .map(|t| Duration::try_from_secs_f64(t.max(0.0)))
             .transpose()
-            .map_err(|_| Error::Value(format!("timeout must be a number of seconds, got {timeout:?}")))?;
+            .map_err(|_| {
+                Error::Value(format!(
+                    "timeout must be a number of seconds, got {timeout:?}"
+                ))
+            })?;
         Ok(py
             .detach(|| self.inner.wait(timeout))
             .map_err(|e| Error::io("template process", e))?)
