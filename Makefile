@@ -14,20 +14,26 @@ PY_SRC   := $(shell find python -name '*.py')
 
 all: build
 
-$(VENV)/.deps: requirements-dev.txt
+# The virtualenv with what building and the demo need; `make test` adds the
+# test tools (.deps), so `make demo` installs no more than the demo uses.
+$(VENV)/.demo-deps: requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-demo.txt
+	touch $@
+
+$(VENV)/.deps: requirements-dev.txt requirements-demo.txt $(VENV)/.demo-deps
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps $(RUST_SRC)
+$(VENV)/.built: $(VENV)/.demo-deps $(RUST_SRC)
 	$(VENV)/bin/maturin develop --release -q
 	touch $@
 
 build: $(VENV)/.built
 
 demo: build
-	$(PY) demo/file_job.py
+	$(PY) -m ironpool demo
 
 lint: $(VENV)/.deps
 	cargo fmt --all -- --check
@@ -38,7 +44,7 @@ lint: $(VENV)/.deps
 test-rust:
 	cargo test --workspace
 
-test-py: build
+test-py: build $(VENV)/.deps
 	$(PY) -m mypy.stubtest ironpool._core
 	$(PY) -m pytest -q
 

@@ -4,6 +4,7 @@
     python benches/run.py --quick         # smaller sizes (make bench-quick)
     python benches/run.py --only roundtrip,big_output
     python benches/run.py --list
+    python benches/run.py --only startup --compare benches/last-run-seam.txt
 
 Every measurement (one scenario, one library) runs in a fresh child process
 with a time limit, so a library that hangs or crashes shows up as "timeout"
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -29,10 +31,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DEMO = os.path.join(ROOT, "demo")
-for _p in (HERE, DEMO):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 import peers  # noqa: E402
 import scen_basic  # noqa: E402
@@ -101,7 +101,7 @@ def run_child(scenario: Scenario, case: str, variant: str, quick: bool, files_di
     if files_dir:
         cmd += ["--files-dir", files_dir]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([HERE, DEMO] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("PYTHONWARNINGS", "ignore")
     log_path = os.path.join(logdir, f"{scenario.name}-{variant}-{case}.log".replace("/", "_").replace(" ", "_"))
@@ -272,11 +272,91 @@ def ironpool_fingerprint() -> str:
     return f"commit {commit or '?'}, sources {h.hexdigest()[:10]}"
 
 
+#: A scenario this much slower than in the recorded run is flagged.
+SLOWER_FLAG = 1.5
+
+
+def newest_record() -> str | None:
+    """The ``benches/last-run*.txt`` committed last (by commit time; files
+    not committed yet count as newest, by modification time)."""
+    import glob
+
+    def when(path: str) -> float:
+        try:
+            out = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%ct", "--", path],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        return float(out) if out else os.stat(path).st_mtime + 1e10
+
+    paths = glob.glob(os.path.join(HERE, "last-run*.txt"))
+    return max(paths, key=when) if paths else None
+
+
+def recorded_figures(path: str) -> dict[tuple[str, str], float]:
+    """ironpool's own figure (the column marked "*") per (scenario,
+    variant) in a recorded run's tables. Columns are read at the places
+    the dashes under the header give."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    title = re.compile(r"^(\w+): .*?(?:  \[variant: ([^\]]*)\])?$")
+    found: dict[tuple[str, str], float] = {}
+    for i, line in enumerate(lines[:-3]):
+        m = title.match(line)
+        if not m or m.group(1) not in BY_NAME or not lines[i + 2].strip().startswith("-"):
+            continue
+        spans = [(d.start(), d.end()) for d in re.finditer(r"-+", lines[i + 2])]
+        header = [lines[i + 1][a:b].strip() for a, b in spans]
+        star = next((k for k, h in enumerate(header) if h.endswith("*")), None)
+        if star is None:
+            continue
+        for row in lines[i + 3:]:
+            if not row.startswith("  ") or not row.strip():
+                break
+            if row[spans[0][0]:spans[0][1]].strip().startswith("ironpool"):
+                a, b = spans[star]
+                # Right-aligned numbers may start left of their dashes.
+                cell = row[:b].rsplit("  ", 1)[-1].strip() if a < len(row) else ""
+                try:
+                    found[(m.group(1), m.group(2) or "")] = float(cell.replace(",", ""))
+                except ValueError:
+                    pass
+                break
+    return found
+
+
+def print_comparison(path: str, now: dict[tuple[str, str], float]) -> None:
+    then = recorded_figures(path)
+    print(f"\ncompared with {os.path.relpath(path, ROOT)}: ironpool's own figure (the '*' column), "
+          f"now / then (> 1 is slower); flagged above {SLOWER_FLAG}x")
+    for key, value in now.items():
+        name = key[0] + (f" [{key[1]}]" if key[1] else "")
+        old = then.get(key)
+        if old is None or old <= 0:
+            print(f"  {name:34} {'-':>10} {value:10.4g}   not in the recorded run")
+            continue
+        ratio = value / old
+        flag = "  SLOWER" if ratio > SLOWER_FLAG else ""
+        print(f"  {name:34} {old:10.4g} {value:10.4g}   {ratio:5.2f}x{flag}")
+
+
+def ironpool_figure(scenario: Scenario, rows: list[tuple[str, dict]]) -> float | None:
+    """The '*' figure of the first ironpool row, as the ratio column uses it."""
+    ref = next((r for case, r in rows if case.startswith("ironpool")), None)
+    if ref is None or "status" in ref or not scenario.ratio_key:
+        return None
+    value = ref.get(scenario.ratio_key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="ironpool benchmarks against its peers")
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--only", help="comma-separated scenario names (see --list)")
     ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--compare", metavar="FILE", nargs="?", const="newest",
+                    help="compare ironpool's figures with a recorded run (default: the benches/last-run*.txt "
+                         "committed last) and flag any scenario more than 1.5x slower")
     ap.add_argument("--keep-logs", action="store_true", help="keep each child's stderr log and say where")
     ap.add_argument("--child", nargs=2, metavar=("SCENARIO", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -307,12 +387,16 @@ def main() -> int:
     if ray_missing:
         print(f"ray: skipped, {ray_missing}")
     print(__doc__.strip().split("\n\n")[-1].replace("\n", " "))
+    compare_with = newest_record() if args.compare == "newest" else args.compare
+    if args.compare and (compare_with is None or not os.path.exists(compare_with)):
+        ap.error(f"--compare: no recorded run at {compare_with or 'benches/last-run*.txt'}")
+    measured: dict[tuple[str, str], float] = {}
     logdir = tempfile.mkdtemp(prefix="ironpool-bench-logs-")
     files_dir = None
     try:
         for scenario in chosen:
             if scenario.needs_files and files_dir is None:
-                import csvjob
+                from ironpool.demo import job as csvjob
 
                 files_dir = tempfile.mkdtemp(prefix="ironpool-bench-files-")
                 n = 16 if args.quick else 48
@@ -328,6 +412,9 @@ def main() -> int:
                     runs = [run_child(scenario, case, variant, args.quick, files_dir, logdir) for _ in range(reps)]
                     rows.append((case, aggregate(runs)))
                 print_table(scenario, variant, rows)
+                figure = ironpool_figure(scenario, rows)
+                if figure is not None:
+                    measured[(scenario.name, variant)] = figure
                 for note in scenario.notes:
                     print(f"  note: {note}")
     finally:
@@ -340,6 +427,8 @@ def main() -> int:
     if ironpool_fingerprint() != fingerprint:
         print(f"\nWARNING: ironpool's sources changed during the run (now {ironpool_fingerprint()}); "
               "rows measured before and after the change are not comparable")
+    if compare_with:
+        print_comparison(compare_with, measured)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f} "
           "(the machine is shared: other processes compete for its CPUs)")
     return 0

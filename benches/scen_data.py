@@ -138,8 +138,8 @@ BIG_OUTPUT = Scenario(
 
 
 def file_job(case: str, ctx: Ctx) -> dict:
-    import csvjob
     import pandas  # noqa: F401 - the parent needs it; fork-based workers then inherit it
+    from ironpool.demo import job as csvjob
 
     paths = sorted(os.path.join(ctx.files_dir, f) for f in os.listdir(ctx.files_dir) if f.endswith(".csv"))
     opts = {"preload": ("pandas",)} if case == "ironpool" else {}

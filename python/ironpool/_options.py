@@ -66,6 +66,7 @@ class PoolOptions:
     initializer: Callable[..., Any] | None
     initargs: tuple
     preload: tuple[str, ...]
+    warm: bool
     task_timeout: float | None
     max_tasks_per_worker: int | None
     max_memory: int | None
@@ -84,6 +85,7 @@ def pool_options(
     initializer: Callable[..., Any] | None,
     initargs: tuple,
     preload: Iterable[str],
+    warm: bool,
     task_timeout: float | None,
     max_tasks_per_worker: int | None,
     max_memory_per_worker: int | str | None,
@@ -120,6 +122,8 @@ def pool_options(
     for name in preload:
         if not isinstance(name, str) or not name:
             raise TypeError(f"preload must list module names, got {name!r}")
+    if not isinstance(warm, bool):
+        raise TypeError(f"warm must be True or False, got {warm!r}")
     check_timeout(task_timeout, "task_timeout")
     if max_tasks_per_worker is not None and (
         isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int) or max_tasks_per_worker < 1
@@ -144,6 +148,7 @@ def pool_options(
         initializer=initializer,
         initargs=initargs,
         preload=preload,
+        warm=warm,
         task_timeout=task_timeout,
         max_tasks_per_worker=max_tasks_per_worker,
         max_memory=max_memory,

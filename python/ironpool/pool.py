@@ -8,7 +8,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core, backends
 from ._checkpoint import Checkpoint, Resumed
@@ -16,6 +16,9 @@ from ._map import MapRun, common_len
 from ._options import check_map, check_timeout, pool_options
 from ._send_once import Shared, call_started
 from .backends import Call, PoolStats, WorkerInfo, no_counts
+
+if TYPE_CHECKING:
+    from ._zygote import TemplateInfo
 
 __all__ = ["Pool", "PoolStats", "Shared", "WorkerInfo"]
 
@@ -38,7 +41,14 @@ class Pool(Executor):
         initializer, initargs: called in each worker before its first task
             (give each worker its own parser, connection, configuration).
         preload: modules imported once in the template process that workers are
-            forked from (e.g. ``("numpy", "pandas")``), so no worker pays for them.
+            forked from (e.g. ``("numpy", "pandas")``), so no worker pays for them;
+            the pool waits for these imports, and a failing one is an error.
+        warm: also let the template import, in the background, the packages
+            this process has imported (numpy, pandas, your own modules: not
+            the standard library), so replacement, recycled and later pools'
+            workers start with them. A module whose import fails, hangs,
+            prints or starts threads is skipped; :meth:`template_info` says
+            what the template holds. ``False``: only ``preload``.
         task_timeout: seconds a task may run before its worker is killed and the
             task fails with :class:`TaskTimeout`; overridable per call.
         max_tasks_per_worker: replace a worker after this many tasks.
@@ -74,6 +84,7 @@ class Pool(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         preload: Iterable[str] = (),
+        warm: bool = True,
         task_timeout: float | None = None,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | str | None = None,
@@ -96,6 +107,7 @@ class Pool(Executor):
             initializer=initializer,
             initargs=initargs,
             preload=preload,
+            warm=warm,
             task_timeout=task_timeout,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker,
@@ -340,6 +352,22 @@ class Pool(Executor):
         if self._backend is None:
             return PoolStats([], no_counts(), elapsed)
         return PoolStats(self._backend.stats(), self._backend.counts(), elapsed)
+
+    def template_info(self, timeout: float = 0.0) -> TemplateInfo | None:
+        """What the template this pool's workers are forked from holds: the
+        ``preload`` modules, those it imported automatically (``warm``),
+        those it skipped and why, and those still being imported (it waits
+        up to ``timeout`` seconds for them). None for a backend without a
+        template. Example::
+
+            import pandas, ironpool
+            with ironpool.Pool(2) as pool:
+                info = pool.template_info(timeout=30)
+                assert "pandas" in info.warm   # new workers start with it
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        return None if self._backend is None else self._backend.template_info(float(timeout))
 
     @property
     def workers(self) -> int:

@@ -198,3 +198,61 @@ fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Sends a fork request without waiting for its answer.
+fn ask_fork(session: &mut Channel, request: u64) -> Channel {
+    let (ours, theirs) = Channel::pair().expect("pair");
+    let (_out_r, out_w) = platform::output_pipe().expect("pipe");
+    let (_err_r, err_w) = platform::output_pipe().expect("pipe");
+    let fork = Message::new(Kind::Fork, request, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
+    session.send_blocking(&fork).expect("send fork");
+    ours
+}
+
+#[test]
+fn warm_request_waits_for_the_forks_asked_before_it() {
+    let z = zygote();
+    let mut session = z.session().expect("session");
+    let _chans: Vec<Channel> = (1..=3).map(|i| ask_fork(&mut session, i)).collect();
+    let warm = z.warm(b"numpy\npandas".to_vec()).expect("warm request");
+    let report = warm
+        .wait(Some(DEADLINE))
+        .expect("answered")
+        .expect("within the deadline");
+    // The fake template answers with the request reversed.
+    assert_eq!(report, b"pandas\nnumpy");
+    // The template answered the forks before it did the imports: all three
+    // answers are waiting already.
+    session.set_nonblocking(true).expect("nonblocking");
+    for i in 1..=3 {
+        match session.recv().expect("valid frame") {
+            Recv::Message(m) => assert_eq!((m.kind, m.id), (Kind::Forked, i)),
+            other => panic!("fork {i} not answered before the warm request: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_template_left_with_threads_exits_and_is_started_again() {
+    let z = zygote();
+    let first = z.pid();
+    let warm = z.warm(b"threads".to_vec()).expect("warm request");
+    let err = warm.wait(Some(DEADLINE)).map(|_| ()).err();
+    // Either the report arrived before the exit (then the next wait sees
+    // the end) or the end came first.
+    if err.is_none() {
+        assert!(
+            warm.wait(Some(DEADLINE)).is_err(),
+            "the session ends with the template"
+        );
+    }
+    let end = Instant::now() + DEADLINE;
+    while z.is_alive() {
+        assert!(Instant::now() < end, "the template did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut session = z.session().expect("a session starts it again");
+    assert_ne!(z.pid(), first);
+    let w = fork_worker(&mut session, 1);
+    assert!(w.pid > 0);
+}

@@ -39,5 +39,7 @@ mod _core {
     #[pymodule_export]
     use super::worker::worker_main;
     #[pymodule_export]
-    use super::zygote::{LogSender, WorkerChannel, Zygote, zygote_fail, zygote_serve};
+    use super::zygote::{
+        LogSender, WarmRequest, WorkerChannel, Zygote, die_with_parent, zygote_fail, zygote_serve,
+    };
 }

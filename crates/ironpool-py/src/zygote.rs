@@ -4,11 +4,12 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ironpool_core::ipc::{Channel, Kind};
 use ironpool_core::zygote::{self, Served};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyBytes, PyList};
 
 use crate::buffers;
 use crate::errors::Error;
@@ -57,6 +58,15 @@ impl Zygote {
     fn kill(&self) {
         self.inner.kill();
     }
+
+    /// Asks the template to import what `request` names between forks
+    /// (`ironpool._zygote` writes and reads the request and the report).
+    fn warm(&self, py: Python<'_>, request: Vec<u8>) -> PyResult<WarmRequest> {
+        let inner = py
+            .detach(|| self.inner.warm(request))
+            .map_err(|e| Error::io("template process", e))?;
+        Ok(WarmRequest { inner })
+    }
 }
 
 /// A worker's end of its channel to the pool supervisor.
@@ -103,6 +113,38 @@ impl LogSender {
     }
 }
 
+/// The template's side of the loop: forks through `os.fork` (so the
+/// interpreter's fork hooks run) and imports through `_zygote.warm_up`.
+struct PyHost<'py> {
+    fork: Bound<'py, PyAny>,
+    warm_up: Bound<'py, PyAny>,
+}
+
+impl zygote::Host for PyHost<'_> {
+    fn fork(&mut self) -> std::io::Result<i32> {
+        self.fork
+            .call0()
+            .and_then(|pid| pid.extract::<i32>())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn warm(&mut self, request: &[u8], first: bool) -> Option<zygote::Warmed> {
+        let py = self.warm_up.py();
+        let answer = self
+            .warm_up
+            .call1((PyBytes::new(py, request), first))
+            .and_then(|r| r.extract::<Option<(Vec<u8>, bool)>>());
+        match answer {
+            Ok(done) => done.map(|(report, threaded)| zygote::Warmed { report, threaded }),
+            // `warm_up` catches what imports raise; this is a bug of ours.
+            Err(e) => Some(zygote::Warmed {
+                report: format!("error\t\twarm_up failed: {e}\n").into_bytes(),
+                threaded: false,
+            }),
+        }
+    }
+}
+
 /// Runs inside the zygote: serves fork requests until the caller goes away
 /// (returns None: exit) or returns in a freshly forked worker with its
 /// channel.
@@ -111,18 +153,50 @@ pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> 
     // SAFETY: `fd` is the master channel the caller passed us at exec; it is
     // owned by nobody else in this process.
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
-    let os = py.import("os")?;
-    let mut fork = || -> std::io::Result<i32> {
-        os.call_method0("fork")
-            .and_then(|pid| pid.extract::<i32>())
-            .map_err(|e| std::io::Error::other(e.to_string()))
+    let mut host = PyHost {
+        fork: py.import("os")?.getattr("fork")?,
+        warm_up: py.import("ironpool._zygote")?.getattr("warm_up")?,
     };
-    match zygote::serve(master, &mut fork).map_err(|e| Error::io("template process", e))? {
+    match zygote::serve(master, &mut host).map_err(|e| Error::io("template process", e))? {
         Served::Exit => Ok(None),
         Served::Child(child) => Ok(Some(WorkerChannel {
             chan: Mutex::new(Some(child.channel)),
         })),
     }
+}
+
+/// A warm request sent to a template (`Zygote.warm`).
+#[pyclass(frozen, module = "ironpool._core")]
+pub struct WarmRequest {
+    inner: zygote::WarmRequest,
+}
+
+#[pymethods]
+impl WarmRequest {
+    /// The template's report once it is done (None if not within `timeout`
+    /// seconds; None waits as long as it takes). Raises OSError if the
+    /// template went away first.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Vec<u8>>> {
+        let timeout = timeout
+            .map(|t| Duration::try_from_secs_f64(t.max(0.0)))
+            .transpose()
+            .map_err(|_| {
+                Error::Value(format!(
+                    "timeout must be a number of seconds, got {timeout:?}"
+                ))
+            })?;
+        Ok(py
+            .detach(|| self.inner.wait(timeout))
+            .map_err(|e| Error::io("template process", e))?)
+    }
+}
+
+/// Lets a process forked by the template die with it (a warm-up probe).
+/// False if the template is already gone.
+#[pyfunction]
+pub fn die_with_parent(parent: i32) -> bool {
+    ironpool_core::platform::die_with_parent(parent)
 }
 
 /// Runs inside the zygote when its imports failed: tells the caller why.

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .._futures import TaskFuture
     from .._options import PoolOptions
     from .._send_once import Shared
+    from .._zygote import TemplateInfo
 
 __all__ = [
     "CHUNK", "KEEP_GOING", "SINGLE", "Backend", "Call", "Function", "PoolStats", "WorkerInfo", "create", "no_counts",
@@ -189,6 +190,10 @@ class Backend(Protocol):
 
     def counts(self) -> dict[str, Any]:
         """The pool's task figures (the keys :class:`PoolStats` reads)."""
+        ...
+
+    def template_info(self, timeout: float) -> TemplateInfo | None:
+        """What the process its workers fork from holds (None: no such process)."""
         ...
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...

@@ -67,7 +67,7 @@ def start(options: PoolOptions) -> ProcessBackend | Unstarted:
             f"{type(exc).__name__}: {exc}{sharing_hint(exc)}"
         ) from exc
     try:
-        zygote = _zygote.get(options.preload, options.thread_limit)
+        zygote = _zygote.get(options.preload, options.thread_limit, options.warm)
     except (OSError, WorkerStartError) as exc:
         return Unstarted(options.workers, WorkerStartError(f"workers could not start: {exc}"))
     core = _core.PoolCore(
@@ -81,6 +81,8 @@ def start(options: PoolOptions) -> ProcessBackend | Unstarted:
         hard_memory_factor=options.hard_memory_factor,
         forward_output=options.forward_output,
     )
+    if options.warm:  # after the first fork requests, which the template serves first
+        _zygote.warm(options.preload, options.thread_limit)
     return ProcessBackend(core, options)
 
 
@@ -146,6 +148,7 @@ class ProcessBackend:
         self.core = core
         self.workers = options.workers
         self.threshold = options.buffer_threshold
+        self.template_key = (options.preload, options.thread_limit, options.warm)
         self.tasks: dict[int, _Task] = {}
         self.task_ids = itertools.count(1)
         self.closed = False
@@ -250,6 +253,9 @@ class ProcessBackend:
 
     def counts(self) -> dict[str, Any]:
         return self.core.counts()
+
+    def template_info(self, timeout: float) -> _zygote.TemplateInfo:
+        return _zygote.info(*self.template_key, timeout)
 
     # Futures (the TaskDriver protocol) ------------------------------------
 
@@ -445,6 +451,9 @@ class Unstarted:
 
     def counts(self) -> dict[str, Any]:
         return no_counts()
+
+    def template_info(self, timeout: float) -> None:
+        return None
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         pass

@@ -55,6 +55,11 @@ pub enum Kind {
     /// [W→P] a `logging` record made in the worker; body is its pickled
     /// state. Sent whatever the worker is doing (set-up, a task, idle).
     Log = 15,
+    /// [P→Z] import modules in the template between forks; body = the
+    /// request (module names, see `ironpool/_zygote.py`).
+    Warm = 16,
+    /// [Z→P] the warm request is done; body = what was imported or skipped.
+    Warmed = 17,
 }
 
 impl Kind {
@@ -76,6 +81,8 @@ impl Kind {
             13 => Shutdown,
             14 => Forget,
             15 => Log,
+            16 => Warm,
+            17 => Warmed,
             _ => return None,
         })
     }

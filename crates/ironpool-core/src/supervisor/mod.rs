@@ -161,6 +161,10 @@ impl Pool {
             sizer: Mutex::new(ChunkSizer::default()),
         });
         let engine = Arc::new(Mutex::new(Engine::new(config, init, session, hub.clone())?));
+        // Ask for the first workers now, from the caller's thread: a request
+        // the caller sends the template next (a warm request) then comes
+        // after them, and the template serves forks first.
+        lock(&engine).fill_workers();
         let thread = {
             let (hub, engine) = (hub.clone(), engine.clone());
             std::thread::Builder::new()

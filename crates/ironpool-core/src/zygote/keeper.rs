@@ -328,9 +328,53 @@ impl Zygote {
         self.template.session(None)
     }
 
+    /// Asks the template to import more modules between forks (`request`
+    /// is the body of a `Kind::Warm` message). It answers when it has done
+    /// so, on a session of its own: see [`WarmRequest::wait`].
+    pub fn warm(&self, request: Vec<u8>) -> io::Result<WarmRequest> {
+        let session = self.session()?;
+        session.send_blocking(&Message::new(Kind::Warm, 0, 0).with_body(request))?;
+        Ok(WarmRequest {
+            session: Mutex::new(session),
+        })
+    }
+
     /// Stops the zygote now (tests). A later session starts it again.
     pub fn kill(&self) {
         self.template.running().kill(self.template.owner);
+    }
+}
+
+/// A warm request on its way: the template's answer arrives on this session.
+#[derive(Debug)]
+pub struct WarmRequest {
+    session: Mutex<Session>,
+}
+
+impl WarmRequest {
+    /// The template's report, once it has done the imports: `None` if it
+    /// has not answered within `timeout`. An error if the template went
+    /// away before answering (it died, or exited because the imports left
+    /// it with threads).
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Option<Vec<u8>>> {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if !platform::wait_readable(&*session, timeout)? {
+            return Ok(None);
+        }
+        match session.recv() {
+            Ok(Recv::Message(m)) if m.kind == Kind::Warmed => Ok(Some(m.body)),
+            Ok(Recv::WouldBlock) => Ok(None),
+            Ok(Recv::Message(m)) => Err(io::Error::other(format!(
+                "template process answered a warm request with {:?}",
+                m.kind
+            ))),
+            Ok(Recv::Closed) => Err(io::Error::other(
+                "template process ended before it finished the imports",
+            )),
+            Err(e) => Err(io::Error::other(format!(
+                "template process sent garbage: {e}"
+            ))),
+        }
     }
 }
 

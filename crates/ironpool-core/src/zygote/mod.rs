@@ -10,8 +10,8 @@
 mod keeper;
 mod server;
 
-pub use keeper::{Session, Zygote};
-pub use server::{ForkedChild, Served, report_failure, serve};
+pub use keeper::{Session, WarmRequest, Zygote};
+pub use server::{ForkedChild, Host, Served, Warmed, report_failure, serve};
 
 use crate::task::ExitStatus;
 

@@ -12,7 +12,7 @@
 //! on it becomes readable) or closes the master channel, the zygote does
 //! the same for every worker before it exits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
@@ -24,6 +24,9 @@ use crate::reactor::Source;
 /// How long one sweep waits for a SIGKILLed process to exit before moving
 /// on (one stuck in uninterruptible sleep is reaped by a later sweep).
 const KILL_WAIT: Duration = Duration::from_millis(500);
+/// How long the loop waits for a fork request or an exit between two steps
+/// of a warm request.
+const WARM_STEP: Duration = Duration::from_millis(5);
 /// Sweeps of adopted orphans per worker exit (each round takes the children
 /// the previous round's victims left behind).
 const SWEEP_ROUNDS: usize = 64;
@@ -34,6 +37,25 @@ pub enum Served {
     Exit,
     /// We are a freshly forked worker; everything of the zygote is closed.
     Child(ForkedChild),
+}
+
+/// What the template did with a warm request.
+pub struct Warmed {
+    /// The answer for whoever asked (what was imported, what was skipped).
+    pub report: Vec<u8>,
+    /// The imports left the template with threads: it must fork no more
+    /// workers, so it exits (and is started again, cold, when next needed).
+    pub threaded: bool,
+}
+
+/// What the template process does for the loop: fork itself, and import
+/// modules between forks (the Python binding runs both in the interpreter).
+pub trait Host {
+    /// Forks the calling process; the child's pid in the parent, 0 in the child.
+    fn fork(&mut self) -> io::Result<i32>;
+    /// One short step of the warm request `request` (see `Kind::Warm`;
+    /// `first`: its first step): `Some` when the request is done.
+    fn warm(&mut self, request: &[u8], first: bool) -> Option<Warmed>;
 }
 
 /// What a forked worker starts with: its channel to the pool supervisor.
@@ -50,12 +72,18 @@ struct State {
     /// Workers by pid, with the number of the session that asked for each.
     children: HashMap<i32, (Pidfd, u64)>,
     next_session: u64,
+    /// Warm requests (session, body) not yet done, the first one under
+    /// way if `warm_begun`. A step runs only when no fork request or exit
+    /// waits, so an import delays a fork by at most one step.
+    warm_queue: VecDeque<(u64, Vec<u8>)>,
+    warm_begun: bool,
 }
 
-/// Serves fork requests until the parent goes away. `fork` forks the calling
-/// process and returns the child's pid in the parent and 0 in the child (the
-/// Python binding calls `os.fork` so the interpreter's fork hooks run).
-pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::Result<Served> {
+/// Serves fork requests until the parent goes away. `host.fork` forks the
+/// calling process (the Python binding calls `os.fork` so the
+/// interpreter's fork hooks run); `host.warm` imports modules when nothing
+/// else is waiting.
+pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
     let master = Channel::from_fd(master);
     master.send_blocking(&Message::new(Kind::Ready, 0, 0))?;
     let poller = Poller::new()?;
@@ -77,10 +105,25 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
         sessions: HashMap::new(),
         children: HashMap::new(),
         next_session: 1,
+        warm_queue: VecDeque::new(),
+        warm_begun: false,
     };
     let me = platform::current_pid();
     loop {
-        for ev in st.poller.wait(None)? {
+        let idle_wait = if st.warm_queue.is_empty() {
+            None
+        } else {
+            Some(WARM_STEP)
+        };
+        let events = st.poller.wait(idle_wait)?;
+        if events.is_empty() {
+            if warm_step(&mut st, host) {
+                sweep_everything(&mut st);
+                return Ok(Served::Exit);
+            }
+            continue;
+        }
+        for ev in events {
             match Source::from_token(ev.token) {
                 Some(Source::Master) => match st.master.recv_blocking() {
                     Ok(Recv::Message(mut m)) if m.kind == Kind::Session && m.fds.len() == 1 => {
@@ -109,9 +152,12 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
                     };
                     match session.recv() {
                         Ok(Recv::Message(m)) if m.kind == Kind::Fork && m.fds.len() == 3 => {
-                            if let Some(child) = fork_one(&mut st, n, m, fork, me)? {
+                            if let Some(child) = fork_one(&mut st, n, m, host, me)? {
                                 return Ok(Served::Child(child));
                             }
+                        }
+                        Ok(Recv::Message(m)) if m.kind == Kind::Warm => {
+                            st.warm_queue.push_back((n, m.body));
                         }
                         Ok(Recv::Message(_)) | Ok(Recv::WouldBlock) => {}
                         Ok(Recv::Closed) | Err(_) => {
@@ -157,11 +203,29 @@ pub fn serve(master: OwnedFd, fork: &mut dyn FnMut() -> io::Result<i32>) -> io::
     }
 }
 
+/// Runs one step of the first warm request, answering its session when it
+/// is done. True if the template must stop (its imports started threads).
+fn warm_step(st: &mut State, host: &mut dyn Host) -> bool {
+    let Some((session, request)) = st.warm_queue.front() else {
+        return false;
+    };
+    let first = !std::mem::replace(&mut st.warm_begun, true);
+    let Some(done) = host.warm(request, first) else {
+        return false;
+    };
+    if let Some(s) = st.sessions.get(session) {
+        let _ = s.send_blocking(&Message::new(Kind::Warmed, 0, 0).with_body(done.report));
+    }
+    st.warm_queue.pop_front();
+    st.warm_begun = false;
+    done.threaded
+}
+
 fn fork_one(
     st: &mut State,
     session: u64,
     mut req: Message,
-    fork: &mut dyn FnMut() -> io::Result<i32>,
+    host: &mut dyn Host,
     zygote_pid: i32,
 ) -> io::Result<Option<ForkedChild>> {
     let (Some(err), Some(out), Some(chan)) = (req.fds.pop(), req.fds.pop(), req.fds.pop()) else {
@@ -172,7 +236,7 @@ fn fork_one(
             let _ = s.send_blocking(&msg);
         }
     };
-    match fork() {
+    match host.fork() {
         Ok(0) => {
             // The worker. Our copies of the zygote's descriptors close when `st`
             // drops on return; only the channel and the redirected stdio stay.

@@ -77,15 +77,35 @@ fn main() {
         let _ = zygote::report_failure(master, &text);
         std::process::exit(1);
     }
-    let fork_log = std::env::var_os("FAKE_ZYGOTE_FORK_LOG");
-    let mut fork = || -> std::io::Result<i32> {
+    let mut host = FakeHost {
+        fork_log: std::env::var_os("FAKE_ZYGOTE_FORK_LOG"),
+    };
+    match zygote::serve(master, &mut host) {
+        Ok(Served::Exit) => std::process::exit(0),
+        Ok(Served::Child(child)) => worker(child.channel),
+        Err(e) => {
+            eprintln!("ironpool-fake-zygote: serve failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Forks with libc (logging each child's pid to `fork_log` if set) and
+/// answers a warm request with its own body, reversed line by line (a
+/// request naming `threads` is answered as one that left threads behind).
+struct FakeHost {
+    fork_log: Option<std::ffi::OsString>,
+}
+
+impl zygote::Host for FakeHost {
+    fn fork(&mut self) -> std::io::Result<i32> {
         // SAFETY: this process is single-threaded (no thread is ever started
         // here), so the child may go on running arbitrary code after fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if let (Some(path), true) = (&fork_log, pid > 0) {
+        if let (Some(path), true) = (&self.fork_log, pid > 0) {
             let line = format!("{pid}\n");
             let _ = std::fs::OpenOptions::new()
                 .create(true)
@@ -94,14 +114,18 @@ fn main() {
                 .and_then(|mut f| f.write_all(line.as_bytes()));
         }
         Ok(pid)
-    };
-    match zygote::serve(master, &mut fork) {
-        Ok(Served::Exit) => std::process::exit(0),
-        Ok(Served::Child(child)) => worker(child.channel),
-        Err(e) => {
-            eprintln!("ironpool-fake-zygote: serve failed: {e}");
-            std::process::exit(1);
+    }
+
+    fn warm(&mut self, request: &[u8], first: bool) -> Option<zygote::Warmed> {
+        if first {
+            return None; // two steps, like a real one: probe, then imports
         }
+        let text = String::from_utf8_lossy(request);
+        let report: Vec<&str> = text.lines().rev().collect();
+        Some(zygote::Warmed {
+            report: report.join("\n").into_bytes(),
+            threaded: text.lines().any(|l| l == "threads"),
+        })
     }
 }
 

@@ -2,8 +2,11 @@
 
 Seed 000's scenario: each worker reads one CSV with pandas, aggregates it by
 ``key`` and returns both the small summary and the full DataFrame; the parent
-concatenates everything. The functions live in an importable module so that
-every pool (stdlib, ironpool, joblib, ...) can pickle them by reference.
+concatenates everything. ``process_file_records`` is the article's
+workaround for ``BufferError: memoryview has 1 exported buffer``: return
+``df.to_dict(orient="records")`` and rebuild the frame in the parent. The
+functions live in an importable module so that every pool (stdlib, ironpool,
+joblib, ...) can pickle them by reference.
 """
 
 from __future__ import annotations
@@ -63,6 +66,24 @@ def process_file(path: str):
     )
     summary.insert(0, "file", os.path.basename(path))
     return summary, df
+
+
+def process_file_records(path: str):
+    """The workaround: the same work, the full frame returned as a list of dicts."""
+    summary, df = process_file(path)
+    return summary.to_dict(orient="index"), df.to_dict(orient="records")
+
+
+def combine_records(results):
+    """The workaround's parent side: DataFrames rebuilt from the dicts."""
+    import pandas as pd
+
+    summaries = pd.concat([pd.DataFrame.from_dict(s, orient="index") for s, _ in results])
+    summaries.index.name = "key"
+    records: list = []
+    for _, rows in results:
+        records.extend(rows)
+    return summaries, pd.DataFrame(records)
 
 
 def combine(results):

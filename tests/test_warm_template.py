@@ -1,0 +1,188 @@
+"""The warm template: workers start with the caller's packages imported.
+
+Each test runs a fresh caller in a subprocess (what the caller imported is
+what the template is asked to import). Modules that misbehave are real
+packages written to ``tmp_path``; each misbehaves only where ``ironpool``
+is already imported (the template and its probe), since the caller must
+import it cleanly first.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PYTHON = sys.executable
+
+pytest.importorskip("pandas")
+
+
+def run_caller(script: str, *args: str, timeout: float = 120) -> dict:
+    """Runs ``script`` as a fresh ``__main__``; returns the JSON it prints last."""
+    proc = subprocess.run([PYTHON, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
+
+
+def test_a_recycled_worker_has_pandas_before_its_task_imports_it():
+    out = run_caller("""
+        import json, logging, sys
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s %(message)s")
+        import pandas
+        import ironpool
+
+        def task():
+            # Looks before anything of this task could import pandas.
+            import os, sys
+            return os.getpid(), "pandas" in sys.modules
+
+        with ironpool.Pool(1, max_tasks_per_worker=1) as pool:
+            info = pool.template_info(timeout=100)
+            # The worker forked before the warm-up ended is replaced after
+            # each task: the second task runs on a worker forked since.
+            runs = [pool.submit(task).result() for _ in range(2)]
+        print(json.dumps({"warm": info.warm, "pending": info.pending, "skipped": info.skipped, "runs": runs}))
+    """)
+    assert "pandas" in out["warm"] and "numpy" in out["warm"], out
+    assert out["pending"] == [] and "pandas" not in out["skipped"], out
+    (pid1, _), (pid2, has_pandas) = out["runs"]
+    assert pid1 != pid2 and has_pandas
+    # Visible in the log, too.
+    imported = [ln for ln in out["stderr"].splitlines() if ln.startswith("ironpool ") and "imported" in ln]
+    assert imported and "pandas" in imported[0], out["stderr"]
+
+
+BAD_PACKAGES = {
+    # Each misbehaves only where ironpool is already imported (template, probe).
+    "ip_raises": "import sys\nif 'ironpool' in sys.modules:\n    raise ImportError('no backend for this here')\n",
+    "ip_exits": "import os, sys\nif 'ironpool' in sys.modules:\n    os._exit(3)\n",
+    "ip_hangs": "import sys, time\nif 'ironpool' in sys.modules:\n    time.sleep(3600)\n",
+    "ip_thread": "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n",
+    "ip_prints": "print('hello from ip_prints')\n",
+    "ip_fine": "VALUE = 42\n",
+}
+
+
+def write_packages(root, packages: dict[str, str]) -> None:
+    for name, code in packages.items():
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(code)
+
+
+def test_misbehaving_modules_are_skipped_and_the_pool_works(tmp_path):
+    write_packages(tmp_path, BAD_PACKAGES)
+    out = run_caller("""
+        import json, sys
+        sys.path.insert(0, sys.argv[1])
+        import ip_raises, ip_exits, ip_hangs, ip_thread, ip_prints, ip_fine
+        import ironpool, ironpool._zygote
+        ironpool._zygote.WARM_MODULE_SECONDS = 1.0  # ip_hangs is killed after this
+
+        def task():
+            import os, sys
+            held = sorted(m for m in sys.modules if m.startswith("ip_"))
+            return os.getpid(), held, len(os.listdir("/proc/self/task"))
+
+        with ironpool.Pool(1, max_tasks_per_worker=1) as pool:
+            info = pool.template_info(timeout=100)
+            runs = [pool.submit(task).result() for _ in range(3)]
+        print(json.dumps({"warm": info.warm, "skipped": info.skipped, "pending": info.pending, "runs": runs}))
+    """, str(tmp_path))
+    skipped = out["skipped"]
+    assert "raised ImportError: no backend for this here" in skipped["ip_raises"], skipped
+    assert "ended the process (exit status 3)" in skipped["ip_exits"], skipped
+    assert "did not finish within 1 s" in skipped["ip_hangs"], skipped
+    assert "started 1 thread" in skipped["ip_thread"], skipped
+    assert "printed" in skipped["ip_prints"], skipped
+    # The warm-up went on after each failure.
+    assert "ip_fine" in out["warm"] and out["pending"] == [], out
+    for name in BAD_PACKAGES.keys() - {"ip_fine"}:
+        assert name not in out["warm"], out
+    # Workers forked since hold ip_fine only, and have one thread.
+    _, modules, threads = out["runs"][-1]
+    assert modules == ["ip_fine"] and threads == 1, out
+    assert "hello from ip_prints" not in out["stderr"]
+
+
+def test_a_template_left_with_threads_restarts_cold_and_refuses_the_module(tmp_path):
+    # Clean in the probe (which leaves a mark), starts a thread in the
+    # template itself: the template must not fork again.
+    marker = tmp_path / "probed"
+    write_packages(tmp_path, {"ip_late_thread": textwrap.dedent(f"""
+        import os, sys, threading
+        if 'ironpool' in sys.modules:
+            if os.path.exists({str(marker)!r}):
+                threading.Thread(target=threading.Event().wait, daemon=True).start()
+            else:
+                open({str(marker)!r}, "w").close()
+    """)})
+    out = run_caller("""
+        import json, sys
+        sys.path.insert(0, sys.argv[1])
+        import ip_late_thread
+        import ironpool, ironpool._zygote as z
+
+        def task():
+            import os, sys
+            return "ip_late_thread" in sys.modules, len(os.listdir("/proc/self/task"))
+
+        with ironpool.Pool(1) as pool:
+            first = pool.template_info(timeout=100)
+            after = pool.submit(task).result()  # on a worker of the restarted template
+        with ironpool.Pool(1, max_tasks_per_worker=1) as pool:
+            again = pool.template_info(timeout=100)
+            fresh = [pool.submit(task).result() for _ in range(2)]
+        print(json.dumps({"first": first.skipped, "after": after, "again": [again.warm, again.pending],
+                          "fresh": fresh, "refused": z._refused}))
+    """, str(tmp_path))
+    assert "started a thread in the template" in out["first"]["ip_late_thread"], out
+    assert out["after"] == [False, 1], out
+    # The restarted template is asked for the rest, never for it again.
+    assert "ip_late_thread" in out["refused"] and "ip_late_thread" not in out["again"][0], out
+    assert out["fresh"][-1] == [False, 1], out
+
+
+def test_warm_false_gives_a_template_without_the_callers_modules():
+    out = run_caller("""
+        import json
+        import pandas
+        import ironpool
+
+        def task():
+            import sys
+            return "pandas" in sys.modules
+
+        with ironpool.Pool(1, warm=False, max_tasks_per_worker=1) as cold:
+            info = cold.template_info(timeout=5)
+            runs = [cold.submit(task).result() for _ in range(2)]
+            with ironpool.Pool(1) as warm:
+                other = warm.template_info(timeout=100)
+        print(json.dumps({"info": [info.pid, info.warm, info.pending], "runs": runs,
+                          "warm_pid": other.pid, "warm": other.warm}))
+    """)
+    pid, warm, pending = out["info"]
+    assert warm == [] and pending == [] and out["runs"] == [False, False], out
+    assert out["warm_pid"] != pid and "pandas" in out["warm"], out
+
+
+def test_bad_arguments_name_what_was_wrong():
+    import ironpool
+
+    with pytest.raises(TypeError, match="warm must be True or False"):
+        ironpool.Pool(1, warm="yes")  # type: ignore[arg-type]
+    with ironpool.Pool(1) as pool:
+        with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+            pool.template_info(timeout=-1)
+
+
+def test_caller_modules_are_third_party_top_level_packages():
+    from ironpool import _zygote
+
+    names = _zygote.caller_modules()
+    assert "pytest" not in names and "ironpool" not in names  # tooling, ourselves
+    assert not [n for n in names if "." in n or n.startswith("_") or n in sys.stdlib_module_names], names
