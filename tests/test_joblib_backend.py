@@ -74,6 +74,7 @@ def inspect_array(arr, temp_folder):
         root = root.obj
     return {
         "memmap": isinstance(arr, np.memmap),
+        "writeable": arr.flags.writeable,
         "buffer": type(root).__name__,
         "sum": float(arr.sum()),
         "shape": arr.shape,
@@ -314,18 +315,29 @@ def test_calls_with_the_same_n_jobs_reuse_one_pool(beacon):
 # --- big arrays -------------------------------------------------------------------------------
 
 
-def test_big_arrays_travel_in_shared_memory_not_memmap_files(tmp_path):
-    arr = np.random.default_rng(0).random(1_000_000)  # 8 MB, far over max_nbytes
+@pytest.mark.parametrize("max_nbytes,writeable", [("1K", False), (None, True)])
+def test_big_arrays_travel_in_shared_memory_not_memmap_files(tmp_path, max_nbytes, writeable):
+    arr = np.random.default_rng(0).random(1_000_000)  # 8 MB
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "joblib_memmapping_folder_*")))
-    out = Parallel(n_jobs=2, backend="ironpool", max_nbytes="1K", temp_folder=str(tmp_path))(
+    out = Parallel(n_jobs=2, backend="ironpool", max_nbytes=max_nbytes, temp_folder=str(tmp_path))(
         delayed(inspect_array)(arr, str(tmp_path)) for _ in range(4)
     )
     for seen in out:
         assert seen["sum"] == float(arr.sum()) and seen["shape"] == arr.shape
         assert not seen["memmap"] and seen["temp_files"] == []
         assert seen["buffer"] == "SegmentView"  # a view of ironpool's shared memory
+        # Over max_nbytes: sent once per call, read-only like loky's mmap_mode="r";
+        # max_nbytes=None: an ordinary argument, a private writable copy.
+        assert seen["writeable"] is writeable
     assert os.listdir(tmp_path) == []
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "joblib_memmapping_folder_*"))) == before
+    assert arr.flags.writeable  # the caller's array is left as it was
+
+
+def test_mmap_modes_that_write_back_are_refused():
+    arr = np.zeros(1_000_000)
+    with pytest.raises(ValueError, match="mmap_mode='r\\+'"):
+        Parallel(n_jobs=2, backend="ironpool", mmap_mode="r+")(delayed(np.sum)(arr) for _ in range(2))
 
 
 def test_loky_would_have_memmapped_the_same_call(tmp_path):

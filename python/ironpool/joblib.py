@@ -18,9 +18,10 @@ What changes against joblib's default ``"loky"`` backend:
 * ``Parallel(timeout=T)`` is also each task's time limit in the engine: the
   worker of a task running past ``T`` is killed and replaced, and the call
   raises :class:`ironpool.TaskTimeout` (a ``TimeoutError``);
-* large numpy/pandas/Arrow arguments travel through ironpool's shared memory;
-  joblib's memmapping (``max_nbytes``, ``temp_folder``, ``mmap_mode``) is not
-  used and writes no temporary files;
+* large numpy arguments travel through ironpool's shared memory, not through
+  joblib's temporary memmap files: an array over ``max_nbytes`` is sent to
+  each worker once per call and arrives read-only (as loky's default
+  ``mmap_mode="r"`` memmaps do); no file is written;
 * nested ``Parallel`` calls inside a task run sequentially in that worker.
 
 Pool options (``task_timeout``, ``retries``, ``max_memory_per_worker``,
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -52,9 +54,9 @@ from ._serialize import describe_call
 
 __all__ = ["IronpoolBackend", "shutdown"]
 
-#: ``Parallel`` hands these to every backend's ``configure``. Memmapping
-#: (``max_nbytes``, ``temp_folder``, ``mmap_mode``) is loky's way to move big
-#: arrays; ironpool's shared memory replaces it, so they are accepted and unused.
+#: ``Parallel`` hands these to every backend's ``configure``. Of joblib's
+#: memmapping options, ``max_nbytes`` and ``mmap_mode`` keep their meaning
+#: (see ``_Sharing``); ``temp_folder`` is unused: no file is written.
 _JOBLIB_OPTIONS = frozenset({"max_nbytes", "temp_folder", "mmap_mode", "prefer", "require", "verbose", "context"})
 
 #: ``ironpool.Pool`` options the backend takes from ``parallel_config`` or
@@ -222,6 +224,59 @@ def _run_batch(batch: _Batch) -> list:
     return batch.calls()
 
 
+class _Sharing:
+    """What loky's memmapping does, through ironpool's shared memory: each
+    numpy array over ``max_nbytes`` among a call's arguments is sent to each
+    worker once per ``Parallel`` call (``pool.share``) and arrives read-only,
+    as loky's ``mmap_mode="r"`` memmaps do. Like loky, an array is taken by
+    identity for the rest of the call (changing it mid-call is not seen).
+    ``max_nbytes=None`` or ``mmap_mode=None``/``"c"`` turn this off: arrays
+    then go as ordinary arguments (still through shared memory, writable)."""
+
+    def __init__(self) -> None:
+        self.max_nbytes: int | None = None
+        self._handles: dict[int, tuple[Any, Any]] = {}  # id(array) -> (array, handle)
+        self._lock = threading.Lock()
+
+    def configure(self, max_nbytes: int | None, mmap_mode: str | None) -> None:
+        if mmap_mode in ("r+", "w+"):
+            raise ValueError(
+                f"mmap_mode={mmap_mode!r} lets workers write into the caller's arrays through a file; the "
+                "ironpool backend sends arrays through shared memory that workers cannot write back to "
+                "(use mmap_mode='r' or 'c', or return the results)"
+            )
+        self.max_nbytes = max_nbytes if mmap_mode == "r" else None
+
+    def batch(self, pool: Any, calls: Any) -> None:
+        """Puts handles in place of ``calls``' large array arguments."""
+        items = getattr(calls, "items", None)
+        numpy = sys.modules.get("numpy")
+        if self.max_nbytes is None or numpy is None or not items:
+            return
+        ndarray, limit = numpy.ndarray, self.max_nbytes
+
+        def swap(value: Any) -> Any:
+            if type(value) is not ndarray or value.nbytes <= limit or value.dtype.hasobject:
+                return value
+            with self._lock:
+                held = self._handles.get(id(value))
+                if held is None or held[0] is not value:
+                    held = self._handles[id(value)] = (value, pool.share(value))
+            return held[1]
+
+        calls.items = [
+            (func, tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()})
+            for func, args, kwargs in items
+        ]
+
+    def release(self) -> None:
+        """End of a call: workers drop each array once no task needs it."""
+        with self._lock:
+            held, self._handles = self._handles, {}
+        for _, handle in held.values():
+            handle.release()
+
+
 def _nothing() -> None:
     return None
 
@@ -261,6 +316,7 @@ class IronpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._timed: Callable[[], Any] = _nothing  # the Parallel whose timeout is ours
         self._futures: set[Future] = set()
         self._futures_lock = threading.Lock()
+        self._sharing = _Sharing()
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -276,7 +332,9 @@ class IronpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
-        pool_options = _pool_options({**self.backend_kwargs, **options})
+        options = {**self.backend_kwargs, **options}
+        self._sharing.configure(options.get("max_nbytes", 2**20), options.get("mmap_mode", "r"))
+        pool_options = _pool_options(options)
         preload = tuple(pool_options.pop("preload", ()))
         threads = self.inner_max_num_threads or max(cpu_count() // n_jobs, 1)  # loky's default
         settings = {"workers": n_jobs, "thread_limit": threads, "preload": _PRELOAD + preload, **pool_options}
@@ -314,7 +372,9 @@ class IronpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     def submit(self, func: Callable[[], list], callback: Callable[[Future], Any] | None = None) -> Future:
         if self._reused is None:
             raise RuntimeError("the ironpool joblib backend was used before configure() or after terminate()")
-        future = self._reused.pool.submit_with(_run_batch, (_Batch(func),), timeout=self._timeout)
+        pool = self._reused.pool
+        self._sharing.batch(pool, func)
+        future = pool.submit_with(_run_batch, (_Batch(func),), timeout=self._timeout)
         with self._futures_lock:
             self._futures.add(future)
         future.add_done_callback(self._settled)
@@ -346,8 +406,12 @@ class IronpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             if ensure_ready and self.parallel is not None:
                 self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs)
 
+    def stop_call(self) -> None:
+        self._sharing.release()
+
     def terminate(self) -> None:
         """End of a ``Parallel`` call: the pool stays for the next one."""
+        self._sharing.release()
         if self._reused is not None:
             _release(self._reused)
             self._reused = None
