@@ -278,15 +278,19 @@ def test_the_parallel_object_keeps_its_timeout():
     assert par.timeout == 30
 
 
-def test_an_error_kills_the_calls_other_running_tasks(beacon):
-    gen = Parallel(n_jobs=2, backend="ironpool", return_as="generator_unordered", batch_size=1)(
-        [delayed(hang)(beacon), delayed(over_quota)("late")]
-    )
-    busy = int(beacon.started(1)[0])
-    with pytest.raises(QuotaExceeded):
-        list(gen)
+@pytest.mark.parametrize("retries", [0, 1])  # with retries the killed task must not run again
+def test_an_error_kills_the_calls_other_running_tasks(beacon, retries):
+    with parallel_config(backend="ironpool", retries=retries):
+        gen = Parallel(n_jobs=2, return_as="generator_unordered", batch_size=1)(
+            [delayed(hang)(beacon), delayed(over_quota)("late")]
+        )
+        busy = int(beacon.started(1)[0])
+        with pytest.raises(QuotaExceeded):
+            list(gen)
     # Its result would be dropped: like loky, the backend does not let it run on.
     assert wait_until(lambda: not running(busy))
+    with pytest.raises(TimeoutError):
+        beacon.started(1, timeout=0.5)  # and it did not start again
     assert Parallel(n_jobs=2, backend="ironpool")(delayed(square)(i) for i in range(3)) == [0, 1, 4]
 
 

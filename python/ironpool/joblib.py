@@ -264,10 +264,11 @@ class _Sharing:
                     held = self._handles[id(value)] = (value, pool.share(value))
             return held[1]
 
-        calls.items = [
-            (func, tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()})
-            for func, args, kwargs in items
-        ]
+        # Most batches hold no large array: look before rebuilding (a batch
+        # of tiny tasks has thousands of calls).
+        for i, (func, args, kwargs) in enumerate(items):
+            if ndarray in map(type, args) or (kwargs and ndarray in map(type, kwargs.values())):
+                items[i] = (func, tuple(map(swap, args)), {k: swap(v) for k, v in kwargs.items()})
 
     def release(self) -> None:
         """End of a call: workers drop each array once no task needs it."""
