@@ -199,22 +199,8 @@ def test_return_as_generator_unordered_yields_in_completion_order(beacon):
     assert list(gen) == [pid]
 
 
-def test_pre_dispatch_consumes_the_input_lazily(beacon):
-    taken = []
-
-    def tasks():
-        for i in range(10):
-            taken.append(i)
-            yield delayed(rendezvous)(beacon)
-
-    gen = Parallel(n_jobs=2, backend="ironpool", return_as="generator", batch_size=1, pre_dispatch=2)(tasks())
-    beacon.started(2)
-    assert taken == [0, 1]  # two dispatched, none pulled ahead
-    beacon.release(10)
-    assert len(list(gen)) == 10 and len(taken) == 10
-
-
-def test_pre_dispatch_all_consumes_the_input_at_once(beacon):
+@pytest.mark.parametrize("pre_dispatch,pulled", [(2, 2), ("all", 6)])
+def test_pre_dispatch_bounds_how_much_input_is_taken(beacon, pre_dispatch, pulled):
     taken = []
 
     def tasks():
@@ -222,11 +208,13 @@ def test_pre_dispatch_all_consumes_the_input_at_once(beacon):
             taken.append(i)
             yield delayed(rendezvous)(beacon)
 
-    gen = Parallel(n_jobs=2, backend="ironpool", return_as="generator", batch_size=1, pre_dispatch="all")(tasks())
-    beacon.started(2)
-    assert taken == list(range(6))
+    gen = Parallel(n_jobs=2, backend="ironpool", return_as="generator", batch_size=1, pre_dispatch=pre_dispatch)(
+        tasks()
+    )
+    beacon.started(2)  # both workers hold a task
+    assert taken == list(range(pulled))  # pre_dispatch=2: none pulled ahead of the two dispatched
     beacon.release(6)
-    assert len(list(gen)) == 6
+    assert len(list(gen)) == 6 and len(taken) == 6
 
 
 # --- errors, crashes, timeouts ----------------------------------------------------------
@@ -345,12 +333,21 @@ def test_mmap_modes_that_write_back_are_refused():
 
 
 def test_loky_would_have_memmapped_the_same_call(tmp_path):
-    # The check above can fail: under loky the same call gets a memmap backed by a file in temp_folder.
-    arr = np.random.default_rng(0).random(1_000_000)
-    seen = Parallel(n_jobs=2, backend="loky", max_nbytes="1K", temp_folder=str(tmp_path))(
-        delayed(inspect_array)(arr, str(tmp_path)) for _ in range(2)
-    )[0]
-    assert seen["memmap"] and seen["temp_files"]
+    # The check above can fail: under loky the same call gets a memmap backed by a
+    # file in temp_folder. (In a child: loky's executor keeps semaphores in /dev/shm,
+    # which other tests check this process does not hold.)
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from joblib import Parallel, delayed
+        from test_joblib_backend import inspect_array
+        arr = np.random.default_rng(0).random(1_000_000)
+        seen = Parallel(n_jobs=2, backend="loky", max_nbytes="1K", temp_folder={str(tmp_path)!r})(
+            delayed(inspect_array)(arr, {str(tmp_path)!r}) for _ in range(2))[0]
+        print(seen["memmap"], bool(seen["temp_files"]))
+    """)
+    out = run_python("-c", code, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
 
 
 # --- seed 001: a joblib threads backend in a non-thread-safe native library ------------------
