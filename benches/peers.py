@@ -20,6 +20,7 @@ LABELS = {
     "ppe": "ProcessPoolExecutor",
     "mp": "multiprocessing.Pool",
     "joblib": "joblib (loky)",
+    "ironpool_joblib": "joblib (ironpool backend)",
     "loky": "loky reusable",
     "mpire": "mpire",
     "mpire_shared": "mpire shared_objects",
