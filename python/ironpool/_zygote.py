@@ -465,6 +465,9 @@ def _probe_child(names: list[str], out: int, template: int) -> None:
     stops after the first one that leaves threads behind."""
     try:
         _core.die_with_parent(template)
+        # Trial imports are background work: they yield the CPUs to the
+        # caller and its workers (a process may always lower its own priority).
+        os.nice(19)
         # What imports print lands here, where the size shows it.
         sink = os.memfd_create("ironpool-warm-probe")
         os.dup2(sink, 1)
