@@ -21,6 +21,7 @@ _EXPORTS = {
     "Attempt": "errors",
     "IronpoolError": "errors",
     "MemoryLimitExceeded": "errors",
+    "NoWorkerState": "errors",
     "PoolClosed": "errors",
     "RemoteError": "errors",
     "SerializationError": "errors",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "Shared": "pool",
     "WorkerInfo": "pool",
     "shared_memory": "_shared_memory",
+    "worker_state": "_state",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -54,10 +56,12 @@ def __dir__() -> list[str]:
 
 if False:  # for type checkers; typing itself is not imported at run time
     from ._shared_memory import shared_memory
+    from ._state import worker_state
     from .errors import (
         Attempt,
         IronpoolError,
         MemoryLimitExceeded,
+        NoWorkerState,
         PoolClosed,
         RemoteError,
         SerializationError,

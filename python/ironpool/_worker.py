@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import _core
+from . import _core, _state
 from ._remote_exception import pack_exception
 from ._serialize import REGISTRY, Registered, describe_call, dumps, loads, serialization_error
 
@@ -51,8 +51,9 @@ class Handler:
             self.retry_on = tuple(cfg.get("retry_on", ()))
             _adopt_caller(cfg)
             initializer = cfg["initializer"]
-            if initializer is not None:
-                initializer(*cfg["initargs"])
+            # What it returns is this worker's state (ironpool.worker_state()).
+            state = _state.NO_INITIALIZER if initializer is None else initializer(*cfg["initargs"])
+            _state.set_process_state(state)
             return None
         except BaseException as exc:  # reported to the pool
             return dumps(pack_exception(exc), 1 << 62)

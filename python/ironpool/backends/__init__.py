@@ -4,7 +4,9 @@
 a backend through the small :class:`Backend` protocol below; it never knows
 which backend runs them. A backend is one module in this package, named in
 ``_BACKENDS`` and imported only when a pool asks for it. Today:
-``processes`` (``process.py``: the Rust engine and its supervised workers).
+``processes`` (``process.py``: the Rust engine and its supervised workers)
+and ``threads`` (``threads.py``: worker threads in this process, nothing
+pickled).
 
 A backend's futures are :class:`ironpool._futures.TaskFuture` objects bound
 to it (``TaskFuture.bind``); it resolves each with the task's value, or with
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._serialize import describe_call
 from .._worker import CHUNK, KEEP_GOING, SINGLE  # the task flags workers read
 
 if TYPE_CHECKING:
@@ -70,6 +73,13 @@ class Call:
     #: What the backend kept to send a rerun alike (the processes backend:
     #: the objects it sent once, and their handles).
     sent: Any = None
+
+    def describe(self) -> str:
+        """The call, or the chunk, in a few words for error messages."""
+        if self.chunk:
+            first = describe_call(self.fn, self.first_args())
+            return f"a map chunk of {len(self.args)} items starting with {first}"
+        return describe_call(self.fn, self.args, self.kwargs)
 
     def first_args(self) -> tuple:
         """The arguments of the call, or of a chunk's first item."""
@@ -122,7 +132,7 @@ class Backend(Protocol):
 
 
 #: Backend name -> the module that holds it; its ``start(options)`` returns the backend.
-_BACKENDS = {"processes": "ironpool.backends.process"}
+_BACKENDS = {"processes": "ironpool.backends.process", "threads": "ironpool.backends.threads"}
 
 
 def create(name: str, options: PoolOptions) -> Backend:

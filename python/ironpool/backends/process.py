@@ -130,11 +130,7 @@ class _Task:
         self.call = call
 
     def describe(self) -> str:
-        call = self.call
-        if call.chunk:
-            first = describe_call(call.fn, call.first_args())
-            return f"a map chunk of {len(call.args)} items starting with {first}"
-        return describe_call(call.fn, call.args, call.kwargs)
+        return self.call.describe()
 
 
 class ProcessBackend:
