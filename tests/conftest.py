@@ -10,6 +10,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -159,3 +160,36 @@ def pool():
     p = ironpool.Pool(2)
     yield p
     p.terminate()
+
+
+#: The backends the shared API suite (tests/test_api_suite.py) and the worker
+#: state tests run against: a new backend joins them with one entry here.
+BACKENDS = ["processes", "threads"]
+
+
+@pytest.fixture(params=BACKENDS)
+def pool_backend(request) -> str:
+    """Each backend in turn, by name (``Pool(backend=pool_backend)``)."""
+    return request.param
+
+
+@pytest.fixture
+def make_pool(pool_backend):
+    """``make_pool(workers, **options)``: a pool of the backend under test,
+    terminated at the end even if the test left work running."""
+    pools: list[ironpool.Pool] = []
+
+    def make(workers: int = 2, **options) -> ironpool.Pool:
+        pool = ironpool.Pool(workers, backend=pool_backend, **options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.terminate()
+
+
+def worker_key() -> tuple[int, int]:
+    """Which worker runs this: ``(pid, native thread id)`` (a worker process
+    runs tasks on its main thread, whose id is its pid)."""
+    return os.getpid(), threading.get_native_id()
