@@ -72,9 +72,12 @@ def read_shared(direct, in_list, in_dict):
 
 
 def two_running(pool, beacon) -> list[cf.Future]:
-    """Two tasks that hold both workers until ``beacon.release``."""
-    running = [pool.submit(blocking, beacon, i) for i in range(2)]
-    beacon.started(2)
+    """Two tasks that hold both workers until ``beacon.release``, started one
+    at a time so that each lands on its own worker."""
+    running = []
+    for i in range(2):
+        running.append(pool.submit(blocking, beacon, i))
+        beacon.started(1)
     return running
 
 
@@ -143,16 +146,16 @@ def test_map_keeps_input_order(make_pool, chunksize):
 
 def test_imap_unordered_yields_in_completion_order(make_pool, beacon):
     pool = make_pool(2)
-    results = pool.imap_unordered(blocking, [beacon] * 0)  # an empty input is fine
-    assert list(results) == []
-    futures_first = pool.imap_unordered(square, range(20), chunksize=1)
-    assert sorted(futures_first) == sorted(i * i for i in range(20))
-    blocked = pool.submit(blocking, beacon, "held")
+
+    def fn(x):
+        return blocking(x, "slow") if isinstance(x, Beacon) else x
+
+    results = pool.imap_unordered(fn, [beacon, 1, 2, 3], chunksize=1, timeout=20)
     beacon.started(1)
-    # One worker is held: every item runs on the other and comes back.
-    assert sorted(pool.imap_unordered(square, range(6), chunksize=1)) == [0, 1, 4, 9, 16, 25]
+    assert {next(results) for _ in range(3)} == {1, 2, 3}, "the blocked item held up the others"
     beacon.release()
-    assert blocked.result(timeout=30) == "held"
+    assert list(results) == ["slow"]
+    assert sorted(pool.imap_unordered(square, range(100))) == [i * i for i in range(100)]
 
 
 def test_map_raises_at_the_failing_item(make_pool):
@@ -276,7 +279,7 @@ def test_a_shared_handle_reaches_tasks_as_its_object(make_pool):
     assert isinstance(err, ironpool.SerializationError) and "released" in str(err)
 
 
-def test_a_handle_works_only_with_its_own_pool(make_pool, pool_backend):
+def test_a_handle_works_only_with_its_own_pool(make_pool):
     pool, other = make_pool(), make_pool()
     err = other.submit(read_shared, pool.share({"k": 1}), [{"k": 1}], {"x": {"k": 1}}).exception(timeout=30)
     assert isinstance(err, ironpool.SerializationError) and "another pool" in str(err)

@@ -168,13 +168,15 @@ def test_map_items_that_time_out_fail_alone(release):
 
 
 def test_done_callbacks_run_in_the_worker_thread_with_no_hop():
+    go = threading.Event()
     names: list[str] = []
     with ironpool.Pool(2, backend="threads") as pool:
-        futures = [pool.submit(abs, -i) for i in range(20)]
-        for future in futures:
+        futures = [pool.submit(go.wait) for _ in range(20)]
+        for future in futures:  # all pending: the tasks wait for go
             future.add_done_callback(lambda _f: names.append(threading.current_thread().name))
+        go.set()
     assert len(names) == 20
-    assert {n for n in names if n != threading.current_thread().name} <= {"ironpool-thread-0", "ironpool-thread-1"}
+    assert set(names) <= {"ironpool-thread-0", "ironpool-thread-1"}, set(names)
 
 
 def test_a_script_that_forgets_shutdown_finishes_its_work_and_exits(tmp_path):
