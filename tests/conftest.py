@@ -193,3 +193,21 @@ def worker_key() -> tuple[int, int]:
     """Which worker runs this: ``(pid, native thread id)`` (a worker process
     runs tasks on its main thread, whose id is its pid)."""
     return os.getpid(), threading.get_native_id()
+
+
+def hold(beacon: Beacon, value):
+    """A task that says it started (its ``value``), then waits for ``beacon.release()``."""
+    beacon.notify(value)
+    beacon.wait()
+    return value
+
+
+def two_running(pool: ironpool.Pool, beacon: Beacon) -> list:
+    """Starts one ``hold`` task per worker of a two-worker pool, one at a time,
+    so that each lands on its own worker whatever the scheduler does with a
+    half-started pool; their futures return 0 and 1 once released."""
+    running = []
+    for i in range(2):
+        running.append(pool.submit(hold, beacon, i))
+        beacon.started(1)
+    return running

@@ -14,7 +14,7 @@ import time
 
 import ironpool
 import pytest
-from conftest import Beacon, worker_key
+from conftest import Beacon, two_running, worker_key
 from tqdm import tqdm
 
 # --- tasks (module level: the processes backend sends them by reference) ----
@@ -69,16 +69,6 @@ def state_or_error(_):
 
 def read_shared(direct, in_list, in_dict):
     return direct["k"], in_list[0]["k"], in_dict["x"]["k"]
-
-
-def two_running(pool, beacon) -> list[cf.Future]:
-    """Two tasks that hold both workers until ``beacon.release``, started one
-    at a time so that each lands on its own worker."""
-    running = []
-    for i in range(2):
-        running.append(pool.submit(blocking, beacon, i))
-        beacon.started(1)
-    return running
 
 
 # --- submit, result, exception, futures ------------------------------------------

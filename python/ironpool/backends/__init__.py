@@ -21,6 +21,7 @@ a chunk either way).
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -129,6 +130,21 @@ class Backend(Protocol):
     def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...
 
     def terminate(self) -> None: ...
+
+
+def refuse_closed(pid: int, exiting: bool, closed: bool) -> None:
+    """A backend's ``check_open``: ``PoolClosed`` for a pool of process
+    ``pid`` seen from a fork, at interpreter exit, or after shutdown."""
+    from ..errors import PoolClosed
+
+    if pid != os.getpid():
+        raise PoolClosed(
+            f"this pool belongs to process {pid} and was inherited by fork; create a new ironpool.Pool in this process"
+        )
+    if exiting:
+        raise PoolClosed("cannot schedule new futures after interpreter shutdown")
+    if closed:
+        raise PoolClosed("cannot submit to a pool after shutdown()")
 
 
 #: Backend name -> the module that holds it; its ``start(options)`` returns the backend.

@@ -44,7 +44,7 @@ from .._send_once import Shared, call_started
 from .._serialize import serialization_error
 from .._worker import run_chunk
 from ..errors import Attempt, PoolClosed, TaskTimeout, WorkerStartError
-from . import Call, WorkerInfo
+from . import Call, WorkerInfo, refuse_closed
 
 #: A map chunk aims to run this long (items of unknown duration go one at a time).
 _CHUNK_SECONDS = 2e-3
@@ -254,15 +254,7 @@ class ThreadBackend:
     # Submitting ------------------------------------------------------------
 
     def check_open(self) -> None:
-        if self.pid != os.getpid():
-            raise PoolClosed(
-                f"this pool belongs to process {self.pid} and was inherited by fork; "
-                "create a new ironpool.Pool in this process"
-            )
-        if _exiting:
-            raise PoolClosed("cannot schedule new futures after interpreter shutdown")
-        if self.closed:
-            raise PoolClosed("cannot submit to a pool after shutdown()")
+        refuse_closed(self.pid, _exiting, self.closed)
 
     def function(self, fn: Callable[..., Any]) -> _Use:
         return _Use(fn)
