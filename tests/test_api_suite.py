@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import io
+import threading
 import time
 
 import ironpool
@@ -182,6 +183,10 @@ def test_return_exceptions_puts_each_error_in_its_place(make_pool):
 def test_progress_counts_every_item_in_a_tqdm_bar_and_a_callback(make_pool):
     pool = make_pool()
     stream = io.StringIO()
+    # tqdm's default write lock is a multiprocessing RLock, a POSIX semaphore
+    # under /dev/shm for the rest of the session, which test_zero_copy's P2
+    # check would take for data; a thread lock serves this process as well.
+    tqdm.set_lock(threading.RLock())
     bar = tqdm(file=stream, mininterval=0, ascii=True)
     assert list(pool.map(square, range(50), chunksize=4, progress=bar)) == [i * i for i in range(50)]
     assert (bar.n, bar.total) == (50, 50)
