@@ -39,7 +39,9 @@ __all__ = ["CHUNK", "KEEP_GOING", "SINGLE", "Backend", "Call", "Function", "Work
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One worker's figures, from :meth:`ironpool.Pool.stats`."""
+    """One worker's figures, from :meth:`ironpool.Pool.stats`. For a worker
+    thread (``backend="threads"``), ``pid`` is its native thread id and
+    ``rss`` is 0: threads share one process's memory."""
 
     slot: int
     pid: int
