@@ -10,6 +10,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -159,3 +160,54 @@ def pool():
     p = ironpool.Pool(2)
     yield p
     p.terminate()
+
+
+#: The backends the shared API suite (tests/test_api_suite.py) and the worker
+#: state tests run against: a new backend joins them with one entry here.
+BACKENDS = ["processes", "threads"]
+
+
+@pytest.fixture(params=BACKENDS)
+def pool_backend(request) -> str:
+    """Each backend in turn, by name (``Pool(backend=pool_backend)``)."""
+    return request.param
+
+
+@pytest.fixture
+def make_pool(pool_backend):
+    """``make_pool(workers, **options)``: a pool of the backend under test,
+    terminated at the end even if the test left work running."""
+    pools: list[ironpool.Pool] = []
+
+    def make(workers: int = 2, **options) -> ironpool.Pool:
+        pool = ironpool.Pool(workers, backend=pool_backend, **options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.terminate()
+
+
+def worker_key() -> tuple[int, int]:
+    """Which worker runs this: ``(pid, native thread id)`` (a worker process
+    runs tasks on its main thread, whose id is its pid)."""
+    return os.getpid(), threading.get_native_id()
+
+
+def hold(beacon: Beacon, value):
+    """A task that says it started (its ``value``), then waits for ``beacon.release()``."""
+    beacon.notify(value)
+    beacon.wait()
+    return value
+
+
+def two_running(pool: ironpool.Pool, beacon: Beacon) -> list:
+    """Starts one ``hold`` task per worker of a two-worker pool, one at a time,
+    so that each lands on its own worker whatever the scheduler does with a
+    half-started pool; their futures return 0 and 1 once released."""
+    running = []
+    for i in range(2):
+        running.append(pool.submit(hold, beacon, i))
+        beacon.started(1)
+    return running

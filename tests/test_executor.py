@@ -11,7 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import ironpool
 import pytest
-from conftest import Beacon, wait_until
+from conftest import Beacon, two_running, wait_until
 
 # --- tasks (module level: they go to workers by reference) -----------------
 
@@ -252,20 +252,10 @@ def test_imap_unordered_returns_everything(pool):
 # --- shutdown and context manager -------------------------------------------
 
 
-def _two_running(pool, beacon):
-    """Starts one blocking task per worker, one at a time, so that each lands on
-    its own worker whatever the scheduler does with a half-started pool."""
-    running = []
-    for i in range(2):
-        running.append(pool.submit(blocking, beacon, i))
-        beacon.started(1)
-    return running
-
-
 def test_shutdown_cancel_futures_cancels_queued_and_finishes_running(beacon):
     pool = ironpool.Pool(2)
     try:
-        running = _two_running(pool, beacon)
+        running = two_running(pool, beacon)
         queued = [pool.submit(square, i) for i in range(8)]
         pool.shutdown(wait=False, cancel_futures=True)
         cancelled = [f for f in queued if f.cancelled()]
@@ -311,7 +301,7 @@ def test_shutdown_cancel_futures_leaves_only_running_or_cancelled(beacon):
     # running"; a future not cancelled is therefore running.
     pool = ironpool.Pool(2)
     try:
-        _two_running(pool, beacon)
+        two_running(pool, beacon)
         queued = [pool.submit(square, i) for i in range(8)]
         pool.shutdown(wait=False, cancel_futures=True)
         states = [(f.cancelled(), f.running(), f.done()) for f in queued]
@@ -336,7 +326,7 @@ def test_long_tasks_on_a_fresh_pool_run_in_parallel(beacon):
 
 
 def test_queued_task_does_not_wait_behind_a_long_one_while_a_worker_is_free(pool, beacon):
-    long_a, long_b = _two_running(pool, beacon)
+    long_a, long_b = two_running(pool, beacon)
     short = [pool.submit(square, i) for i in range(4)]
     beacon.release(1)  # one of the long tasks ends; its worker is free
     done, _ = cf.wait(short, timeout=10)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "CheckpointMismatch": "_checkpoint",
     "IronpoolError": "errors",
     "MemoryLimitExceeded": "errors",
+    "NoWorkerState": "errors",
     "PoolClosed": "errors",
     "RemoteError": "errors",
     "SerializationError": "errors",
@@ -34,6 +35,7 @@ _EXPORTS = {
     "Shared": "pool",
     "WorkerInfo": "pool",
     "shared_memory": "_shared_memory",
+    "worker_state": "_state",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -59,10 +61,12 @@ if False:  # for type checkers; typing itself is not imported at run time
     from ._checkpoint import CheckpointMismatch
     from ._insight import PerformanceHint
     from ._shared_memory import shared_memory
+    from ._state import worker_state
     from .errors import (
         Attempt,
         IronpoolError,
         MemoryLimitExceeded,
+        NoWorkerState,
         PoolClosed,
         RemoteError,
         SerializationError,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING, RUNNING
+from types import TracebackType
 from typing import Any, Protocol
 
 from ._remote_exception import copy_exception
@@ -35,6 +36,11 @@ class TaskFuture(Future):
 
     _driver: TaskDriver | None = None
     _task_id: int = 0
+    #: The task's own traceback, for a backend whose tasks run in this
+    #: process (threads); raised with the task's exception, as the stdlib's
+    #: thread pool does. (A worker process's traceback travels as text, in
+    #: the exception's ``__cause__``.)
+    _task_traceback: TracebackType | None = None
 
     def bind(self, driver: TaskDriver, task_id: int) -> None:
         """Ties the future to task ``task_id`` of ``driver`` (again, for a rerun)."""
@@ -82,8 +88,8 @@ class TaskFuture(Future):
             # caller's frames, which hold this future, which holds the
             # exception -- the cycle that keeps pools alive (pitfall P4).
             # (No local may hold the copy either: this frame is in its traceback.)
-            exc.__traceback__ = None
-            raise (copy_exception(exc) or exc) from exc.__cause__
+            exc.__traceback__ = self._task_traceback
+            raise (copy_exception(exc) or exc).with_traceback(self._task_traceback) from exc.__cause__
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         return super().exception(self._collect(timeout))

@@ -72,10 +72,13 @@ def attempts_text(records: list[Attempt]) -> str:
 
 
 def _with_attempts(err: BaseException, attempts: list) -> BaseException:
+    return with_attempt_records(err, [attempt_record(a) for a in attempts])
+
+
+def with_attempt_records(err: BaseException, records: list[Attempt]) -> BaseException:
     """Adds the earlier attempts to an ironpool error's message; they stay
     available as ``err.attempts``."""
-    if attempts:
-        records = [attempt_record(a) for a in attempts]
+    if records:
         err.args = (f"{err.args[0]}\n{attempts_text(records)}",)
         err.attempts = records  # type: ignore[attr-defined]
     return err

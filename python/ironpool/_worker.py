@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import _core
+from . import _core, _state
 from ._remote_exception import pack_exception
 from ._serialize import REGISTRY, Registered, describe_call, dumps, loads, serialization_error
 
@@ -79,9 +79,12 @@ class Handler:
             _adopt_caller(cfg)
             self._route_logging(cfg)
             initializer = cfg["initializer"]
+            # What it returns is this worker's state (ironpool.worker_state()).
+            state = _state.NO_INITIALIZER
             if initializer is not None:
                 self.running = (initializer, cfg["initargs"], None)
-                initializer(*cfg["initargs"])
+                state = initializer(*cfg["initargs"])
+            _state.set_process_state(state)
             return None
         except BaseException as exc:  # reported to the pool
             return dumps(pack_exception(exc), 1 << 62)

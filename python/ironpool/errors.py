@@ -16,6 +16,7 @@ __all__ = [
     "EngineError",
     "IronpoolError",
     "MemoryLimitExceeded",
+    "NoWorkerState",
     "PoolClosed",
     "ProtocolError",
     "RemoteError",
@@ -155,6 +156,12 @@ class WorkerStartError(BrokenProcessPool, IronpoolError):
     """Workers could not start: the initializer raised, or a ``preload`` module
     failed to import. Raised for every task of the pool; the pool does not retry
     forever."""
+
+
+class NoWorkerState(LookupError, IronpoolError):
+    """``ironpool.worker_state()`` was called outside a task, or in a task of
+    a pool without an ``initializer``. A ``LookupError``, as ``ContextVar.get``
+    raises for a variable that has no value."""
 
 
 class EngineError(RuntimeError, IronpoolError):

@@ -1,5 +1,5 @@
 """``ironpool.Pool``: a ``concurrent.futures.Executor`` over a backend
-(today the Rust process engine; see ``ironpool.backends``)."""
+(the Rust process engine, or threads; see ``ironpool.backends``)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class Pool(Executor):
         workers: number of worker processes; default: the CPUs this process may
             use, capped by a cgroup CPU quota.
         initializer, initargs: called in each worker before its first task
-            (give each worker its own parser, connection, configuration).
+            (give each worker its own parser, connection, configuration);
+            what it returns is that worker's :func:`ironpool.worker_state`.
         preload: modules imported once in the template process that workers are
             forked from (e.g. ``("numpy", "pandas")``), so no worker pays for them;
             the pool waits for these imports, and a failing one is an error.
@@ -67,8 +68,21 @@ class Pool(Executor):
             shared memory instead of the pipe.
         forward_output: copy what workers print to this process's stdout and
             stderr (default), else drop it.
-        backend: what runs the tasks; ``"processes"`` (the default, and today
-            the only one): supervised worker processes.
+        backend: what runs the tasks. ``"processes"`` (the default):
+            supervised worker processes. ``"threads"``: worker threads of this
+            process, for I/O-bound work and libraries that release the GIL;
+            nothing is pickled (tasks get the objects themselves, exceptions
+            keep their tracebacks). A thread cannot be killed, so at its
+            ``task_timeout`` a task fails with :class:`TaskTimeout` and its
+            thread is abandoned to finish unseen while a new one takes its
+            place; a crash in native code ends the whole process; and
+            ``max_memory_per_worker``, ``preload``, ``thread_limit`` and
+            ``forward_output=False`` are refused with ``ValueError``. In
+            ``stats()`` a thread's ``pid`` is its native thread id and its
+            ``rss`` is 0. See ``docs/guide.md``, "Threads backend"::
+
+                with ironpool.Pool(32, backend="threads") as pool:
+                    pages = list(pool.map(fetch, urls))
         max_workers, max_tasks_per_child, mp_context: ``ProcessPoolExecutor``'s
             names, accepted so that code written for it runs unchanged:
             ``max_workers`` is ``workers``, ``max_tasks_per_child`` is

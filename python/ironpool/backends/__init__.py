@@ -4,7 +4,9 @@
 a backend through the small :class:`Backend` protocol below; it never knows
 which backend runs them. A backend is one module in this package, named in
 ``_BACKENDS`` and imported only when a pool asks for it. Today:
-``processes`` (``process.py``: the Rust engine and its supervised workers).
+``processes`` (``process.py``: the Rust engine and its supervised workers)
+and ``threads`` (``threads.py``: worker threads in this process, nothing
+pickled).
 
 A backend's futures are :class:`ironpool._futures.TaskFuture` objects bound
 to it (``TaskFuture.bind``); it resolves each with the task's value, or with
@@ -19,10 +21,12 @@ a chunk either way).
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._serialize import describe_call
 from .._worker import CHUNK, KEEP_GOING, SINGLE  # the task flags workers read
 
 if TYPE_CHECKING:
@@ -38,7 +42,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One worker's figures, from :meth:`ironpool.Pool.stats`."""
+    """One worker's figures, from :meth:`ironpool.Pool.stats`. For a worker
+    thread (``backend="threads"``), ``pid`` is its native thread id and
+    ``rss`` is 0: threads share one process's memory."""
 
     slot: int
     pid: int
@@ -141,6 +147,13 @@ class Call:
     #: the objects it sent once, and their handles).
     sent: Any = None
 
+    def describe(self) -> str:
+        """The call, or the chunk, in a few words for error messages."""
+        if self.chunk:
+            first = describe_call(self.fn, self.first_args())
+            return f"a map chunk of {len(self.args)} items starting with {first}"
+        return describe_call(self.fn, self.args, self.kwargs)
+
     def first_args(self) -> tuple:
         """The arguments of the call, or of a chunk's first item."""
         if not self.chunk:
@@ -201,8 +214,23 @@ class Backend(Protocol):
     def terminate(self) -> None: ...
 
 
+def refuse_closed(pid: int, exiting: bool, closed: bool) -> None:
+    """A backend's ``check_open``: ``PoolClosed`` for a pool of process
+    ``pid`` seen from a fork, at interpreter exit, or after shutdown."""
+    from ..errors import PoolClosed
+
+    if pid != os.getpid():
+        raise PoolClosed(
+            f"this pool belongs to process {pid} and was inherited by fork; create a new ironpool.Pool in this process"
+        )
+    if exiting:
+        raise PoolClosed("cannot schedule new futures after interpreter shutdown")
+    if closed:
+        raise PoolClosed("cannot submit to a pool after shutdown()")
+
+
 #: Backend name -> the module that holds it; its ``start(options)`` returns the backend.
-_BACKENDS = {"processes": "ironpool.backends.process"}
+_BACKENDS = {"processes": "ironpool.backends.process", "threads": "ironpool.backends.threads"}
 
 
 def create(name: str, options: PoolOptions) -> Backend:

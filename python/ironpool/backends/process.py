@@ -37,7 +37,7 @@ from .._send_once import (
 )
 from .._serialize import FRESH, REUSE, describe_call, dumps
 from ..errors import PoolClosed, SerializationError, WorkerStartError
-from . import Call, WorkerInfo, no_counts
+from . import Call, WorkerInfo, no_counts, refuse_closed
 from ._functions import Function, Functions
 
 #: How long a caller waiting in ``result()`` polls the workers itself before
@@ -133,11 +133,7 @@ class _Task:
         self.call = call
 
     def describe(self) -> str:
-        call = self.call
-        if call.chunk:
-            first = describe_call(call.fn, call.first_args())
-            return f"a map chunk of {len(call.args)} items starting with {first}"
-        return describe_call(call.fn, call.args, call.kwargs)
+        return self.call.describe()
 
 
 class ProcessBackend:
@@ -164,15 +160,7 @@ class ProcessBackend:
     # Submitting ----------------------------------------------------------
 
     def check_open(self) -> None:
-        if self.pid != os.getpid():
-            raise PoolClosed(
-                f"this pool belongs to process {self.pid} and was inherited by fork; "
-                "create a new ironpool.Pool in this process"
-            )
-        if _exiting:
-            raise PoolClosed("cannot schedule new futures after interpreter shutdown")
-        if self.closed:
-            raise PoolClosed("cannot submit to a pool after shutdown()")
+        refuse_closed(self.pid, _exiting, self.closed)
 
     def function(self, fn: Callable[..., Any]) -> _Use:
         return _Use(self.functions.acquire(fn))
