@@ -104,11 +104,11 @@ def node_options(options: PoolOptions) -> dict:
 class StoreRef:
     """A ``pool.share()`` object in the engine's store."""
 
-    __slots__ = ("key", "owner", "ref", "released", "reuse")
+    __slots__ = ("id", "owner", "ref", "released", "reuse")
 
     def __init__(self, owner: ClusterBackend, key: str, ref: Any, reuse: bool) -> None:
         self.owner = owner
-        self.key = key
+        self.id = key  # the engine's key, as Shared's repr shows it
         self.ref = ref
         self.reuse = reuse
         self.released = False
@@ -120,7 +120,7 @@ class StoreRef:
 
     def __reduce__(self):
         raise SerializationError(
-            f"ironpool.Shared handle {self.key} can only be pickled as a task argument of the pool that made it"
+            f"ironpool.Shared handle {self.id} can only be pickled as a task argument of the pool that made it"
         )
 
 
@@ -192,7 +192,7 @@ def _pickler_class() -> Any:
                     )
                 if ref.released:
                     raise SerializationError(f"{obj!r} was released: workers no longer hold its object")
-                return self._refer(ref.key, ref.ref, REUSE_SHARE if ref.reuse else FRESH_SHARE)
+                return self._refer(ref.id, ref.ref, REUSE_SHARE if ref.reuse else FRESH_SHARE)
             if type(obj) is bytes or _policy(obj, STORE_THRESHOLD) is None:
                 return None
             key, ref = self.backend.store.put(obj)
