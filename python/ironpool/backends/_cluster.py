@@ -27,12 +27,14 @@ import io
 import itertools
 import queue
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any, Protocol
 
+from .. import _core
 from .._futures import TaskFuture, settle
 from .._options import PoolOptions
 from .._outcomes import argument_error
@@ -134,9 +136,6 @@ class _Store:
         self.entries: OrderedDict[int, tuple] = OrderedDict()  # id -> (weakref, digest, key, ref)
 
     def put(self, value: Any) -> tuple[str, Any]:
-        import weakref
-
-        from .. import _core
 
         digest = _core.digest(dumps(value, 1))
         with self.lock:
@@ -146,7 +145,7 @@ class _Store:
                 return hit[2], hit[3]
         key, ref = self.engine.store(value)
         try:
-            alive = weakref.ref(value, lambda _r, k=id(value): self._drop(k))
+            alive = weakref.ref(value, functools.partial(self._drop, id(value)))
         except TypeError:
             return key, ref
         with self.lock:
@@ -155,7 +154,7 @@ class _Store:
                 self.entries.popitem(last=False)
         return key, ref
 
-    def _drop(self, ident: int) -> None:
+    def _drop(self, ident: int, _ref: Any = None) -> None:
         with self.lock:
             entry = self.entries.get(ident)
             if entry is not None and entry[0]() is None:
@@ -306,7 +305,7 @@ class ClusterBackend:
             try:
                 task.handle = self.engine.submit(
                     self.key, self.options, task.spec, task.keys, task.refs,
-                    lambda task_id=task_id: self.finished.put(task_id),
+                    functools.partial(self.finished.put, task_id),
                 )
             except BaseException as exc:
                 with self.lock:
