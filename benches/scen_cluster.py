@@ -152,10 +152,12 @@ def big_input(case: str, ctx: Ctx) -> dict:
         expected = float(arr.sum())
 
         def run() -> list:
-            return [f.result() for f in [e.submit(array_sum, e.store(arr)) for _ in range(n_tasks)]]
+            stored = e.store(arr)
+            return [f.result() for f in [e.submit(array_sum, stored) for _ in range(n_tasks)]]
 
         times, values = repeat(run, runs=3, budget=90)
-        assert values == [expected] * n_tasks
+        # Equal up to rounding: numpy's pairwise sum depends on the buffer's alignment.
+        assert all(abs(v - expected) <= 1e-9 * abs(expected) for v in values), (values, expected)
     finally:
         e.close()
     return {"seconds": median(times), "mib": mib, "tasks": n_tasks}

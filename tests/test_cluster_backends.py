@@ -58,6 +58,11 @@ def checksum(a):
     return float(a.sum()), a.shape, str(a.dtype)
 
 
+def write_first(a):
+    a.flat[0] = -1.0  # an ordinary argument arrives writable and private
+    return float(a.flat[0])
+
+
 def blocked(gate, marker):
     """Runs once ``gate`` exists; leaves ``marker`` behind."""
     deadline = time.monotonic() + 60
@@ -204,6 +209,8 @@ def test_big_arrays_arrive_intact(make_pool):
         store = getattr(pool._backend, "store", None)
         if store is not None:
             assert len(store.entries) == 1, "sent to the engine's store once, not once per task"
+        assert [pool.submit(write_first, a).result() for _ in range(2)] == [-1.0, -1.0]
+        assert a[0, 0] != -1.0, "a task's writes stay in its own copy"
         a[0, 0] += 1.0  # changed: sent again
         assert pool.submit(checksum, a).result()[0] == float(a.sum())
 

@@ -192,19 +192,20 @@ def _pickler_class() -> Any:
                 if ref.released:
                     raise SerializationError(f"{obj!r} was released: workers no longer hold its object")
                 return self._refer(ref.id, ref.ref, REUSE_SHARE if ref.reuse else FRESH_SHARE)
-            if type(obj) is bytes or _policy(obj, STORE_THRESHOLD) is None:
+            mode = None if type(obj) is bytes else _policy(obj, STORE_THRESHOLD)
+            if mode is None:
                 return None
             key, ref = self.backend.store.put(obj)
-            return self._refer(key, ref, AUTO)
+            return self._refer(key, ref, AUTO, mode)  # the mode: writable here, writable there
 
-        def _refer(self, key: str, ref: Any, how: int) -> tuple:
+        def _refer(self, key: str, ref: Any, how: int, mode: int | None = None) -> tuple:
             index = self.index.get((key, how))
             if index is None:
                 index = len(self.keys)
                 self.keys.append(key)
                 self.refs.append(ref)
                 self.index[(key, how)] = index
-            return (index, how)
+            return (index, how, mode)
 
     return CallPickler
 
@@ -311,6 +312,7 @@ class ClusterBackend:
                 with self.lock:
                     self.running.pop(task_id, None)
                 settle(task.future, error=exc)
+                self._close_if_drained()
 
     def chunk_size(self, function: Any, remaining: int | None) -> int:
         if remaining is None:
@@ -359,10 +361,7 @@ class ClusterBackend:
                 settle(task.future, value, error)
                 del task, value, error
             self._admit()
-            with self.lock:
-                drained = self.closed and not self.running and not self.waiting
-            if drained:
-                self._close_engine()
+            self._close_if_drained()
 
     def _resolve(self, task: _Task) -> tuple[Any, BaseException | None]:
         kind, data = self.engine.outcome(task.handle, task.describe())
@@ -392,7 +391,8 @@ class ClusterBackend:
             self._close_engine()
         elif wait:
             wait_futures(pending)
-            self.thread.join()  # it closes the engine once drained
+            if threading.current_thread() is not self.thread:
+                self.thread.join()  # it closes the engine once drained
 
     def terminate(self) -> None:
         """Cancels every unfinished task and lets go of the engine now (a task
@@ -408,6 +408,13 @@ class ClusterBackend:
             if not Future.cancel(task.future):
                 settle(task.future, error=PoolClosed("the pool was terminated while this task ran"))
         self._close_engine()
+
+    def _close_if_drained(self) -> None:
+        """After shutdown: lets go of the engine once the last task is settled."""
+        with self.lock:
+            drained = self.closed and not self.running and not self.waiting
+        if drained:
+            self._close_engine()
 
     def _close_engine(self) -> None:
         with self.lock:

@@ -10,11 +10,10 @@ returns the outcome as data (:func:`run`). The caller
 of the same types as the local pool gives.
 
 Objects the caller put in the engine's store (``client.scatter``,
-``ray.put``) arrive as arguments of :func:`run` and are kept here by key, so
-every task on this worker sees the same object and the node pool's own
-send-once sends it to each of its workers once; ``pool.share()`` handles
-become the node pool's own ``share()`` handles, with the same semantics as on
-one machine.
+``ray.put``) arrive as arguments of :func:`run` and are registered with the
+node pool once per key (``_stored``), so it sends them to each of its
+workers once; ``pool.share()`` handles become the node pool's own
+``share()`` handles, with the same semantics as on one machine.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from dataclasses import asdict
 from typing import Any
 
 from .._remote_exception import pack_exception, repack_exception
-from .._send_once import Shared, call_started
+from .._send_once import Shared, call_started, dumps_shared
+from .._serialize import PRIVATE
 from ..errors import SerializationError
 from . import Call
 
@@ -37,13 +37,12 @@ OK, RAISED, ERROR = 0, 1, 2
 AUTO, FRESH_SHARE, REUSE_SHARE = 0, 1, 2
 
 #: Node pools kept per cluster worker process (distinct option sets), and
-#: stored objects and share handles kept for identity between tasks.
+#: handles of stored objects registered with them.
 _POOLS = 4
 _OBJECTS = 16
 
 _lock = threading.Lock()
 _pools: OrderedDict[bytes, Any] = OrderedDict()
-_objects: OrderedDict[str, Any] = OrderedDict()
 _handles: OrderedDict[tuple, Shared] = OrderedDict()
 
 
@@ -86,24 +85,34 @@ def node_pool(key: bytes, options: bytes, slots: int) -> Any:
         return pool
 
 
-def _stored(pool: Any, key: str, value: Any, how: int) -> Any:
-    """The object a task gets for a stored argument: one object per key on
-    this worker, or this pool's share() handle of it."""
+def _stored(pool: Any, key: str, value: Any, how: int, mode: int | None) -> Any:
+    """What a task gets for a stored argument: a handle registered once with
+    this worker's node pool, so its workers receive it once and no task
+    re-checks its content (a stored object never changes: a changed one is
+    stored anew under another key). An argument stored automatically keeps
+    the mode an ordinary argument of its kind has (a writable array arrives
+    writable and private: ``mode`` is the one the caller saw); a ``share()`` object is the node pool's own
+    ``share()``, read-only."""
+    slot = (pool, key, how)
     with _lock:
-        kept = _objects.setdefault(key, value)
-        _objects.move_to_end(key)
-        while len(_objects) > _OBJECTS:
-            _objects.popitem(last=False)
-        if how == AUTO:
-            return kept
-        slot = (pool, key, how)
         handle = _handles.get(slot)
-        if handle is None:
-            handle = pool.share(kept, reuse=how == REUSE_SHARE)
-            _handles[slot] = handle
-            while len(_handles) > _OBJECTS:
-                _handles.popitem(last=False)[1].release()
-        return handle
+        if handle is not None:
+            _handles.move_to_end(slot)
+            return handle
+    backend = pool._running()
+    if how == AUTO:
+        if mode == PRIVATE and getattr(getattr(value, "flags", None), "writeable", True) is False:
+            # Ray hands out its store's numpy arrays read-only: one copy per
+            # worker process keeps them writable for the tasks, as they were.
+            value = value.copy()
+        handle = backend._register_digested(dumps_shared(value, backend.threshold), mode)[0]
+    else:
+        handle = backend.share(value, how == REUSE_SHARE)
+    with _lock:
+        _handles[slot] = handle
+        while len(_handles) > _OBJECTS:
+            _handles.popitem(last=False)[1].release()
+    return handle
 
 
 class _CallUnpickler(pickle.Unpickler):
@@ -114,8 +123,8 @@ class _CallUnpickler(pickle.Unpickler):
         self.values = values
 
     def persistent_load(self, pid: Any) -> Any:
-        index, how = pid
-        return _stored(self.pool, self.keys[index], self.values[index], how)
+        index, how, mode = pid
+        return _stored(self.pool, self.keys[index], self.values[index], how, mode)
 
 
 def run(slots: int, key: bytes, options: bytes, spec: bytes, keys: list[str], *values: Any) -> tuple:
