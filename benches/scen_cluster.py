@@ -41,7 +41,7 @@ class _Engine:
             import distributed
 
             self.cluster = distributed.LocalCluster(
-                n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0"
             )
             self.client = distributed.Client(self.cluster)
             self.pool = ironpool.Pool(backend="dask", address=self.client) if through_ironpool else None

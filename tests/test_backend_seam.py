@@ -98,5 +98,5 @@ def test_the_api_runs_over_a_backend_module(inline):
 
 
 def test_an_unknown_backend_is_refused_by_name():
-    with pytest.raises(ValueError, match="backend must be one of 'processes', got 'nope'"):
+    with pytest.raises(ValueError, match="backend must be one of 'processes', 'dask', 'ray', got 'nope'"):
         ironpool.Pool(1, backend="nope")

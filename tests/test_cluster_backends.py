@@ -72,7 +72,9 @@ def blocked(gate, marker):
     return marker
 
 
-# Engines: started once per session, gone when it ends.
+# Engines: started once, for this module only (other modules check that no
+# process of theirs holds /dev/shm files, as Ray's object store does), and
+# gone when it ends.
 
 
 def _with_descendants(pids) -> list[psutil.Process]:
@@ -109,10 +111,10 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_client():
     distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None)
+    cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0")
     client = distributed.Client(cluster)
     client.run(sys.path.insert, 0, HERE)
     yield client
@@ -123,7 +125,7 @@ def dask_client():
     assert procs and wait_until(lambda: not _alive(procs), timeout=30), _alive(procs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
     env = {"PYTHONPATH": os.pathsep.join([HERE, *sys.path])}

@@ -37,7 +37,7 @@ def start(options: PoolOptions) -> ClusterBackend:
         # died: retries are the node pool's, counted once.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
             cluster = distributed.LocalCluster(
-                n_workers=1, threads_per_worker=options.workers, processes=True, dashboard_address=None
+                n_workers=1, threads_per_worker=options.workers, processes=True, dashboard_address=":0"
             )
         client = distributed.Client(cluster)
     elif isinstance(address, str):
