@@ -29,6 +29,12 @@ LABELS = {
     "ironpool_readonly": "ironpool read-only array",
     "pebble": "pebble",
     "ray": "ray Pool",
+    "ironpool_dask": "ironpool dask backend",
+    "ironpool_dask_submit": "ironpool dask backend, submit per item",
+    "dask_client": "dask client.submit/map",
+    "ironpool_ray": "ironpool ray backend",
+    "ironpool_ray_submit": "ironpool ray backend, submit per item",
+    "ray_remote": "ray.remote",
 }
 
 ALL = ["ironpool", "ppe", "mp", "joblib", "loky", "mpire", "pebble", "ray"]

@@ -36,13 +36,16 @@ if HERE not in sys.path:
 
 import peers  # noqa: E402
 import scen_basic  # noqa: E402
+import scen_cluster  # noqa: E402
 import scen_data  # noqa: E402
 import scen_faults  # noqa: E402
 import scen_joblib  # noqa: E402
 from common import PARTIAL, RESULT, WORKERS, Ctx, Scenario, median, pid_alive  # noqa: E402
 
-SCENARIOS: list[Scenario] = (scen_basic.SCENARIOS + scen_data.SCENARIOS + scen_faults.SCENARIOS
-                              + scen_joblib.SCENARIOS)
+SCENARIOS: list[Scenario] = (
+    scen_basic.SCENARIOS + scen_data.SCENARIOS + scen_faults.SCENARIOS + scen_joblib.SCENARIOS
+    + scen_cluster.SCENARIOS
+)
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 

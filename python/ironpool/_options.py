@@ -76,6 +76,8 @@ class PoolOptions:
     thread_limit: int | None
     buffer_threshold: int
     forward_output: bool
+    #: Where a cluster backend finds its engine (see ``Pool``); None: it starts one.
+    address: Any = None
 
 
 def pool_options(
@@ -97,6 +99,7 @@ def pool_options(
     forward_output: bool,
     max_workers: int | None,
     max_tasks_per_child: int | None,
+    address: Any = None,
 ) -> PoolOptions:
     """Checks ``Pool``'s arguments, ``ProcessPoolExecutor``'s names included."""
     workers_name = "workers"
@@ -108,6 +111,11 @@ def pool_options(
         if max_tasks_per_worker is not None:
             raise TypeError("give max_tasks_per_worker or max_tasks_per_child, not both")
         max_tasks_per_worker = max_tasks_per_child
+    if address is not None and workers is not None:
+        raise TypeError(
+            f"{workers_name}= sizes a cluster the pool starts itself; with address= the cluster's own "
+            f"workers run the tasks: drop {workers_name}={workers!r} or address="
+        )
     if workers is None:
         workers = default_workers()
     if isinstance(workers, bool) or not isinstance(workers, int):
@@ -158,4 +166,5 @@ def pool_options(
         thread_limit=thread_limit,
         buffer_threshold=buffer_threshold,
         forward_output=bool(forward_output),
+        address=address,
     )

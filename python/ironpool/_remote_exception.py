@@ -391,6 +391,7 @@ def _attach_traceback(exc: BaseException, tb: str) -> None:
     from concurrent.futures.process import _RemoteTraceback
 
     remote: Any = _RemoteTraceback(f'\n"""\n{tb}"""')  # type: ignore[arg-type]  # the stdlib passes a str
+    remote.ironpool_tb = tb  # for repack_exception
     last, seen = exc, {id(exc)}
     while last.__cause__ is not None:
         last = last.__cause__
@@ -402,6 +403,24 @@ def _attach_traceback(exc: BaseException, tb: str) -> None:
     last.__cause__ = remote
     if last is not exc:
         last.__suppress_context__ = suppress
+
+
+def repack_exception(exc: BaseException) -> tuple | None:
+    """Packs again an exception ``unpack_exception`` rebuilt, to send it on
+    (a cluster node passing a task's exception to its caller) with the
+    worker's traceback, not the frames that re-raised it; None for one that
+    did not come from a worker (an ironpool error: it pickles as itself)."""
+    last, before = exc, None
+    seen = {id(exc)}
+    while last.__cause__ is not None and id(last.__cause__) not in seen:
+        before, last = last, last.__cause__
+        seen.add(id(last))
+    tb = getattr(last, "ironpool_tb", None)
+    if before is None or not isinstance(tb, str):
+        return None
+    before.__cause__ = None
+    packed = pack_exception(exc)
+    return (packed[0], packed[1], tb)
 
 
 def unpack_exception(packed: tuple) -> BaseException:

@@ -83,6 +83,15 @@ class Pool(Executor):
 
                 with ironpool.Pool(32, backend="threads") as pool:
                     pages = list(pool.map(fetch, urls))
+
+            ``"dask"`` or ``"ray"``: a cluster, each of whose workers runs the
+            tasks in its own ironpool process pool with these options (see
+            ``docs/scaling-out.md``).
+        address: for ``backend="dask"``, a scheduler address or a
+            ``distributed.Client``; for ``"ray"``, what ``ray.init`` takes.
+            None: the pool starts a local cluster of ``workers`` and stops it at
+            shutdown (Ray: uses the Ray this process already initialised, if
+            any). With an address the cluster's size rules: give no ``workers``.
         max_workers, max_tasks_per_child, mp_context: ``ProcessPoolExecutor``'s
             names, accepted so that code written for it runs unchanged:
             ``max_workers`` is ``workers``, ``max_tasks_per_child`` is
@@ -109,6 +118,7 @@ class Pool(Executor):
         buffer_threshold: int = 64 * 1024,
         forward_output: bool = True,
         backend: str = "processes",
+        address: Any = None,
         max_workers: int | None = None,
         max_tasks_per_child: int | None = None,
         mp_context: Any = None,
@@ -133,10 +143,11 @@ class Pool(Executor):
             forward_output=forward_output,
             max_workers=max_workers,
             max_tasks_per_child=max_tasks_per_child,
+            address=address,
         )
-        self._max_workers = options.workers  # read by dask's get_scheduler
         self._retries = options.retries
         self._backend = backends.create(backend, options)
+        self._max_workers = self._backend.workers  # read by dask's get_scheduler; a cluster's is its own
         weakref.finalize(self, self._backend.shutdown, False, False)
 
     # Executor API ---------------------------------------------------------

@@ -4,9 +4,11 @@
 a backend through the small :class:`Backend` protocol below; it never knows
 which backend runs them. A backend is one module in this package, named in
 ``_BACKENDS`` and imported only when a pool asks for it. Today:
-``processes`` (``process.py``: the Rust engine and its supervised workers)
-and ``threads`` (``threads.py``: worker threads in this process, nothing
-pickled).
+``processes`` (``process.py``: the Rust engine and its supervised workers),
+``threads`` (``threads.py``: worker threads in this process, nothing
+pickled), ``dask`` and ``ray`` (``dask.py``, ``ray.py`` over
+``_cluster.py``: each cluster worker runs the calls in an ironpool process
+pool, ``_node.py``).
 
 A backend's futures are :class:`ironpool._futures.TaskFuture` objects bound
 to it (``TaskFuture.bind``); it resolves each with the task's value, or with
@@ -230,7 +232,12 @@ def refuse_closed(pid: int, exiting: bool, closed: bool) -> None:
 
 
 #: Backend name -> the module that holds it; its ``start(options)`` returns the backend.
-_BACKENDS = {"processes": "ironpool.backends.process", "threads": "ironpool.backends.threads"}
+_BACKENDS = {
+    "processes": "ironpool.backends.process",
+    "threads": "ironpool.backends.threads",
+    "dask": "ironpool.backends.dask",
+    "ray": "ironpool.backends.ray",
+}
 
 
 def create(name: str, options: PoolOptions) -> Backend:

@@ -49,6 +49,11 @@ _WAIT_SLICE = 0.05
 
 def start(options: PoolOptions) -> ProcessBackend | Unstarted:
     """A running backend, or one that fails every call with why it could not start."""
+    if options.address is not None:
+        raise TypeError(
+            f"address={options.address!r} names a cluster: give it with backend='dask' or backend='ray', "
+            "not with the processes backend"
+        )
     init = {
         "sys_path": list(sys.path),
         "cwd": os.getcwd(),
