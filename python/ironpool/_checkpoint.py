@@ -40,7 +40,14 @@ FSYNC_SECONDS = 1.0
 
 
 class CheckpointMismatch(ValueError, IronpoolError):
-    """A checkpoint file was written by another function or for other items."""
+    """A checkpoint file was written by another function or for other items::
+
+        try:
+            results = list(pool.map(convert, files, checkpoint="convert.ckpt"))
+        except ironpool.CheckpointMismatch:
+            os.remove("convert.ckpt")  # the inputs changed: start over
+            results = list(pool.map(convert, files, checkpoint="convert.ckpt"))
+    """
 
 
 def digest(obj: Any) -> bytes:

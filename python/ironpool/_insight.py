@@ -21,7 +21,12 @@ _given: set[str] = set()
 
 
 class PerformanceHint(UserWarning):
-    """Advice on how a ``map`` could run faster."""
+    """Advice on how a ``map`` could run faster, given once per process::
+
+        import warnings
+        warnings.simplefilter("ignore", ironpool.PerformanceHint)  # silence it
+        warnings.simplefilter("error", ironpool.PerformanceHint)   # or fail a test on it
+    """
 
 
 class MapClock:
