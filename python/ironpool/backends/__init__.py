@@ -156,6 +156,11 @@ class Call:
             return f"a map chunk of {len(self.args)} items starting with {first}"
         return describe_call(self.fn, self.args, self.kwargs)
 
+    def pickling_culprit(self) -> str:
+        """Where an argument that failed to pickle may be, for its error."""
+        where = describe_call(self.fn, self.first_args(), self.kwargs)
+        return where + " (or a neighbour in its chunk)" if self.chunk else where
+
     def first_args(self) -> tuple:
         """The arguments of the call, or of a chunk's first item."""
         if not self.chunk:

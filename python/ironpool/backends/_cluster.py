@@ -288,10 +288,7 @@ class ClusterBackend:
         try:
             spec = pickler.dumps((call.fn, call.args, call.kwargs, call.chunk, call.timeout, call.retries))
         except Exception as exc:
-            where = describe_call(call.fn, call.first_args(), call.kwargs)
-            if call.chunk:
-                where += " (or a neighbour in its chunk)"
-            future.set_exception(argument_error(exc, where))
+            future.set_exception(argument_error(exc, call.pickling_culprit()))
             return future
         task_id = next(self.task_ids)
         task = _Task(future, call, spec, pickler.keys, pickler.refs)

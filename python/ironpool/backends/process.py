@@ -35,7 +35,7 @@ from .._send_once import (
     share_large_bytes,
     unhold_all,
 )
-from .._serialize import FRESH, REUSE, describe_call, dumps
+from .._serialize import FRESH, REUSE, dumps
 from ..errors import PoolClosed, SerializationError, WorkerStartError
 from . import Call, WorkerInfo, no_counts, refuse_closed
 from ._functions import Function, Functions
@@ -196,10 +196,7 @@ class ProcessBackend:
                 what, pool=self.token, threshold=self.threshold, since=call.since, auto=self.auto_share, pinned=pinned
             )
         except Exception as exc:
-            where = describe_call(call.fn, call.first_args(), call.kwargs)
-            if call.chunk:
-                where += " (or a neighbour in its chunk)"
-            future.set_exception(argument_error(exc, where))
+            future.set_exception(argument_error(exc, call.pickling_culprit()))
             return future
         # Kept while the task lives: the handles of objects sent once stay
         # valid for the burst of tasks using them, and a rerun of one of a
