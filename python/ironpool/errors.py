@@ -28,7 +28,13 @@ __all__ = [
 
 
 class IronpoolError(Exception):
-    """Base of ironpool's own errors (mixed into each stdlib-derived class)."""
+    """Base of ironpool's own errors (mixed into each stdlib-derived class)::
+
+        try:
+            result = pool.submit(work, item).result()
+        except ironpool.IronpoolError as err:  # the pool's errors, not the task's own
+            log.error("ironpool failed the task: %s", err)
+    """
 
 
 def _python_stack(stderr_tail: str) -> str | None:
@@ -43,7 +49,12 @@ def _python_stack(stderr_tail: str) -> str | None:
 @dataclass(frozen=True)
 class Attempt:
     """An earlier run of a task that gave no result (in ``err.attempts`` of
-    the error it finally failed with, oldest first)."""
+    the error it finally failed with, oldest first)::
+
+        except ironpool.WorkerCrashed as err:
+            for attempt in getattr(err, "attempts", []):
+                print(attempt.what, attempt.pid, attempt.description)
+    """
 
     #: "crashed", "timeout", "memory", "protocol" or "raised".
     what: str
@@ -117,7 +128,10 @@ def _rebuild(cls, args, state):
 class MemoryLimitExceeded(WorkerCrashed):
     """A worker passed the hard memory ceiling during a task and was killed.
 
-    Attributes ``rss`` (bytes seen) and ``limit`` (the ceiling) report the figure.
+    Attributes ``rss`` (bytes seen) and ``limit`` (the ceiling) report the figure::
+
+        except ironpool.MemoryLimitExceeded as err:
+            print(f"used {err.rss / 2**30:.1f} GiB of {err.limit / 2**30:.1f}")
     """
 
     rss: int = 0
@@ -127,7 +141,12 @@ class MemoryLimitExceeded(WorkerCrashed):
 class TaskTimeout(TimeoutError, IronpoolError):
     """A task ran past its time limit; its worker was killed and replaced.
 
-    Attributes: ``task`` (description), ``limit`` (seconds), ``pid``.
+    Attributes: ``task`` (description), ``limit`` (seconds), ``pid``::
+
+        try:
+            page = pool.submit_with(fetch, (url,), timeout=30).result()
+        except ironpool.TaskTimeout as err:
+            print(f"{err.task} hung past {err.limit} s")
     """
 
     def __init__(self, message: str, *, task: str = "", limit: float = 0.0, pid: int = 0) -> None:
@@ -144,24 +163,43 @@ class SerializationError(pickle.PicklingError, IronpoolError):
     """An argument or result could not be pickled or unpickled.
 
     Delivered through the task's future; the message names the task and the
-    type of the object that failed.
+    type of the object that failed::
+
+        future = pool.submit(len, threading.Lock())
+        future.exception()  # SerializationError naming len(...) and the lock
     """
 
 
 class PoolClosed(RuntimeError, IronpoolError):
-    """Work was submitted to a pool that is shut down (or was inherited by fork)."""
+    """Work was submitted to a pool that is shut down (or was inherited by fork)::
+
+        pool.shutdown()
+        pool.submit(abs, -1)  # raises PoolClosed: create a new pool
+    """
 
 
 class WorkerStartError(BrokenProcessPool, IronpoolError):
     """Workers could not start: the initializer raised, or a ``preload`` module
     failed to import. Raised for every task of the pool; the pool does not retry
-    forever."""
+    forever::
+
+        try:
+            pool.submit(work, 1).result()
+        except ironpool.WorkerStartError as err:
+            print("fix the initializer:", err.__cause__)
+    """
 
 
 class NoWorkerState(LookupError, IronpoolError):
     """``ironpool.worker_state()`` was called outside a task, or in a task of
     a pool without an ``initializer``. A ``LookupError``, as ``ContextVar.get``
-    raises for a variable that has no value."""
+    raises for a variable that has no value::
+
+        try:
+            parser = ironpool.worker_state()
+        except ironpool.NoWorkerState:
+            parser = Parser()  # called outside a pool's task
+    """
 
 
 class EngineError(RuntimeError, IronpoolError):
@@ -180,7 +218,10 @@ class ProtocolError(EngineError):
 class RemoteError(Exception):
     """Stands in for a task's exception that could not itself be pickled.
 
-    Attributes: ``type_name``, ``message``, ``traceback`` (remote text).
+    Attributes: ``type_name``, ``message``, ``traceback`` (remote text)::
+
+        except ironpool.RemoteError as err:
+            print("the task raised a", err.type_name)
     """
 
     def __init__(self, type_name: str, message: str, traceback: str) -> None:

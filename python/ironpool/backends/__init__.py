@@ -46,7 +46,11 @@ __all__ = [
 class WorkerInfo:
     """One worker's figures, from :meth:`ironpool.Pool.stats`. For a worker
     thread (``backend="threads"``), ``pid`` is its native thread id and
-    ``rss`` is 0: threads share one process's memory."""
+    ``rss`` is 0: threads share one process's memory::
+
+        for w in pool.stats():
+            print(w.slot, w.pid, w.tasks_done, f"{w.rss / 2**20:.0f} MiB", w.restarts, w.last_exit)
+    """
 
     slot: int
     pid: int
