@@ -1,8 +1,8 @@
 """The per-file job of the demo (and of ``benches`` scenario ``file_job``).
 
-Seed 000's scenario: each worker reads one CSV with pandas, aggregates it by
-``key`` and returns both the small summary and the full DataFrame; the parent
-concatenates everything. ``process_file_records`` is the article's
+Seed 000's scenario: each worker reads one CSV with pandas, builds per-key
+features and aggregates them by ``key``, and returns both the small summary
+and the full DataFrame; the parent concatenates everything. ``process_file_records`` is the article's
 workaround for ``BufferError: memoryview has 1 exported buffer``: return
 ``df.to_dict(orient="records")`` and rebuild the frame in the parent. The
 functions live in an importable module so that every pool (stdlib, ironpool,
@@ -50,17 +50,24 @@ def make_files(directory: str, n_files: int, rows: int, seed: int = 0) -> tuple[
 
 
 def process_file(path: str):
-    """Reads one CSV, aggregates it by key; returns ``(summary, full_frame)``."""
+    """Reads one CSV and builds per-key features (amount, a 7-day rolling
+    mean per key, a per-key z-score); returns ``(summary, full_frame)``."""
     import pandas as pd
 
     df = pd.read_csv(path, parse_dates=["day"])
     df["amount"] = df["price"] * df["qty"]
+    df = df.sort_values(["key", "day"], kind="stable", ignore_index=True)
+    by_key = df.groupby("key", sort=False)  # in row order: the frame is sorted by key
+    df["amount_7d"] = by_key.rolling("7D", on="day")["amount"].mean().to_numpy()
+    df["a_z"] = (df["a"] - by_key["a"].transform("mean")) / by_key["a"].transform("std")
     summary = df.groupby("key", sort=True).agg(
         rows=("qty", "size"),
         qty_sum=("qty", "sum"),
         amount_sum=("amount", "sum"),
+        amount_p90=("amount", lambda s: s.quantile(0.9)),
+        amount_7d_max=("amount_7d", "max"),
         price_mean=("price", "mean"),
-        a_mean=("a", "mean"),
+        a_z_max=("a_z", "max"),
         b_max=("b", "max"),
         first_day=("day", "min"),
     )
