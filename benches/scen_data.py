@@ -155,7 +155,8 @@ def file_job(case: str, ctx: Ctx) -> dict:
 
 FILE_JOB = Scenario(
     name="file_job",
-    title="file_job: the demo's job (read CSV, groupby, return summary + full DataFrame; parent concatenates)",
+    title=("file_job: the demo's job (read CSV, per-key features, groupby, return summary + full DataFrame; "
+           "parent concatenates)"),
     run=file_job,
     cases=lambda quick: list(DATA_CASES),
     columns=[Column("seconds", "seconds"), *MEM_COLUMNS, Column("rows", "rows", "int"), Column("runs", "runs", "int"),
