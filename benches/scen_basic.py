@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 
 import peers
@@ -135,4 +136,75 @@ TINY_MAP = Scenario(
            "ironpool sizes chunks from measured task times. Fewer than 3 runs when one run is slow."],
 )
 
-SCENARIOS = [ROUNDTRIP, STARTUP, TINY_MAP]
+
+# tiny_c1 and submit_many: the per-task path, one task per message ------------------
+
+#: Compiled into the child's ``__main__``, so that the task pickles by value the
+#: way a user's script function does.
+_MAIN_SOURCE = """
+def main_square(x):
+    return x * x
+"""
+
+PER_TASK_N = 20_000
+
+
+def _main_square():
+    main = sys.modules["__main__"]
+    if not hasattr(main, "main_square"):
+        exec(compile(_MAIN_SOURCE, "<benchmark script>", "exec"), main.__dict__)
+    return main.main_square
+
+
+def tiny_c1(case: str, ctx: Ctx) -> dict:
+    square = _main_square()
+    pool = peers.make(case)
+    pool.map(square, range(200), chunksize=1)  # start the workers
+    expected = sum(x * x for x in range(PER_TASK_N))
+    times, out = repeat(lambda: pool.map(square, range(PER_TASK_N), chunksize=1), runs=3,
+                        budget=8.0 if ctx.quick else 25.0)
+    ok = len(out) == PER_TASK_N and sum(out) == expected
+    pool.close()
+    sec = median(times)
+    return {"seconds": sec, "per_s": PER_TASK_N / sec, "runs": len(times), "ok": ok}
+
+
+TINY_C1 = Scenario(
+    name="tiny_c1",
+    title="tiny_c1: list(map(square, range(20_000), chunksize=1)), square defined in __main__",
+    run=tiny_c1,
+    cases=lambda quick: list(peers.ALL),
+    columns=[Column("seconds", "seconds"), Column("items/s", "per_s", "{:,.0f}"), Column("runs", "runs", "int"),
+             Column("correct", "ok")],
+    ratio_key="seconds",
+    timeout=lambda quick: 120.0,
+    notes=["One item per message for every library (joblib has no chunksize: its batch_size='auto')."],
+)
+
+
+def submit_many(case: str, ctx: Ctx) -> dict:
+    square = _main_square()
+    pool = peers.make(case)
+    pool.calls(square, [(i,) for i in range(200)])  # start the workers
+    args = [(i,) for i in range(PER_TASK_N)]
+    expected = [i * i for i in range(PER_TASK_N)]
+    times, out = repeat(lambda: pool.calls(square, args), runs=3, budget=8.0 if ctx.quick else 25.0)
+    ok = out == expected
+    pool.close()
+    sec = median(times)
+    return {"seconds": sec, "per_s": PER_TASK_N / sec, "runs": len(times), "ok": ok, "call": pool.how_submit}
+
+
+SUBMIT_MANY = Scenario(
+    name="submit_many",
+    title="submit_many: 20,000 submit(square, i), then result() of each in order; square defined in __main__",
+    run=submit_many,
+    cases=lambda quick: list(peers.ALL),
+    columns=[Column("seconds", "seconds"), Column("tasks/s", "per_s", "{:,.0f}"), Column("runs", "runs", "int"),
+             Column("correct", "ok"), Column("call used", "call", "text")],
+    ratio_key="seconds",
+    timeout=lambda quick: 120.0,
+    notes=["joblib has no submit: its row is one Parallel call over the 20,000 calls."],
+)
+
+SCENARIOS = [ROUNDTRIP, STARTUP, TINY_MAP, TINY_C1, SUBMIT_MANY]

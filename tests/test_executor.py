@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures as cf
 import itertools
 import os
+import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
@@ -455,3 +456,38 @@ def test_bad_arguments_are_named(pool):
         pool.map(square, range(3), timeout=-1)
     # The pool is still fine after refusing bad calls.
     assert pool.submit(square, 4).result(timeout=30) == 16
+
+
+# --- who delivers results: the caller that waits, or the results thread ----
+
+
+def _on_done(future: cf.Future) -> threading.Event:
+    got = threading.Event()
+    future.add_done_callback(lambda _f: got.set())
+    return got
+
+
+def test_results_nobody_waits_on_settle_while_a_caller_waits_and_after_it_stops(pool, beacon):
+    """While a caller waits in ``result()`` it takes every completion (the
+    results thread leaves them to it); once it stops waiting, the results
+    thread settles what arrives. Neither way may strand a result."""
+    blocked = pool.submit(blocking, beacon, "late")
+    beacon.started(1)
+    with pytest.raises(cf.TimeoutError):
+        blocked.result(timeout=0.05)  # waited, then stopped waiting
+    after_wait = pool.submit(square, 3)
+    assert _on_done(after_wait).wait(10), "a result arriving after a caller stopped waiting was not delivered"
+
+    waiter = threading.Thread(target=blocked.result)  # waits (drives) until released
+    waiter.start()
+    try:
+        during_wait = [pool.submit(square, i) for i in range(50)]
+        for f in during_wait:
+            assert _on_done(f).wait(10), "a result arriving while another caller waited was not delivered"
+        assert waiter.is_alive(), "the waiting caller was meant to still be waiting"
+        assert [f.result() for f in during_wait] == [i * i for i in range(50)]
+    finally:
+        beacon.release()
+        waiter.join(10)
+    assert blocked.result(timeout=10) == "late"
+    assert after_wait.result() == 9

@@ -27,6 +27,10 @@ _ITEM_FAULTS = (WorkerCrashed, TaskTimeout)
 _ITEM_FAULTS_KEPT = (WorkerCrashed, TaskTimeout, SerializationError)
 
 
+#: Items in flight a ``map`` with a small ``chunksize`` keeps at least.
+_WINDOW_ITEMS = 64
+
+
 def common_len(iterables: tuple) -> int | None:
     """The length ``map`` will have, if the inputs tell it."""
     try:
@@ -103,7 +107,10 @@ class MapRun:
         self.progress: Progress | None = None
         self.name = name
         self.clock: MapClock | None = MapClock(backend)
-        self.window = max(4, 4 * backend.workers)
+        # Chunks in flight: enough that a worker always has the next one
+        # queued, and, for chunks of few items, enough items that the
+        # caller waits once per batch of results rather than once per chunk.
+        self.window = max(4, 4 * backend.workers, _WINDOW_ITEMS // (chunksize or _WINDOW_ITEMS))
         self.inflight: deque[tuple[Future, Call]] = deque()
         self.error: BaseException | None = None
         self.exhausted = False

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._serialize import describe_call
 from .._worker import CHUNK, KEEP_GOING, SINGLE  # the task flags workers read
+from ..errors import PoolClosed
 
 if TYPE_CHECKING:
     from .._futures import TaskFuture
@@ -225,12 +226,29 @@ class Backend(Protocol):
     def terminate(self) -> None: ...
 
 
+#: This process's id, kept current by a fork hook: ``os.getpid()`` is a
+#: system call, and in some virtual machines one costs several µs per task.
+_pid = os.getpid()
+
+
+def current_pid() -> int:
+    """``os.getpid()``, without the system call (valid in any child made by
+    ``os.fork``, which runs Python's fork hooks; workers are made so)."""
+    return _pid
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
 def refuse_closed(pid: int, exiting: bool, closed: bool) -> None:
     """A backend's ``check_open``: ``PoolClosed`` for a pool of process
     ``pid`` seen from a fork, at interpreter exit, or after shutdown."""
-    from ..errors import PoolClosed
-
-    if pid != os.getpid():
+    if pid != _pid:
         raise PoolClosed(
             f"this pool belongs to process {pid} and was inherited by fork; create a new ironpool.Pool in this process"
         )

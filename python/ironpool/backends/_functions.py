@@ -39,13 +39,24 @@ class Function:
             self.refs = None
             self.strong = parts
 
+    @property
+    def counted(self) -> bool:
+        """Whether calls hold it (a strongly held callable, forgotten once
+        no call uses it) and so must ``release`` it; a weakly held one goes
+        when its callable does."""
+        return self.refs is None
+
     def is_for(self, parts: tuple) -> bool:
-        held = self.strong if self.refs is None else tuple(r() for r in self.refs)
+        refs = self.refs
+        if refs is not None and len(refs) == 1:  # a plain function: no tuple built per call
+            return len(parts) == 1 and refs[0]() is parts[0]
+        held = self.strong if refs is None else tuple(r() for r in refs)
         return held is not None and len(held) == len(parts) and all(a is b for a, b in zip(held, parts, strict=True))
 
     def release(self, _future: Any = None) -> None:
         """One call is done with it."""
-        self.owner.release(self)
+        if self.refs is None:
+            self.owner.release(self)
 
 
 def _died(dead_ref: Callable, function_ref: Callable, _ref: Any) -> None:
@@ -95,7 +106,8 @@ class Functions:
                 function = Function(self, key, next(self.ids), parts)
                 self.core.register_object(function.id, payload)
                 self.by_key[key] = function
-            function.holds += 1
+            if function.refs is None:
+                function.holds += 1
             return function
 
     def release(self, function: Function) -> None:
@@ -107,7 +119,7 @@ class Functions:
 
     def forget_dead(self) -> None:
         """Forgets the functions whose callables were collected."""
-        while True:
+        while self.dead:  # (checked first: raising IndexError per call costs)
             try:
                 function = self.dead.popleft()
             except IndexError:  # empty, or another thread took the last

@@ -37,7 +37,7 @@ from .._send_once import (
 )
 from .._serialize import FRESH, REUSE, dumps
 from ..errors import PoolClosed, SerializationError, WorkerStartError
-from . import Call, WorkerInfo, no_counts, refuse_closed
+from . import Call, WorkerInfo, current_pid, no_counts, refuse_closed
 from ._functions import Function, Functions
 
 #: How long a caller waiting in ``result()`` polls the workers itself before
@@ -180,7 +180,8 @@ class ProcessBackend:
             except SerializationError as exc:
                 future.set_exception(exc)
                 return future
-            future.add_done_callback(registered.release)
+            if registered.counted:
+                future.add_done_callback(registered.release)
         else:
             assert isinstance(use, _Use)
             registered = use.function
@@ -261,7 +262,7 @@ class ProcessBackend:
     def collect_until(self, future: Future, timeout: float | None) -> None:
         """Collects completions in this thread until ``future`` is done or
         ``timeout`` passes (the caller then reads the future as usual)."""
-        if self.pid != os.getpid():
+        if self.pid != current_pid():
             raise PoolClosed(
                 f"this future belongs to a pool of process {self.pid} and was inherited by fork; "
                 "its result will never reach this process"
@@ -280,7 +281,11 @@ class ProcessBackend:
             # Sleep in slices: Ctrl-C is handled between them (the wait itself
             # runs detached in Rust, where Python cannot see signals).
             step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
-            batch = core.wait_driving(generation, _SPIN_SECONDS, step)
+            # Spinning pays off for a lone task; with more in flight than
+            # workers, it would take a core from the workers (on a machine
+            # with as many cores as workers), and results come in batches.
+            spin = _SPIN_SECONDS if len(self.tasks) <= self.workers else 0.0
+            batch = core.wait_driving(generation, spin, step)
             if batch is None:
                 return
             _logging.handle_records(core.take_logs)  # a task's records before its result

@@ -116,6 +116,33 @@ struct Done {
     /// Workers' `Kind::Log` messages not yet taken ([`Pool::take_logs`]).
     logs: Vec<Message>,
     finished: bool,
+    /// Callers inside [`Pool::wait_driving`]: while there is one, it takes
+    /// every completion, and [`Pool::wait_completions`] leaves them to it
+    /// (handing a result to another thread costs a wake-up and a GIL hop).
+    drivers: usize,
+}
+
+/// Counts a caller as driving while it lives.
+struct Driving<'a>(&'a Hub);
+
+impl<'a> Driving<'a> {
+    fn new(hub: &'a Hub) -> Self {
+        lock(&hub.done).drivers += 1;
+        Driving(hub)
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        let mut done = lock(&self.0.done);
+        done.drivers -= 1;
+        let left = done.drivers == 0 && !(done.queue.is_empty() && done.logs.is_empty());
+        drop(done);
+        if left {
+            // What arrived after this caller's last look goes to the others.
+            self.0.done_cv.notify_all();
+        }
+    }
 }
 
 /// What callers and the supervisor thread reach without the engine lock: the
@@ -288,7 +315,12 @@ impl Pool {
         let kicked =
             || generation.is_some_and(|g| self.hub.generation.load(Ordering::Acquire) != g);
         let mut done = lock(&self.hub.done);
-        while done.queue.is_empty() && done.logs.is_empty() && !done.finished && !kicked() {
+        // A waiter that is not driving leaves completions to a caller that is.
+        let idle = |d: &Done| {
+            (d.queue.is_empty() && d.logs.is_empty())
+                || (generation.is_none() && d.drivers > 0 && !d.finished)
+        };
+        while idle(&done) && !done.finished && !kicked() {
             match deadline {
                 None => {
                     done = self
@@ -313,6 +345,9 @@ impl Pool {
         }
         if done.queue.is_empty() && done.logs.is_empty() && done.finished {
             return None;
+        }
+        if idle(&done) {
+            return Some(Vec::new()); // kicked, or timed out
         }
         Some(done.queue.drain(..).collect())
     }
@@ -349,6 +384,7 @@ impl Pool {
         spin: Duration,
         timeout: Option<Duration>,
     ) -> Option<Vec<Completion>> {
+        let _driving = Driving::new(&self.hub);
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
         let spin_until = start + spin.min(timeout.unwrap_or(spin));
