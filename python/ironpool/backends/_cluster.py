@@ -43,7 +43,7 @@ from .._remote_exception import unpack_exception
 from .._send_once import Shared, _policy
 from .._serialize import describe_call, dumps
 from ..errors import PoolClosed, SerializationError
-from . import Call, WorkerInfo
+from . import Call, WorkerInfo, no_counts
 from ._node import AUTO, ERROR, FRESH_SHARE, OK, REUSE_SHARE, Packed
 
 #: Arguments at least this large go through the engine's store, once.
@@ -266,9 +266,7 @@ class ClusterBackend:
         self.closed = False
         self.engine_closed = False
         #: For counts(); a task's seconds are from its hand-over to its outcome.
-        self.totals: dict[str, float] = dict.fromkeys(
-            ("submitted", "returned", "failed", "retried", "items_done", "task_seconds"), 0
-        )
+        self.totals: dict[str, float] = no_counts()
         self.thread = threading.Thread(target=self._deliver, name="ironpool-cluster", daemon=True)
         self.thread.start()
 

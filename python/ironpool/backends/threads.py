@@ -44,7 +44,7 @@ from .._send_once import Shared, call_started
 from .._serialize import serialization_error
 from .._worker import run_chunk
 from ..errors import Attempt, PoolClosed, TaskTimeout, WorkerStartError
-from . import Call, WorkerInfo, refuse_closed
+from . import Call, WorkerInfo, no_counts, refuse_closed
 
 #: A map chunk aims to run this long (items of unknown duration go one at a time).
 _CHUNK_SECONDS = 2e-3
@@ -246,10 +246,8 @@ class ThreadBackend:
         self.threads: set[threading.Thread] = set()  # the threads serving the queue
         self.watch: threading.Thread | None = None
         self.next_deadline = math.inf
-        #: For counts(): submitted, returned, failed, retried, items_done, task_seconds.
-        self.totals: dict[str, float] = dict.fromkeys(
-            ("submitted", "returned", "failed", "retried", "items_done", "task_seconds"), 0
-        )
+        #: For counts() (its queued and running are read off the state).
+        self.totals: dict[str, float] = no_counts()
         self.totals_lock = threading.Lock()
         with self.lock:
             for worker in self.slots:
