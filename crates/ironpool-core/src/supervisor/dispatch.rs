@@ -64,12 +64,9 @@ impl Engine {
                     }
                 }
                 let id = task.id;
-                match w.state.push(task, Instant::now()) {
-                    Ok(started) => self.stats_dirty |= started,
-                    Err(task) => {
-                        self.pending.push_front(task);
-                        return;
-                    }
+                if let Err(task) = w.state.push(task, Instant::now()) {
+                    self.pending.push_front(task);
+                    return;
                 }
                 w.outbox.push_back(Outgoing::Task(id));
                 self.flush(step.worker);

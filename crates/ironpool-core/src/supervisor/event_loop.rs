@@ -59,7 +59,6 @@ pub(super) struct Engine {
     pub(super) totals: TaskCounts,
     /// Workers' logging records, in the order they arrived, until published.
     pub(super) logs: Vec<Message>,
-    pub(super) stats_dirty: bool,
     /// When the supervisor thread wakes on its own (None: only on events).
     pub(super) sleep_until: Option<Instant>,
 }
@@ -99,7 +98,6 @@ impl Engine {
             done: Vec::new(),
             totals: TaskCounts::default(),
             logs: Vec::new(),
-            stats_dirty: true,
             sleep_until: None,
         })
     }
@@ -251,7 +249,6 @@ impl Engine {
             Kind::Ready if matches!(w.state, State::Starting) => {
                 w.state = State::Idle;
                 self.backoff.reset();
-                self.stats_dirty = true;
             }
             Kind::InitFailed if matches!(w.state, State::Starting) => {
                 // It exits by itself. Until that is reported it still counts
@@ -271,7 +268,6 @@ impl Engine {
                 };
                 let elapsed = Duration::from_nanos(m.aux);
                 w.tasks_done += 1;
-                self.stats_dirty = true;
                 w.busy_ns += m.aux;
                 lock(&self.hub.sizer).record(done.task.function_id, elapsed, done.task.items);
                 self.maybe_retire(key);

@@ -199,7 +199,6 @@ impl Engine {
         w.outbox.push_back(Outgoing::Owned(self.init.try_clone()?));
         self.workers.insert(key, w);
         self.flush(key);
-        self.stats_dirty = true;
         Ok(())
     }
 
@@ -236,7 +235,6 @@ impl Engine {
                                 }
                             }
                         }
-                        self.stats_dirty = true;
                     }
                     Kind::ForkFailed => {
                         if let Some(w) = self.workers.get_mut(&m.id) {
@@ -418,7 +416,6 @@ impl Engine {
                 self.fail_pending_start();
             }
         }
-        self.stats_dirty = true;
     }
 
     /// No worker can start: fail what is queued, and all that comes later.

@@ -155,7 +155,6 @@ struct Hub {
     done_cv: Condvar,
     /// Bumped by [`Pool::kick`]; wakes callers blocked in [`Pool::wait_driving`].
     generation: AtomicU64,
-    stats: Mutex<Vec<WorkerStats>>,
     sizer: Mutex<ChunkSizer>,
 }
 
@@ -184,7 +183,6 @@ impl Pool {
             done: Mutex::new(Done::default()),
             done_cv: Condvar::new(),
             generation: AtomicU64::new(0),
-            stats: Mutex::new(Vec::new()),
             sizer: Mutex::new(ChunkSizer::default()),
         });
         let engine = Arc::new(Mutex::new(Engine::new(config, init, session, hub.clone())?));
@@ -433,7 +431,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> Vec<WorkerStats> {
-        let mut stats = lock(&self.hub.stats).clone();
+        let mut stats = lock(&self.engine).worker_stats();
         for s in &mut stats {
             s.rss = crate::platform::resident_bytes(s.pid).unwrap_or(0);
         }

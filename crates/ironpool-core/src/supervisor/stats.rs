@@ -1,21 +1,17 @@
-//! What callers see of the engine: per-worker figures for `Pool::stats`,
-//! the completion queue and workers' logging records, refreshed by
-//! [`Engine::publish`] (read without the engine's lock), and the pool's task counts.
+//! What callers see of the engine: the completion queue and workers'
+//! logging records, handed over by [`Engine::publish`] (read without the
+//! engine's lock), and, worked out when asked (`Pool::stats` is rare, tasks
+//! are not), the per-worker figures and the pool's task counts.
 
 use super::event_loop::Engine;
 use super::worker::{State, Worker};
 use super::{TaskCounts, WorkerStats, lock};
 
 impl Engine {
-    /// Hands callers what changed: the worker figures when they are stale,
-    /// and the completions and logging records produced since the last call.
+    /// Hands callers the completions and logging records produced since
+    /// the last call.
     pub fn publish(&mut self) {
-        if self.stats_dirty {
-            self.stats_dirty = false;
-            *lock(&self.hub.stats) = self.worker_stats();
-        }
         if !self.done.is_empty() || !self.logs.is_empty() {
-            self.stats_dirty |= !self.done.is_empty();
             let mut done = lock(&self.hub.done);
             done.queue.extend(self.done.drain(..));
             done.logs.append(&mut self.logs);
@@ -38,7 +34,7 @@ impl Engine {
     }
 
     /// One entry per slot, for the worker doing that slot's work.
-    fn worker_stats(&self) -> Vec<WorkerStats> {
+    pub(super) fn worker_stats(&self) -> Vec<WorkerStats> {
         // A recycled worker's successor is forked while it finishes its
         // last task, so a slot may have two live workers: show the one
         // doing the slot's work (the old one while it runs, then the new).
