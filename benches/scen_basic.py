@@ -113,13 +113,23 @@ def tiny_map(case: str, ctx: Ctx) -> dict:
         chunksize = int(case.split("=")[1].split()[0])
     pool = peers.make(case)
     pool.map(workloads.square, range(200), chunksize=min(chunksize or 50, 50))  # start the workers
+    return _time_squares(pool, workloads.square, n, chunksize, ctx)
+
+
+def _time_squares(pool, square, n: int, chunksize: int | None, ctx: Ctx) -> dict:
+    """Times ``pool.map(square, range(n))`` on a started pool, checks the
+    values, and closes the pool."""
     expected = sum(x * x for x in range(n))
-    budget = 8.0 if ctx.quick else 25.0
-    times, out = repeat(lambda: pool.map(workloads.square, range(n), chunksize=chunksize), runs=3, budget=budget)
+    times, out = repeat(lambda: pool.map(square, range(n), chunksize=chunksize), runs=3,
+                        budget=8.0 if ctx.quick else 25.0)
     ok = len(out) == n and sum(out) == expected
     pool.close()
     sec = median(times)
     return {"seconds": sec, "per_s": n / sec, "runs": len(times), "ok": ok}
+
+
+_ITEM_COLUMNS = [Column("seconds", "seconds"), Column("items/s", "per_s", "{:,.0f}"), Column("runs", "runs", "int"),
+                 Column("correct", "ok")]
 
 
 TINY_MAP = Scenario(
@@ -127,8 +137,7 @@ TINY_MAP = Scenario(
     title="tiny_map: list(map(square, range(N))) on a started pool, library defaults for chunking",
     run=tiny_map,
     cases=tiny_map_cases,
-    columns=[Column("seconds", "seconds"), Column("items/s", "per_s", "{:,.0f}"), Column("runs", "runs", "int"),
-             Column("correct", "ok")],
+    columns=_ITEM_COLUMNS,
     ratio_key="seconds",
     timeout=lambda quick: 75.0 if quick else 150.0,
     notes=["N = 200,000 (50,000 with --quick). Defaults: ProcessPoolExecutor, loky and pebble chunksize=1; "
@@ -160,13 +169,7 @@ def tiny_c1(case: str, ctx: Ctx) -> dict:
     square = _main_square()
     pool = peers.make(case)
     pool.map(square, range(200), chunksize=1)  # start the workers
-    expected = sum(x * x for x in range(PER_TASK_N))
-    times, out = repeat(lambda: pool.map(square, range(PER_TASK_N), chunksize=1), runs=3,
-                        budget=8.0 if ctx.quick else 25.0)
-    ok = len(out) == PER_TASK_N and sum(out) == expected
-    pool.close()
-    sec = median(times)
-    return {"seconds": sec, "per_s": PER_TASK_N / sec, "runs": len(times), "ok": ok}
+    return _time_squares(pool, square, PER_TASK_N, 1, ctx)
 
 
 TINY_C1 = Scenario(
@@ -174,8 +177,7 @@ TINY_C1 = Scenario(
     title="tiny_c1: list(map(square, range(20_000), chunksize=1)), square defined in __main__",
     run=tiny_c1,
     cases=lambda quick: list(peers.ALL),
-    columns=[Column("seconds", "seconds"), Column("items/s", "per_s", "{:,.0f}"), Column("runs", "runs", "int"),
-             Column("correct", "ok")],
+    columns=_ITEM_COLUMNS,
     ratio_key="seconds",
     timeout=lambda quick: 120.0,
     notes=["One item per message for every library (joblib has no chunksize: its batch_size='auto')."],

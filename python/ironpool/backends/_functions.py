@@ -55,7 +55,7 @@ class Function:
 
     def release(self, _future: Any = None) -> None:
         """One call is done with it."""
-        if self.refs is None:
+        if self.counted:
             self.owner.release(self)
 
 
@@ -106,14 +106,14 @@ class Functions:
                 function = Function(self, key, next(self.ids), parts)
                 self.core.register_object(function.id, payload)
                 self.by_key[key] = function
-            if function.refs is None:
+            if function.counted:
                 function.holds += 1
             return function
 
     def release(self, function: Function) -> None:
         with self.lock:
             function.holds -= 1
-            if function.holds or function.refs is not None:
+            if function.holds:  # (only a counted function is released)
                 return
         self._forget(function)
 
