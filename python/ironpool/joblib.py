@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -69,6 +70,10 @@ _POOL_OPTIONS = frozenset({
 #: Imported once in the template process workers are forked from, so that no
 #: worker pays for importing joblib (and numpy) when its first batch arrives.
 _PRELOAD = ("ironpool.joblib",)
+
+#: How long an aborting call waits for the engine to see the workers it
+#: killed die (it notices within a few ms: their channels close).
+_KILL_NOTICE_SECONDS = 5.0
 
 
 def _pool_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -161,12 +166,20 @@ def _stop_running(reused: _Reused) -> bool:
     if terminate:
         reused.pool.terminate()
         return True
+    killed = set()
     for worker in reused.pool.stats():
         if worker.busy and worker.pid:
             try:
                 os.kill(worker.pid, signal.SIGKILL)
+                killed.add(worker.pid)
             except ProcessLookupError:  # it ended meanwhile
                 pass
+    # Until the engine has seen them die it may hand them the next call's
+    # batches (a prefetch, or a worker that had just answered), which would
+    # then fail as crashed: return once no killed worker is listed.
+    give_up = time.monotonic() + _KILL_NOTICE_SECONDS
+    while killed & {w.pid for w in reused.pool.stats()} and time.monotonic() < give_up:
+        time.sleep(0.001)
     return False
 
 
