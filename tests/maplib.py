@@ -33,3 +33,8 @@ def result_unpicklable_at(x: int) -> object:
 def blocked(path: str) -> int:
     with open(path) as f:  # a FIFO: returns once the test writes to it
         return len(f.read())
+
+
+def tiny_then_mixed(x: int) -> int:
+    """Quick for the first 1000 items, then like ``mixed`` of ``x - 1000``."""
+    return x * 10 if x < 1000 else mixed(x - 1000) + 10_000

@@ -14,7 +14,7 @@ import warnings
 
 import ironpool
 import pytest
-from maplib import blocked, mixed, result_unpicklable_at
+from maplib import blocked, mixed, result_unpicklable_at, tiny_then_mixed
 from tqdm import tqdm
 
 
@@ -41,6 +41,15 @@ def test_return_exceptions_keeps_every_other_result(pool, chunksize):
     items = range(30)
     results = list(pool.map(mixed, items, return_exceptions=True, chunksize=chunksize))
     check_mixed(results, items)
+
+
+def test_items_queued_deep_behind_each_other_keep_their_own_outcomes(pool):
+    # Once its items are known to take µs, the engine queues dozens of them
+    # per worker and sends them in batch frames: a segfault, a hang past the
+    # time limit and raises among them still fail only their own items.
+    results = list(pool.map(tiny_then_mixed, range(1030), chunksize=1, return_exceptions=True))
+    assert results[:1000] == [x * 10 for x in range(1000)]
+    check_mixed([r - 10_000 if isinstance(r, int) else r for r in results[1000:]], range(30))
 
 
 def test_return_exceptions_starmap_and_unordered(pool):

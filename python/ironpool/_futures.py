@@ -1,10 +1,12 @@
 """The futures ``Pool.submit`` returns: ``concurrent.futures.Future`` objects
-that a backend can withdraw, mark running and resolve in the waiting thread."""
+that a backend can withdraw, mark running and resolve in the waiting thread;
+and :class:`ChunkTicket`, the lighter handle a ``map`` gets for each chunk."""
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import PENDING, RUNNING
 from types import TracebackType
 from typing import Any, Protocol
@@ -94,8 +96,106 @@ class TaskFuture(Future):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         return super().exception(self._collect(timeout))
 
+    def withdrawn(self) -> bool:
+        """Marks it cancelled for a task its backend has already dropped."""
+        return Future.cancel(self)
 
-def settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
+
+_PENDING, _FINISHED, _CANCELLED = 0, 1, 2
+
+
+class ChunkTicket:
+    """What a ``map`` holds for one chunk in flight: the part of the
+    ``Future`` interface it uses, for one consumer thread, without the lock
+    and condition a ``Future`` builds (several µs a chunk, when chunks are
+    single items). The backend settles it through ``set_result`` and
+    ``set_exception`` in whichever thread collects; ``exception`` and
+    ``result`` let it collect in the caller's thread, as ``TaskFuture`` does."""
+
+    __slots__ = ("_callback", "_driver", "_error", "_state", "_task_id", "_value")
+
+    def __init__(self) -> None:
+        self._driver: TaskDriver | None = None
+        self._task_id = 0
+        self._state = _PENDING
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callback: Callable[[ChunkTicket], None] | None = None
+
+    def bind(self, driver: TaskDriver, task_id: int) -> None:
+        self._driver = driver
+        self._task_id = task_id
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def cancel(self) -> bool:
+        """Withdraws the chunk if no worker has taken it."""
+        if self._state != _PENDING:
+            return self._state == _CANCELLED
+        driver = self._driver
+        if driver is not None and not driver.cancel_task(self._task_id):
+            return False
+        return self.withdrawn()
+
+    def withdrawn(self) -> bool:
+        return self._finish(_CANCELLED)
+
+    def set_result(self, value: Any) -> None:
+        self._settled()
+        self._value = value
+        self._finish(_FINISHED)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settled()
+        self._error = error
+        self._finish(_FINISHED)
+
+    def _settled(self) -> None:
+        if self._state != _PENDING:
+            raise InvalidStateError("the chunk has already been settled")
+
+    def _finish(self, state: int) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._state = state
+        self._driver = None  # a settled chunk keeps no pool alive
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(self)
+        return True
+
+    def add_done_callback(self, fn: Callable[[ChunkTicket], None]) -> None:
+        """One callback (a map's progress count), run once settled."""
+        if self._state != _PENDING:
+            fn(self)
+        else:
+            self._callback = fn
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        driver = self._driver
+        if self._state == _PENDING and driver is not None:
+            driver.collect_until(self, timeout)  # type: ignore[arg-type]
+        if self._state == _PENDING:
+            raise TimeoutError
+        if self._state == _CANCELLED:
+            raise CancelledError
+        return self._error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value, or raises the error; the error is handed over, not
+        kept: its traceback will hold the caller's frames (pitfall P4)."""
+        error = self.exception(timeout)
+        if error is not None:
+            self._error = None
+            raise error
+        return self._value
+
+
+def settle(future: Future | ChunkTicket, value: Any = None, error: BaseException | None = None) -> None:
     """Resolves ``future`` unless it was cancelled meanwhile."""
     try:
         if error is not None:

@@ -27,7 +27,10 @@ _ITEM_FAULTS = (WorkerCrashed, TaskTimeout)
 _ITEM_FAULTS_KEPT = (WorkerCrashed, TaskTimeout, SerializationError)
 
 
-#: Items in flight a ``map`` with a small ``chunksize`` keeps at least.
+#: Items in flight per worker a ``map`` with a small ``chunksize`` keeps at
+#: least: twice what the engine lets a worker hold of tiny tasks
+#: (``DEEP_QUEUE`` in ``supervisor/scheduler.rs``), so that, as a worker's
+#: queue is topped up in one frame, the next top-up is already waiting.
 _WINDOW_ITEMS = 64
 
 
@@ -110,7 +113,8 @@ class MapRun:
         # Chunks in flight: enough that a worker always has the next one
         # queued, and, for chunks of few items, enough items that the
         # caller waits once per batch of results rather than once per chunk.
-        self.window = max(4, 4 * backend.workers, _WINDOW_ITEMS // (chunksize or _WINDOW_ITEMS))
+        per_chunk = chunksize or _WINDOW_ITEMS
+        self.window = max(4, 4 * backend.workers, _WINDOW_ITEMS * backend.workers // per_chunk)
         self.inflight: deque[tuple[Future, Call]] = deque()
         self.error: BaseException | None = None
         self.exhausted = False
@@ -124,16 +128,21 @@ class MapRun:
             self.close()
             raise
 
-    def _submit(self, items: list, rerun_of: Call | None = None) -> tuple[Future, Call]:
-        call = Call(
+    def _call(self, items: list, rerun_of: Call | None = None) -> Call:
+        return Call(
             self.fn, items, None, chunk=self.flags, timeout=self.task_timeout, retries=self.retries,
             since=self.since, rerun_of=rerun_of,
         )
-        future = self.backend.submit(call, self.function)
+
+    def _submit(self, items: list, rerun_of: Call | None = None) -> tuple[Future, Call]:
+        call = self._call(items, rerun_of)
+        return self._watch(self.backend.submit(call, self.function)), call
+
+    def _watch(self, future: Any) -> Any:
         if self.progress is not None:
             self.progress.expect()
             future.add_done_callback(self._count)
-        return future, call
+        return future
 
     def _count(self, future: Future) -> None:
         assert self.progress is not None
@@ -144,7 +153,13 @@ class MapRun:
         self.progress.settled(items)
 
     def _fill(self) -> None:
-        while not self.exhausted and len(self.inflight) < self.window:
+        """Tops the window up once half of it has been taken (all of it at
+        first), in one batch: a backend that takes batches (``submit_many``)
+        then sends a worker several chunks at once."""
+        if self.exhausted or len(self.inflight) > self.window // 2:
+            return
+        calls: list[Call] = []
+        while len(self.inflight) + len(calls) < self.window:
             n = self.chunksize or self.backend.chunk_size(self.function, self.remaining)
             batch = list(itertools.islice(self.items, n))
             if not batch:
@@ -152,7 +167,18 @@ class MapRun:
                 break
             if self.remaining is not None:
                 self.remaining -= len(batch)
-            self.inflight.append(self._submit(batch))
+            calls.append(self._call(batch))
+        if not calls:
+            return
+        # In order, a map waits on one chunk at a time, which the lighter
+        # tickets of submit_many allow; out of order it waits on any (real futures).
+        submit_many = getattr(self.backend, "submit_many", None) if self.ordered else None
+        if submit_many is not None:
+            handles = submit_many(calls, self.function)
+        else:
+            handles = [self.backend.submit(call, self.function) for call in calls]
+        for handle, call in zip(handles, calls, strict=True):
+            self.inflight.append((self._watch(handle), call))
 
     def results(self) -> Results:
         """What the caller iterates: the values of each chunk in turn."""

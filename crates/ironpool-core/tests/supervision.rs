@@ -734,7 +734,11 @@ fn terminate_does_not_run_work_a_killed_worker_had_queued() {
 #[test]
 fn cancelled_tasks_never_run() {
     let z = zygote();
-    let pool = start(&z, config(1));
+    // Without prefetch, so that everything behind the sleep stays queued
+    // here (a warm, tiny function would otherwise queue deep in the worker).
+    let mut cfg = config(1);
+    cfg.prefetch = 0;
+    let pool = start(&z, cfg);
     pool.submit(task(100, b"warm"));
     collect(&pool, 1);
     pool.submit(task(0, b"sleep:200"));
@@ -849,5 +853,45 @@ fn arbitrary_datagrams_from_workers_never_break_the_pool() {
     assert_eq!(got.len(), n as usize);
     pool.submit(task(1000, b"still fine"));
     assert_eq!(returned(&collect(&pool, 1)[&1000]), b"still fine");
+    shutdown(pool);
+}
+
+#[test]
+fn tasks_that_share_a_frame_keep_their_own_outcomes_and_limits() {
+    let z = zygote();
+    let pool = start(&z, config(1));
+    // Known to be tiny: what follows queues deep, topped up in batch frames.
+    pool.submit_many((1000..1020).map(|id| task(id, b"warm")).collect());
+    collect(&pool, 20);
+    let n = 80u64;
+    let tasks = (0..n)
+        .map(|id| {
+            let mut t = match id {
+                17 => task(id, b"crash"),
+                50 => task(id, b"hang"),
+                _ => task(id, format!("ok {id}").as_bytes()),
+            };
+            t.timeout = Some(Duration::from_millis(300));
+            t
+        })
+        .collect();
+    pool.submit_many(tasks);
+    let got = collect(&pool, n as usize);
+    assert_eq!(
+        crash_of(&got[&17]).status,
+        Some(ExitStatus::Signal(libc::SIGSEGV))
+    );
+    assert!(
+        matches!(got[&50].outcome, Outcome::TimedOut { .. }),
+        "{:?}",
+        got[&50].outcome
+    );
+    for id in (0..n).filter(|id| ![17, 50].contains(id)) {
+        assert_eq!(
+            returned(&got[&id]),
+            format!("ok {id}").as_bytes(),
+            "task {id}"
+        );
+    }
     shutdown(pool);
 }

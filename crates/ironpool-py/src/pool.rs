@@ -100,6 +100,35 @@ impl PoolCore {
         Ok(())
     }
 
+    /// Queues several tasks of function `function_id` at once (a `map`'s
+    /// chunks): `tasks` holds `(task_id, parts, items, needs)` for each.
+    #[pyo3(signature = (function_id, tasks, timeout=None, retries=0, flags=0))]
+    fn submit_many(
+        &self,
+        py: Python<'_>,
+        function_id: u64,
+        tasks: Vec<(u64, Bound<'_, PyList>, u32, Vec<u64>)>,
+        timeout: Option<f64>,
+        retries: u32,
+        flags: u8,
+    ) -> PyResult<()> {
+        let timeout = seconds(timeout)?;
+        let mut queued = Vec::with_capacity(tasks.len());
+        for (task_id, parts, items, needs) in tasks {
+            let mut payload =
+                buffers::encode(py, Kind::Task, task_id, function_id, &parts, self.threshold)?;
+            payload.flags = flags;
+            let mut task = Task::new(task_id, function_id, payload);
+            task.timeout = timeout;
+            task.retries_left = retries;
+            task.items = items;
+            task.needs = needs;
+            queued.push(task);
+        }
+        self.pool.submit_many(queued);
+        Ok(())
+    }
+
     /// Makes object `id` (a function or a shared argument) known to the pool;
     /// the engine sends it to each worker once, before the first task that needs it.
     fn register_object(&self, py: Python<'_>, id: u64, parts: &Bound<'_, PyList>) -> PyResult<()> {

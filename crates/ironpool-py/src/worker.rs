@@ -1,5 +1,5 @@
 //! The worker's loop: receive with the interpreter detached, run the task
-//! through the Python handler, send the result.
+//! (or each task of a batch) through the Python handler, send each result.
 
 use std::time::Instant;
 
@@ -61,24 +61,18 @@ pub fn worker_main(
                 handler.call_method1("register", (id, payload))?;
                 None
             }
-            Kind::Task => {
-                let start = Instant::now();
-                let parts = buffers::decode(py, &msg, false)?;
-                let (status, out): (u8, Bound<'_, PyList>) = handler
-                    .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
-                    .extract()?;
-                let elapsed = start.elapsed().as_nanos() as u64;
-                let kind = if status == 0 {
-                    Kind::Returned
-                } else {
-                    Kind::Raised
-                };
-                let mut m = buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?;
-                // Whether to run it again is the engine's call (its budget).
-                if status == 2 {
-                    m.flags = RETRYABLE;
+            Kind::Task => Some(run_task(py, &handler, &msg, threshold)?),
+            Kind::Batch => {
+                let tasks = msg
+                    .unbatch()
+                    .map_err(|e| Error::Protocol(format!("bad batch from the pool: {e}")))?;
+                // Each result goes out as soon as it exists: the pool times
+                // the next task from it, and a crash loses no finished one.
+                for task in &tasks {
+                    let m = run_task(py, &handler, task, threshold)?;
+                    send(py, &chan, &m)?;
                 }
-                Some(m)
+                None
             }
             Kind::Forget => {
                 handler.call_method1("forget", (msg.id,))?;
@@ -93,6 +87,32 @@ pub fn worker_main(
             send(py, &chan, &m)?;
         }
     }
+}
+
+/// Runs one task through the handler and frames its outcome.
+fn run_task(
+    py: Python<'_>,
+    handler: &Bound<'_, PyAny>,
+    msg: &Message,
+    threshold: usize,
+) -> PyResult<Message> {
+    let start = Instant::now();
+    let parts = buffers::decode(py, msg, false)?;
+    let (status, out): (u8, Bound<'_, PyList>) = handler
+        .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
+        .extract()?;
+    let elapsed = start.elapsed().as_nanos() as u64;
+    let kind = if status == 0 {
+        Kind::Returned
+    } else {
+        Kind::Raised
+    };
+    let mut m = buffers::encode(py, kind, msg.id, elapsed, &out, threshold)?;
+    // Whether to run it again is the engine's call (its budget).
+    if status == 2 {
+        m.flags = RETRYABLE;
+    }
+    Ok(m)
 }
 
 fn send(py: Python<'_>, chan: &ironpool_core::ipc::Channel, m: &Message) -> PyResult<()> {

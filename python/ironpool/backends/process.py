@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .. import _core, _logging, _zygote
-from .._futures import TaskFuture, settle
+from .._futures import ChunkTicket, TaskFuture, settle
 from .._options import PoolOptions
 from .._outcomes import argument_error, resolve, sharing_hint
 from .._remote_exception import unpack_exception
@@ -133,7 +133,7 @@ class _Task:
 
     __slots__ = ("call", "future")
 
-    def __init__(self, future: TaskFuture, call: Call) -> None:
+    def __init__(self, future: TaskFuture | ChunkTicket, call: Call) -> None:
         self.future = future
         self.call = call
 
@@ -185,27 +185,10 @@ class ProcessBackend:
         else:
             assert isinstance(use, _Use)
             registered = use.function
-        args = call.args
-        if call.chunk:
-            what: Any = args
-        else:
-            args = share_large_bytes(args, self.auto_share, self.threshold)
-            what = (args, call.kwargs or {})
-        pinned = call.rerun_of.sent if call.rerun_of is not None else None
-        try:
-            encoded = encode(
-                what, pool=self.token, threshold=self.threshold, since=call.since, auto=self.auto_share, pinned=pinned
-            )
-        except Exception as exc:
-            future.set_exception(argument_error(exc, call.pickling_culprit()))
+        encoded = self._encode(call, future)
+        if encoded is None:
             return future
-        # Kept while the task lives: the handles of objects sent once stay
-        # valid for the burst of tasks using them, and a rerun of one of a
-        # chunk's items sends the same ones.
-        call.sent = encoded.pinned
-        task_id = next(self.task_ids)
-        future.bind(self, task_id)
-        self.tasks[task_id] = _Task(future, call)
+        task_id = self._track(call, future)
         if use is not None:
             use.held.extend(encoded.held)
         elif encoded.held:
@@ -222,6 +205,63 @@ class ProcessBackend:
                 unhold_all(encoded.held)  # never submitted, so never settled
             raise
         return future
+
+    def submit_many(self, calls: list[Call], function: Any) -> list[ChunkTicket]:
+        """Schedules a ``map``'s chunks (alike in function, flags, time limit
+        and retries) with one call into the engine, which can then send
+        those bound for one worker in one frame."""
+        self.check_open()
+        use = function
+        assert isinstance(use, _Use)
+        tickets = []
+        batch = []
+        for call in calls:
+            ticket = ChunkTicket()
+            tickets.append(ticket)
+            encoded = self._encode(call, ticket)
+            if encoded is None:
+                continue
+            use.held.extend(encoded.held)
+            task_id = self._track(call, ticket)
+            batch.append((task_id, encoded.parts, len(call.args), encoded.needs))
+        if batch:
+            first = calls[0]
+            try:
+                self.core.submit_many(use.function.id, batch, first.timeout, first.retries, first.chunk)
+            except BaseException:
+                for task_id, *_ in batch:
+                    self.tasks.pop(task_id, None)
+                raise
+        return tickets
+
+    def _encode(self, call: Call, future: Any) -> Any:
+        """The call's payload, or None once its future holds why it could not be pickled."""
+        args = call.args
+        if call.chunk:
+            what: Any = args
+        else:
+            args = share_large_bytes(args, self.auto_share, self.threshold)
+            what = (args, call.kwargs or {})
+        pinned = call.rerun_of.sent if call.rerun_of is not None else None
+        try:
+            encoded = encode(
+                what, pool=self.token, threshold=self.threshold, since=call.since, auto=self.auto_share, pinned=pinned
+            )
+        except Exception as exc:
+            future.set_exception(argument_error(exc, call.pickling_culprit()))
+            return None
+        # Kept while the task lives: the handles of objects sent once stay
+        # valid for the burst of tasks using them, and a rerun of one of a
+        # chunk's items sends the same ones.
+        call.sent = encoded.pinned
+        return encoded
+
+    def _track(self, call: Call, future: Any) -> int:
+        """A new task id, bound to ``future`` and remembered until it settles."""
+        task_id = next(self.task_ids)
+        future.bind(self, task_id)
+        self.tasks[task_id] = _Task(future, call)
+        return task_id
 
     def chunk_size(self, function: Any, remaining: int | None) -> int:
         assert isinstance(function, _Use)
@@ -351,7 +391,7 @@ class ProcessBackend:
         for task_id in self.core.cancel_pending():
             task = self.tasks.pop(task_id, None)
             if task is not None:
-                Future.cancel(task.future)  # already withdrawn from the engine
+                task.future.withdrawn()  # already withdrawn from the engine
 
     def _join(self, interrupted: KeyboardInterrupt | None) -> None:
         """Waits for the workers to stop, in slices so that Ctrl-C is seen:
@@ -379,7 +419,7 @@ class ProcessBackend:
             return
         self.closed = True
         for task in list(self.tasks.values()):
-            if not Future.cancel(task.future):
+            if not task.future.withdrawn():
                 settle(task.future, error=PoolClosed("the pool was terminated while this task ran"))
         self.tasks.clear()
         self.core.terminate()
@@ -394,9 +434,10 @@ class ProcessBackend:
         # another thread of the parent may have held the old one.
         self.functions.lock = threading.RLock()
         for task in list(self.tasks.values()):
-            condition = task.future._condition
-            if condition.acquire(blocking=False):
-                condition.release()
+            condition = getattr(task.future, "_condition", None)  # a ChunkTicket has none
+            if condition is None or condition.acquire(blocking=False):
+                if condition is not None:
+                    condition.release()
                 settle(task.future, error=PoolClosed(
                     f"this task was submitted by process {self.pid}; this process is a fork of it "
                     "and will never receive its result"

@@ -7,7 +7,7 @@
 use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::frame::{FrameError, MAX_FRAME, Message};
+use super::frame::{FrameError, Kind, MAX_FRAME, Message};
 use crate::platform;
 
 /// Descriptors one message may carry: what the platform's message sockets
@@ -74,8 +74,31 @@ impl Channel {
         let header = msg.header();
         let iov = [IoSlice::new(&header), IoSlice::new(&msg.body)];
         let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(|f| f.as_fd()).collect();
+        self.send_iov(&iov, &fds)
+    }
+
+    /// Sends `tasks` as one [`Kind::Batch`] frame, their bodies gathered
+    /// from where they are (no copy). Same contract as [`Channel::send`];
+    /// the tasks must carry no descriptors and fit in one frame together.
+    pub fn send_batch(&self, tasks: &[&Message]) -> io::Result<bool> {
+        debug_assert!(tasks.iter().all(|t| t.fds.is_empty()));
+        let header = Message::new(Kind::Batch, 0, tasks.len() as u64).header();
+        let entries = tasks
+            .iter()
+            .map(|t| t.batch_entry_header())
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut iov = Vec::with_capacity(1 + 2 * tasks.len());
+        iov.push(IoSlice::new(&header));
+        for (entry, task) in entries.iter().zip(tasks) {
+            iov.push(IoSlice::new(entry));
+            iov.push(IoSlice::new(&task.body));
+        }
+        self.send_iov(&iov, &[])
+    }
+
+    fn send_iov(&self, iov: &[IoSlice<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
         loop {
-            match platform::send_with_fds(&self.fd, &iov, &fds) {
+            match platform::send_with_fds(&self.fd, iov, fds) {
                 Ok(_) => return Ok(true),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
@@ -151,7 +174,6 @@ impl AsFd for Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipc::Kind;
 
     #[test]
     fn message_and_fd_cross() {
@@ -170,6 +192,21 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_arrives_as_one_frame_of_its_tasks() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let one = Message::new(Kind::Task, 1, 5).with_body(b"first".to_vec());
+        let two = Message::new(Kind::Task, 2, 5).with_body(vec![3; 300]);
+        assert!(a.send_batch(&[&one, &two]).unwrap());
+        let Recv::Message(m) = b.recv().unwrap() else {
+            panic!("no frame");
+        };
+        assert_eq!((m.kind, m.aux), (Kind::Batch, 2));
+        let tasks = m.unbatch().unwrap();
+        assert_eq!(tasks.iter().map(|t| t.id).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(tasks[1].body, vec![3; 300]);
     }
 
     #[test]

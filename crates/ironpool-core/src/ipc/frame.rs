@@ -7,12 +7,15 @@
 //! The decoder never panics and never trusts a length it did not check:
 //! a frame that fails to decode is a protocol error that kills the sender.
 
+use std::io;
 use std::os::fd::OwnedFd;
 
 pub const MAGIC: u32 = 0x4c4f_5049; // "IPOL"
 pub const HEADER_LEN: usize = 24;
 /// The largest frame on the wire. Larger payload parts travel in segments.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// What precedes each task's body inside a [`Kind::Batch`] frame.
+pub const BATCH_ENTRY_HEADER: usize = HEADER_LEN + 4;
 
 /// `Raised` flag: the exception is one of the pool's `retry_on` types, so
 /// the engine may run the task again. (Task flags are the worker's: bit 0
@@ -60,6 +63,10 @@ pub enum Kind {
     Warm = 16,
     /// [Z→P] the warm request is done; body = what was imported or skipped.
     Warmed = 17,
+    /// [P→W] several tasks in one frame, run in order; `aux` = how many,
+    /// body = each task's frame header, its body length (u32) and its body.
+    /// Never carries descriptors: a task with segments travels alone.
+    Batch = 18,
 }
 
 impl Kind {
@@ -83,6 +90,7 @@ impl Kind {
             15 => Log,
             16 => Warm,
             17 => Warmed,
+            18 => Batch,
             _ => return None,
         })
     }
@@ -153,6 +161,53 @@ impl Message {
         if frame.len() < HEADER_LEN {
             return Err(FrameError::Short(frame.len()));
         }
+        let (header, body) = frame.split_at(HEADER_LEN);
+        Self::decode_split(header, body, fds)
+    }
+
+    /// How this task is written inside a [`Kind::Batch`] frame, before its body.
+    pub fn batch_entry_header(&self) -> io::Result<[u8; BATCH_ENTRY_HEADER]> {
+        let len = u32::try_from(self.body.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "task body too large"))?;
+        let mut h = [0u8; BATCH_ENTRY_HEADER];
+        h[..HEADER_LEN].copy_from_slice(&self.header());
+        h[HEADER_LEN..].copy_from_slice(&len.to_le_bytes());
+        Ok(h)
+    }
+
+    /// The tasks of a [`Kind::Batch`] frame, in order.
+    pub fn unbatch(&self) -> Result<Vec<Message>, FrameError> {
+        if !self.fds.is_empty() {
+            return Err(FrameError::BadBatch("a batch carries no descriptors"));
+        }
+        let mut tasks = Vec::with_capacity(usize::try_from(self.aux).unwrap_or(0).min(256));
+        let mut rest = self.body.as_slice();
+        while !rest.is_empty() {
+            if rest.len() < BATCH_ENTRY_HEADER {
+                return Err(FrameError::BadBatch("entry shorter than its header"));
+            }
+            let (header, tail) = rest.split_at(HEADER_LEN);
+            let (len, tail) = tail.split_at(4);
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            if len > tail.len() {
+                return Err(FrameError::BadBatch("entry longer than the frame"));
+            }
+            let (body, tail) = tail.split_at(len);
+            let task = Self::decode_split(header, body, Vec::new())?;
+            if task.kind != Kind::Task {
+                return Err(FrameError::BadBatch("only tasks travel in a batch"));
+            }
+            tasks.push(task);
+            rest = tail;
+        }
+        if tasks.len() as u64 != self.aux {
+            return Err(FrameError::BadBatch("task count does not match"));
+        }
+        Ok(tasks)
+    }
+
+    fn decode_split(header: &[u8], body: &[u8], fds: Vec<OwnedFd>) -> Result<Self, FrameError> {
+        let frame = header;
         let word = |r: std::ops::Range<usize>| {
             let mut b = [0u8; 8];
             b[..r.len()].copy_from_slice(&frame[r]);
@@ -168,7 +223,7 @@ impl Message {
             flags: frame[5],
             id: word(8..16),
             aux: word(16..24),
-            body: frame[HEADER_LEN..].to_vec(),
+            body: body.to_vec(),
             fds,
         })
     }
@@ -187,6 +242,8 @@ pub enum FrameError {
     Truncated,
     #[error("payload table is inconsistent: {0}")]
     BadPayload(&'static str),
+    #[error("batch frame is inconsistent: {0}")]
+    BadBatch(&'static str),
 }
 
 #[cfg(test)]
@@ -203,6 +260,44 @@ mod tests {
             (d.kind, d.id, d.aux, d.body.as_slice()),
             (Kind::Task, 7, u64::MAX, &b"abc"[..])
         );
+    }
+
+    fn batch_of(tasks: &[Message]) -> Message {
+        let mut body = Vec::new();
+        for t in tasks {
+            body.extend_from_slice(&t.batch_entry_header().unwrap());
+            body.extend_from_slice(&t.body);
+        }
+        Message::new(Kind::Batch, 0, tasks.len() as u64).with_body(body)
+    }
+
+    #[test]
+    fn a_batch_splits_into_its_tasks_in_order() {
+        let tasks = [
+            Message::new(Kind::Task, 1, 9).with_body(b"one".to_vec()),
+            Message::new(Kind::Task, 2, 9),
+            Message::new(Kind::Task, 3, 8).with_body(vec![7; 1000]),
+        ];
+        let got = batch_of(&tasks).unbatch().unwrap();
+        let ids: Vec<(u64, u64, usize)> = got.iter().map(|m| (m.id, m.aux, m.body.len())).collect();
+        assert_eq!(ids, [(1, 9, 3), (2, 9, 0), (3, 8, 1000)]);
+        assert_eq!(got[0].body, b"one");
+    }
+
+    #[test]
+    fn a_bad_batch_is_an_error_not_a_panic() {
+        let tasks = [Message::new(Kind::Task, 1, 9).with_body(b"one".to_vec())];
+        let good = batch_of(&tasks);
+        let mut cut = batch_of(&tasks);
+        cut.body.truncate(good.body.len() - 1);
+        let mut short = batch_of(&tasks);
+        short.body.truncate(5);
+        let mut miscounted = batch_of(&tasks);
+        miscounted.aux = 2;
+        let not_a_task = batch_of(&[Message::new(Kind::Shutdown, 0, 0)]);
+        for bad in [cut, short, miscounted, not_a_task] {
+            assert!(matches!(bad.unbatch(), Err(FrameError::BadBatch(_))));
+        }
     }
 
     #[test]

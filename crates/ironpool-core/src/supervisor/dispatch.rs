@@ -1,34 +1,55 @@
 //! Sending to workers: carries out the scheduler's plan (register frames a
-//! worker lacks, then the task) and writes each worker's outbox to its
-//! socket without ever blocking.
+//! worker lacks, then the tasks, those planned for one worker in a row in
+//! one frame) and writes each worker's outbox to its socket without ever
+//! blocking.
 
 use std::time::Instant;
 
 use super::event_loop::Engine;
 use super::lock;
 use super::scheduler::{self, Rules, WorkerView};
-use super::worker::Outgoing;
+use super::worker::{Outgoing, TaskFrame};
+use crate::ipc::Message;
 use crate::reactor::{Source, WorkerKey};
 
 impl Engine {
     /// Sends queued tasks to the workers that may take them.
     pub(super) fn dispatch(&mut self) {
-        self.send_pending();
+        self.send_pending(true);
+        self.after_dispatch();
+    }
+
+    /// Like [`Engine::dispatch`], for a caller's thread that just queued a
+    /// task: it starts or prefetches, but leaves topping up deep queues to
+    /// whoever handles the next results, who then sends many in one frame
+    /// (topping up one task per submit would cost a write each).
+    pub(super) fn dispatch_submitted(&mut self) {
+        self.send_pending(false);
+        self.after_dispatch();
+    }
+
+    fn after_dispatch(&mut self) {
         if self.cfg.max_tasks_per_worker.is_some() {
             // A worker just sent its last task: fork its successor now.
             self.fill_workers();
         }
     }
 
-    fn send_pending(&mut self) {
+    fn send_pending(&mut self, top_up: bool) {
+        let depth = 1 + self.cfg.prefetch;
         let rules = Rules {
-            depth: 1 + self.cfg.prefetch,
+            depth,
+            deep: if top_up && self.cfg.prefetch > 0 {
+                scheduler::DEEP_QUEUE
+            } else {
+                depth
+            },
             max_tasks_per_worker: self.cfg.max_tasks_per_worker,
             may_prefetch: self.cfg.max_memory.is_none(),
         };
-        // A worker whose socket fails while it is sent a task closes: plan
+        // A worker whose socket fails while it is sent tasks closes: plan
         // again without it.
-        'plan: while !self.pending.is_empty() {
+        while !self.pending.is_empty() {
             let plan = {
                 let views: Vec<WorkerView<'_>> = self
                     .workers
@@ -46,14 +67,15 @@ impl Engine {
             if plan.is_empty() {
                 return;
             }
+            let mut sent_to: Vec<WorkerKey> = Vec::new();
             for step in plan {
                 let Some(task) = self.pending.pop() else {
-                    return;
+                    break;
                 };
                 debug_assert_eq!(task.id, step.task, "the plan follows the queue");
                 let Some(w) = self.workers.get_mut(&step.worker) else {
                     self.pending.push_front(task);
-                    return;
+                    break;
                 };
                 for id in step.register {
                     if w.objects.insert(id) {
@@ -63,22 +85,34 @@ impl Engine {
                         }
                     }
                 }
-                let id = task.id;
+                // Tasks planned for one worker in a row go out in one frame.
+                let joined = match w.outbox.back_mut() {
+                    Some(Outgoing::Tasks(frame)) => frame.add(&task),
+                    _ => false,
+                };
+                let frame = (!joined).then(|| TaskFrame::new(&task));
                 if let Err(task) = w.state.push(task, Instant::now()) {
                     self.pending.push_front(task);
-                    return;
+                    break;
                 }
-                w.outbox.push_back(Outgoing::Task(id));
-                self.flush(step.worker);
-                let open = self
-                    .workers
-                    .get(&step.worker)
-                    .is_some_and(|w| w.state.takes_tasks());
-                if !open {
-                    continue 'plan;
+                if let Some(frame) = frame {
+                    w.outbox.push_back(Outgoing::Tasks(frame));
+                }
+                if !sent_to.contains(&step.worker) {
+                    sent_to.push(step.worker);
                 }
             }
-            return;
+            let mut closed = false;
+            for key in sent_to {
+                self.flush(key);
+                closed |= self
+                    .workers
+                    .get(&key)
+                    .is_some_and(|w| !w.state.takes_tasks());
+            }
+            if !closed {
+                return;
+            }
         }
     }
 
@@ -90,15 +124,23 @@ impl Engine {
         };
         let mut failed = false;
         while let Some(next) = w.outbox.front() {
-            let msg = match next {
-                Outgoing::Owned(m) => Some(m),
-                Outgoing::Task(id) => w.state.tasks().find(|t| t.id == *id).map(|t| &t.payload),
+            let sent = match next {
+                Outgoing::Owned(m) => w.chan.send(m),
+                Outgoing::Tasks(frame) => {
+                    let msgs: Vec<&Message> = w
+                        .state
+                        .tasks()
+                        .filter(|t| frame.ids.contains(&t.id))
+                        .map(|t| &t.payload)
+                        .collect();
+                    match msgs.as_slice() {
+                        [] => Ok(true), // none of them is held any more
+                        [one] => w.chan.send(one),
+                        many => w.chan.send_batch(many),
+                    }
+                }
             };
-            let Some(msg) = msg else {
-                w.outbox.pop_front();
-                continue;
-            };
-            match w.chan.send(msg) {
+            match sent {
                 Ok(true) => {
                     w.outbox.pop_front();
                 }

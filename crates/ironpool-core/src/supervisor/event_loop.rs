@@ -144,6 +144,19 @@ impl Engine {
 
     /// Queues a task and sends it at once if a worker is free.
     pub fn submit(&mut self, task: Task) {
+        self.queue(task);
+        self.dispatch_submitted();
+    }
+
+    /// Queues tasks in order, then sends what workers may take.
+    pub fn submit_many(&mut self, tasks: Vec<Task>) {
+        for task in tasks {
+            self.queue(task);
+        }
+        self.dispatch_submitted();
+    }
+
+    fn queue(&mut self, task: Task) {
         self.totals.submitted += 1;
         if let Some((error, crash)) = &self.broken {
             let outcome = Outcome::StartFailed {
@@ -154,7 +167,6 @@ impl Engine {
             return;
         }
         self.pending.push_back(task);
-        self.dispatch();
     }
 
     pub fn cancel(&mut self, id: u64) -> bool {

@@ -226,6 +226,12 @@ impl Pool {
         self.drive(|e| e.submit(task));
     }
 
+    /// Queues several tasks under one lock and dispatches once, so that
+    /// those bound for one worker can share a frame.
+    pub fn submit_many(&self, tasks: Vec<Task>) {
+        self.drive(|e| e.submit_many(tasks));
+    }
+
     /// Makes a function known; tasks refer to it by `id`.
     pub fn register_object(&self, id: ObjectId, body: Message) {
         self.drive(|e| e.register_object(id, body));

@@ -14,6 +14,12 @@ use crate::task::{ObjectId, Task, TaskId};
 const PREFETCH_BELOW_NS: f64 = 2_000_000.0;
 /// ...and the running one began less than this ago.
 const PREFETCH_WINDOW: Duration = Duration::from_millis(5);
+/// Tasks of a kind that takes less than this may queue [`Rules::deep`]
+/// deep, so that one frame carries many and the worker never waits for
+/// the next: at most `deep` × this much known work waits behind a task.
+const TINY_BELOW_NS: f64 = 50_000.0;
+/// How deep tiny tasks queue (with prefetch on).
+pub const DEEP_QUEUE: usize = 32;
 
 /// FIFO of tasks not yet sent to a worker. Cancellation is lazy: a cancelled
 /// id is skipped when it reaches the front.
@@ -153,6 +159,9 @@ pub struct WorkerView<'a> {
 pub struct Rules {
     /// Tasks a worker may hold: the one it runs plus those prefetched.
     pub depth: usize,
+    /// Tasks a worker may hold when all are tiny. It is refilled once half
+    /// of them are done, so that the refill travels as one frame.
+    pub deep: usize,
     pub max_tasks_per_worker: Option<u64>,
     /// False with a memory limit, which is checked between tasks: then
     /// nothing may wait behind one.
@@ -175,22 +184,55 @@ struct Load<'a> {
     /// Everything it holds is known to be quick, and what it runs began
     /// within the prefetch window: one more may wait behind it.
     quick: bool,
+    /// Everything it holds is tiny, so it may hold [`Rules::deep`].
+    tiny: bool,
+    /// It was given a task in this plan (a deep queue is topped up in one go).
+    refilling: bool,
     sent_now: Vec<ObjectId>,
 }
 
-/// Known to take less than [`PREFETCH_BELOW_NS`], over all its items.
-fn is_quick(sizer: &ChunkSizer, t: &Task) -> bool {
+impl Load<'_> {
+    fn may_take(&self, rules: Rules) -> bool {
+        let sent = self.view.tasks_done + self.in_flight as u64;
+        if rules.max_tasks_per_worker.is_some_and(|n| sent >= n) {
+            return false;
+        }
+        if self.in_flight == 0 {
+            return true;
+        }
+        if !self.quick {
+            return false;
+        }
+        if self.in_flight < rules.depth {
+            return true;
+        }
+        let deep = rules.deep.max(rules.depth);
+        self.tiny && self.in_flight < deep && (self.refilling || self.in_flight <= deep / 2)
+    }
+}
+
+/// Known to take less than `below_ns`, over all its items.
+fn known_below(sizer: &ChunkSizer, t: &Task, below_ns: f64) -> bool {
     sizer
         .mean(t.function_id)
-        .is_some_and(|ns| ns * f64::from(t.items) < PREFETCH_BELOW_NS)
+        .is_some_and(|ns| ns * f64::from(t.items) < below_ns)
+}
+
+fn is_quick(sizer: &ChunkSizer, t: &Task) -> bool {
+    known_below(sizer, t, PREFETCH_BELOW_NS)
+}
+
+fn is_tiny(sizer: &ChunkSizer, t: &Task) -> bool {
+    known_below(sizer, t, TINY_BELOW_NS)
 }
 
 /// Hands the queued tasks, in order, to workers: an idle one first (least
 /// loaded, then lowest key), and behind a running task only when that one
 /// and everything queued with it are known to be quick and it began less
 /// than [`PREFETCH_WINDOW`] ago, so a long task never strands work behind
-/// it while another worker is free. Stops at the first task no worker may
-/// take. A worker is never sent more than its task limit.
+/// it while another worker is free. Tiny tasks queue deeper, topped up in
+/// batches. Stops at the first task no worker may take. A worker is never
+/// sent more than its task limit.
 pub fn plan<'t>(
     workers: &[WorkerView<'_>],
     pending: impl IntoIterator<Item = &'t Task>,
@@ -201,27 +243,27 @@ pub fn plan<'t>(
     let mut loads: Vec<Load<'_>> = workers
         .iter()
         .filter(|v| v.state.takes_tasks())
-        .map(|v| Load {
-            view: v,
-            in_flight: v.state.in_flight(),
-            quick: rules.may_prefetch
+        .map(|v| {
+            let quick = rules.may_prefetch
                 && v.state.tasks().all(|t| is_quick(sizer, t))
                 && v.state
                     .running()
-                    .is_none_or(|r| now.duration_since(r.started) < PREFETCH_WINDOW),
-            sent_now: Vec::new(),
+                    .is_none_or(|r| now.duration_since(r.started) < PREFETCH_WINDOW);
+            Load {
+                view: v,
+                in_flight: v.state.in_flight(),
+                quick,
+                tiny: quick && v.state.tasks().all(|t| is_tiny(sizer, t)),
+                refilling: false,
+                sent_now: Vec::new(),
+            }
         })
         .collect();
     let mut out = Vec::new();
     for task in pending {
         let Some(load) = loads
             .iter_mut()
-            .filter(|l| {
-                let sent = l.view.tasks_done + l.in_flight as u64;
-                l.in_flight < rules.depth
-                    && rules.max_tasks_per_worker.is_none_or(|n| sent < n)
-                    && (l.in_flight == 0 || l.quick)
-            })
+            .filter(|l| l.may_take(rules))
             .min_by_key(|l| (l.in_flight, l.view.key))
         else {
             break;
@@ -236,6 +278,8 @@ pub fn plan<'t>(
         // A task handed to an idle worker starts now, inside the window.
         load.quick =
             (load.in_flight == 0 || load.quick) && rules.may_prefetch && is_quick(sizer, task);
+        load.tiny = load.quick && (load.in_flight == 0 || load.tiny) && is_tiny(sizer, task);
+        load.refilling = true;
         load.in_flight += 1;
         out.push(Assignment {
             worker: load.view.key,
@@ -255,11 +299,13 @@ mod tests {
     const QUICK_FN: ObjectId = 1; // 1 µs per item
     const SLOW_FN: ObjectId = 2; // 10 ms per item
     const UNKNOWN_FN: ObjectId = 3;
+    const MEDIUM_FN: ObjectId = 4; // 1 ms per item: quick, not tiny
 
     fn sizer() -> ChunkSizer {
         let mut s = ChunkSizer::default();
         s.record(QUICK_FN, Duration::from_micros(1), 1);
         s.record(SLOW_FN, Duration::from_millis(10), 1);
+        s.record(MEDIUM_FN, Duration::from_millis(1), 1);
         s
     }
 
@@ -276,13 +322,14 @@ mod tests {
 
     const RULES: Rules = Rules {
         depth: 2,
+        deep: 2,
         max_tasks_per_worker: None,
         may_prefetch: true,
     };
 
     /// Every worker has been sent `QUICK_FN`, `SLOW_FN` and `UNKNOWN_FN`.
     fn has_all() -> HashSet<ObjectId> {
-        [QUICK_FN, SLOW_FN, UNKNOWN_FN].into()
+        [QUICK_FN, SLOW_FN, UNKNOWN_FN, MEDIUM_FN].into()
     }
 
     fn view<'a>(key: WorkerKey, state: &'a State, has: &'a HashSet<ObjectId>) -> WorkerView<'a> {
@@ -402,6 +449,48 @@ mod tests {
         let deep = Rules { depth: 4, ..RULES };
         let p = plan(&[view(1, &b, &has)], &pending, &sizer(), deep, now);
         assert_eq!(pairs(&p), [(1, 10), (1, 11), (1, 12)]);
+    }
+
+    /// A worker running one `function_id` task with `queued` more behind it.
+    fn holding(function_id: ObjectId, queued: u64, now: Instant) -> State {
+        let mut state = busy(function_id, now);
+        for id in 0..queued {
+            assert!(state.push(task(200 + id, function_id), now).is_ok());
+        }
+        state
+    }
+
+    #[test]
+    fn tiny_tasks_queue_deep_and_are_topped_up_once_half_are_done() {
+        let has = has_all();
+        let now = Instant::now();
+        let deep = Rules { deep: 8, ..RULES };
+        let pending: Vec<Task> = (10..30).map(|id| task(id, QUICK_FN)).collect();
+        let idle = State::Idle;
+        let p = plan(&[view(1, &idle, &has)], &pending, &sizer(), deep, now);
+        assert_eq!(p.len(), 8, "an idle worker is filled to the deep limit");
+        let five = holding(QUICK_FN, 4, now);
+        let p = plan(&[view(1, &five, &has)], &pending, &sizer(), deep, now);
+        assert!(p.is_empty(), "more than half full: no refill of one task");
+        let four = holding(QUICK_FN, 3, now);
+        let p = plan(&[view(1, &four, &has)], &pending, &sizer(), deep, now);
+        assert_eq!(p.len(), 4, "half full: topped up in one go");
+    }
+
+    #[test]
+    fn tasks_that_are_quick_but_not_tiny_stop_at_the_prefetch_depth() {
+        let has = has_all();
+        let now = Instant::now();
+        let deep = Rules { deep: 8, ..RULES };
+        let idle = State::Idle;
+        let pending: Vec<Task> = (10..30).map(|id| task(id, MEDIUM_FN)).collect();
+        let p = plan(&[view(1, &idle, &has)], &pending, &sizer(), deep, now);
+        assert_eq!(p.len(), 2);
+        // Nor does a tiny task queue deep behind one that is not tiny.
+        let medium = busy(MEDIUM_FN, now);
+        let pending: Vec<Task> = (10..30).map(|id| task(id, QUICK_FN)).collect();
+        let p = plan(&[view(1, &medium, &has)], &pending, &sizer(), deep, now);
+        assert_eq!(p.len(), 1);
     }
 
     #[test]

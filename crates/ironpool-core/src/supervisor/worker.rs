@@ -6,10 +6,11 @@ use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::output::Capture;
+use crate::ipc::frame::{BATCH_ENTRY_HEADER, HEADER_LEN, MAX_FRAME};
 use crate::ipc::{Channel, Kind, Message};
 use crate::platform::{self, OomCounter, Pidfd};
 use crate::reactor::WorkerKey;
-use crate::task::{KillReason, ObjectId, Task};
+use crate::task::{KillReason, ObjectId, Task, TaskId};
 
 /// The task a worker is running (it runs tasks in the order sent).
 pub struct Running {
@@ -150,8 +151,40 @@ impl State {
 /// Something queued for the worker's socket.
 pub enum Outgoing {
     Owned(Message),
-    /// The payload of the in-flight task with this id (sent without a copy).
-    Task(u64),
+    /// The payloads of in-flight tasks, in the order sent, gathered from
+    /// where they are held (no copy): one task's own frame, or one
+    /// [`Kind::Batch`] frame of several.
+    Tasks(TaskFrame),
+}
+
+/// In-flight tasks that go out as one frame.
+pub struct TaskFrame {
+    pub ids: Vec<TaskId>,
+    /// Frame bytes so far, to stay within [`MAX_FRAME`].
+    bytes: usize,
+    /// False once it holds a task with descriptors, which travels alone.
+    batchable: bool,
+}
+
+impl TaskFrame {
+    pub fn new(task: &Task) -> Self {
+        TaskFrame {
+            ids: vec![task.id],
+            bytes: HEADER_LEN + BATCH_ENTRY_HEADER + task.payload.body.len(),
+            batchable: task.payload.fds.is_empty(),
+        }
+    }
+
+    /// Adds `task` to this frame if it fits; false if it must go in its own.
+    pub fn add(&mut self, task: &Task) -> bool {
+        let bytes = self.bytes + BATCH_ENTRY_HEADER + task.payload.body.len();
+        if !self.batchable || !task.payload.fds.is_empty() || bytes > MAX_FRAME {
+            return false;
+        }
+        self.ids.push(task.id);
+        self.bytes = bytes;
+        true
+    }
 }
 
 pub struct Worker {
@@ -219,10 +252,19 @@ impl Worker {
                 VecDeque::new()
             }
             State::Busy(work) => {
+                // What is queued behind the last task goes back to the pool
+                // unsent; the last task itself may still be waiting to go.
+                let last = work.running.task.id;
+                self.outbox.retain_mut(|o| match o {
+                    Outgoing::Owned(_) => true,
+                    Outgoing::Tasks(frame) => {
+                        frame.ids.retain(|id| *id == last);
+                        !frame.ids.is_empty()
+                    }
+                });
                 self.state = State::Retiring {
                     running: work.running,
                 };
-                self.outbox.retain(|o| matches!(o, Outgoing::Owned(_)));
                 work.queued
             }
             other => {

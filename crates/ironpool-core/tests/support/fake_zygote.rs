@@ -234,6 +234,10 @@ fn worker(mut chan: Channel) -> ! {
             }
             Kind::Shutdown => exit(0),
             Kind::Task => run_task(&mut chan, &msg, &objects),
+            Kind::Batch => match msg.unbatch() {
+                Ok(tasks) => tasks.iter().for_each(|t| run_task(&mut chan, t, &objects)),
+                Err(_) => exit(6),
+            },
             // Whatever the pool adds later: nothing to do here.
             _ => {}
         }
