@@ -19,11 +19,20 @@ impl Engine {
         self.after_dispatch();
     }
 
-    /// Like [`Engine::dispatch`], for a caller's thread that just queued a
-    /// task: it starts or prefetches, but leaves topping up deep queues to
+    /// Like [`Engine::dispatch`], for a caller's thread that just queued
+    /// tasks: it starts or prefetches, but leaves topping up deep queues to
     /// whoever handles the next results, who then sends many in one frame
     /// (topping up one task per submit would cost a write each).
-    pub(super) fn dispatch_submitted(&mut self) {
+    ///
+    /// With a `backlog` (tasks were queued already) it sends nothing: the
+    /// queue's head could not go at the last dispatch, no worker has
+    /// finished anything since (that would have dispatched again), and
+    /// whether a worker may take a task does not depend on the task. The
+    /// next result's handler sends the backlog, in batches.
+    pub(super) fn dispatch_submitted(&mut self, backlog: bool) {
+        if backlog {
+            return;
+        }
         self.send_pending(false);
         self.after_dispatch();
     }

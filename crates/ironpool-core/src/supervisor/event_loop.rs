@@ -144,16 +144,18 @@ impl Engine {
 
     /// Queues a task and sends it at once if a worker is free.
     pub fn submit(&mut self, task: Task) {
+        let backlog = !self.pending.is_empty();
         self.queue(task);
-        self.dispatch_submitted();
+        self.dispatch_submitted(backlog);
     }
 
     /// Queues tasks in order, then sends what workers may take.
     pub fn submit_many(&mut self, tasks: Vec<Task>) {
+        let backlog = !self.pending.is_empty();
         for task in tasks {
             self.queue(task);
         }
-        self.dispatch_submitted();
+        self.dispatch_submitted(backlog);
     }
 
     fn queue(&mut self, task: Task) {
