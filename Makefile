@@ -30,7 +30,14 @@ $(VENV)/.built: $(VENV)/.demo-deps $(RUST_SRC)
 	$(VENV)/bin/maturin develop --release -q
 	touch $@
 
-build: $(VENV)/.built
+# Byte-compiled as `pip install` would compile a wheel: an editable install
+# is not, and with PYTHONDONTWRITEBYTECODE set every process (the caller and
+# each template) would compile ironpool's sources again at import.
+$(VENV)/.compiled: $(VENV)/.built $(PY_SRC)
+	$(PY) -m compileall -q python/ironpool
+	touch $@
+
+build: $(VENV)/.built $(VENV)/.compiled
 
 demo: build
 	$(PY) -m ironpool demo

@@ -5,14 +5,15 @@ tiny tasks of a ``__main__`` function with pandas imported by the caller.
     .venv/bin/python -W ignore benches/task_cpu.py submit   # submit + result
     R=25 ...                                                 # rounds of 20,000
 
-Python does not name its threads at the OS level, so the caller's main
-thread and ``ironpool-results`` are both counted under ``python``.
+Python threads are named by their Python name (``MainThread``,
+``ironpool-results``), the engine's by their OS name.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import ironpool
@@ -32,6 +33,8 @@ def _cpu(stat: str) -> float:
 
 
 def threads() -> dict[tuple[str, str], float]:
+    """CPU seconds by (thread id, name); Python threads by their Python name."""
+    python_names = {str(t.native_id): t.name for t in threading.enumerate()}
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -39,7 +42,8 @@ def threads() -> dict[tuple[str, str], float]:
                 stat = f.read()
         except OSError:
             continue
-        out[(tid, stat[stat.index("(") + 1:stat.rindex(")")])] = _cpu(stat)
+        name = python_names.get(tid) or stat[stat.index("(") + 1:stat.rindex(")")]
+        out[(tid, name)] = _cpu(stat)
     return out
 
 
