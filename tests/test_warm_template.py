@@ -57,6 +57,29 @@ def test_a_recycled_worker_has_pandas_before_its_task_imports_it():
     assert imported and "pandas" in imported[0], out["stderr"]
 
 
+def test_the_warm_up_survives_workers_that_exit_while_it_runs():
+    # Each worker exit makes the template sweep its children for workers'
+    # orphans; the warm-up's probe is a child too, and must be spared.
+    out = run_caller("""
+        import json
+        import pandas
+        import ironpool
+
+        def task():
+            return 1
+
+        with ironpool.Pool(1, max_tasks_per_worker=1) as pool:
+            exits = 0
+            while pool.template_info(timeout=0).pending and exits < 2000:
+                pool.submit(task).result()
+                exits += 1
+            info = pool.template_info(timeout=100)
+        print(json.dumps({"warm": info.warm, "pending": info.pending, "skipped": info.skipped, "exits": exits}))
+    """)
+    assert "pandas" in out["warm"] and out["pending"] == [], out
+    assert 0 < out["exits"] < 2000, out  # the warm-up ended while workers were recycled
+
+
 BAD_PACKAGES = {
     # Each misbehaves only where ironpool is already imported (template, probe).
     "ip_raises": "import sys\nif 'ironpool' in sys.modules:\n    raise ImportError('no backend for this here')\n",

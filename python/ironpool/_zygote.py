@@ -226,6 +226,8 @@ def _collect(w: _Warmth, request: _core.WarmRequest, names: list[str]) -> None:
                 held.append(name)
             elif what == "skipped":
                 skipped[name] = why
+            elif what == "error":  # the warm-up itself failed: nothing more will come
+                skipped.update((n, f"not imported: {why}") for n in names if n not in held)
     _settle(w, held, skipped)
     import logging
 
@@ -327,6 +329,13 @@ def warm_up(request: bytes, first: bool) -> tuple[bytes, bool] | None:
     if done is not None:
         _under_way = None
     return done
+
+
+def probe_pid() -> int | None:
+    """The warm-up probe's pid while one runs: the template's sweeps for
+    workers' orphans spare it (called by ``zygote_serve`` before each)."""
+    probe = _under_way.probe if _under_way is not None else None
+    return probe.pid if probe is not None else None
 
 
 class _WarmUp:
@@ -450,8 +459,14 @@ class _Probe:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        _, status = os.waitpid(self.pid, 0)
-        if os.WIFSIGNALED(status):
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else: how it ended is unknown
+            self.ended = "it ended, how is not known"
+            status = None
+        if status is None:
+            pass
+        elif os.WIFSIGNALED(status):
             self.ended = f"killed by signal {os.WTERMSIG(status)}"
         else:
             self.ended = f"exit status {os.WEXITSTATUS(status)}"

@@ -118,6 +118,7 @@ impl LogSender {
 struct PyHost<'py> {
     fork: Bound<'py, PyAny>,
     warm_up: Bound<'py, PyAny>,
+    probe_pid: Bound<'py, PyAny>,
 }
 
 impl zygote::Host for PyHost<'_> {
@@ -126,6 +127,14 @@ impl zygote::Host for PyHost<'_> {
             .call0()
             .and_then(|pid| pid.extract::<i32>())
             .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn helper_pid(&mut self) -> Option<i32> {
+        self.probe_pid
+            .call0()
+            .and_then(|pid| pid.extract::<Option<i32>>())
+            .ok()
+            .flatten()
     }
 
     fn warm(&mut self, request: &[u8], first: bool) -> Option<zygote::Warmed> {
@@ -156,6 +165,7 @@ pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> 
     let mut host = PyHost {
         fork: py.import("os")?.getattr("fork")?,
         warm_up: py.import("ironpool._zygote")?.getattr("warm_up")?,
+        probe_pid: py.import("ironpool._zygote")?.getattr("probe_pid")?,
     };
     match zygote::serve(master, &mut host).map_err(|e| Error::io("template process", e))? {
         Served::Exit => Ok(None),

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::ipc::{Channel, Kind, Message, Recv};
 use crate::platform::{self, Pidfd, Poller};
@@ -25,7 +25,8 @@ use crate::reactor::Source;
 /// on (one stuck in uninterruptible sleep is reaped by a later sweep).
 const KILL_WAIT: Duration = Duration::from_millis(500);
 /// How long the loop waits for a fork request or an exit between two steps
-/// of a warm request.
+/// of a warm request; under a steady stream of them, a step still runs
+/// this often.
 const WARM_STEP: Duration = Duration::from_millis(5);
 /// Sweeps of adopted orphans per worker exit (each round takes the children
 /// the previous round's victims left behind).
@@ -56,6 +57,11 @@ pub trait Host {
     /// One short step of the warm request `request` (see `Kind::Warm`;
     /// `first`: its first step): `Some` when the request is done.
     fn warm(&mut self, request: &[u8], first: bool) -> Option<Warmed>;
+    /// A child of the template that is not a worker and must outlive the
+    /// sweeps for workers' orphans: the warm-up's probe, while it runs.
+    fn helper_pid(&mut self) -> Option<i32> {
+        None
+    }
 }
 
 /// What a forked worker starts with: its channel to the pool supervisor.
@@ -109,6 +115,7 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         warm_begun: false,
     };
     let me = platform::current_pid();
+    let mut last_step = Instant::now();
     loop {
         let idle_wait = if st.warm_queue.is_empty() {
             None
@@ -117,6 +124,7 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         };
         let events = st.poller.wait(idle_wait)?;
         if events.is_empty() {
+            last_step = Instant::now();
             if warm_step(&mut st, host) {
                 sweep_everything(&mut st);
                 return Ok(Served::Exit);
@@ -185,7 +193,7 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
                         // Its orphans were reparented to us before its exit
                         // became visible: kill and reap them before saying
                         // it is gone, so its tree is gone when the pool hears.
-                        sweep_orphans(&st.children);
+                        sweep_orphans(&st.children, host.helper_pid());
                         if let Some(s) = st.sessions.get(&session) {
                             let msg = Message::new(
                                 Kind::Exited,
@@ -198,6 +206,15 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
                 }
                 // The supervisor's sources are never registered here.
                 _ => {}
+            }
+        }
+        // Forks come first, but a steady stream of them (workers recycled
+        // every few ms) must not starve the warm-up that makes them cheap.
+        if !st.warm_queue.is_empty() && last_step.elapsed() >= WARM_STEP {
+            last_step = Instant::now();
+            if warm_step(&mut st, host) {
+                sweep_everything(&mut st);
+                return Ok(Served::Exit);
             }
         }
     }
@@ -284,11 +301,11 @@ fn fork_one(
 /// Kills and reaps every child that is not one of our workers: orphans of
 /// workers' trees, adopted because we are a subreaper. Each is our child and
 /// unreaped, so its pid (and a group it leads) is safe to signal.
-fn sweep_orphans(workers: &HashMap<i32, (Pidfd, u64)>) {
+fn sweep_orphans(workers: &HashMap<i32, (Pidfd, u64)>, helper: Option<i32>) {
     for _ in 0..SWEEP_ROUNDS {
         let orphans: Vec<Pidfd> = platform::own_children()
             .into_iter()
-            .filter(|pid| !workers.contains_key(pid))
+            .filter(|pid| !workers.contains_key(pid) && Some(*pid) != helper)
             .filter_map(|pid| Pidfd::open(pid).ok())
             .collect();
         if orphans.is_empty() {
@@ -320,7 +337,7 @@ fn sweep_everything(st: &mut State) {
         let _ = pidfd.try_reap();
     }
     st.children.clear();
-    sweep_orphans(&st.children);
+    sweep_orphans(&st.children, None);
 }
 
 /// Tells the parent that start-up failed (a preload did not import).
