@@ -301,22 +301,31 @@ RECYCLE_CASES = {
 }
 
 
-def recycle_throughput(case: str, ctx: Ctx) -> dict:
-    n = 100 if ctx.quick else 300
+def _recycle(case: str, fn, n: int) -> dict:
     name, opts = RECYCLE_CASES[case]
     pool = peers.make(name, **opts)
     pool.submit(workloads.identity, 0).result()
     t0 = time.perf_counter()
     if name == "mpire":  # worker_lifespan only applies to map calls
-        pids = pool.map(workloads.getpid, range(n), chunksize=1)
+        pids = pool.map(fn, range(n), chunksize=1)
         seconds = time.perf_counter() - t0
     else:
-        outs = pool.batch(workloads.getpid, [(i,) for i in range(n)], deadline=t0 + 45.0)
+        outs = pool.batch(fn, [(i,) for i in range(n)], deadline=t0 + 45.0)
         pids = [o[1] for o in outs if o[0] == "ok"]
         seconds = _counts(outs, t0)["seconds"]
     pool.close(force=True)
     return {"per_s": len(pids) / seconds, "ms_per_task": seconds * 1e3 / max(1, len(pids)), "ok": len(pids),
             "n": n, "workers": len(set(pids))}
+
+
+def recycle_throughput(case: str, ctx: Ctx) -> dict:
+    return _recycle(case, workloads.getpid, 100 if ctx.quick else 300)
+
+
+def recycle_pandas(case: str, ctx: Ctx) -> dict:
+    import pandas  # noqa: F401  (the caller imported it before creating the pool)
+
+    return _recycle(case, workloads.frame_pid, 30 if ctx.quick else 60)
 
 
 RECYCLE = Scenario(
@@ -331,4 +340,15 @@ RECYCLE = Scenario(
     notes=["300 tasks (100 with --quick), at most 45 s. ProcessPoolExecutor's max_tasks_per_child needs 'spawn'."],
 )
 
-SCENARIOS = [SEGFAULT, HANG, LEAK, PARENT_KILL, RESPAWN, RECYCLE]
+RECYCLE_PANDAS = Scenario(
+    name="recycle_pandas",
+    title="recycle_pandas: small pandas tasks with a new worker for every task, pandas imported by the caller",
+    run=recycle_pandas,
+    cases=lambda quick: list(RECYCLE_CASES),
+    columns=RECYCLE.columns,
+    ratio_key="ms_per_task",
+    timeout=lambda quick: 120.0,
+    notes=["60 tasks (30 with --quick), at most 45 s; each builds and sums a 100-row DataFrame."],
+)
+
+SCENARIOS = [SEGFAULT, HANG, LEAK, PARENT_KILL, RESPAWN, RECYCLE, RECYCLE_PANDAS]

@@ -41,6 +41,12 @@ def make_frame(i: int, rows: int, strings: bool = False):
     return df
 
 
+def frame_pid(i: int) -> int:
+    """A small pandas task: builds and sums a 100-row frame; returns the pid."""
+    float(make_frame(i, 100).sum().sum())
+    return os.getpid()
+
+
 def crash_at(i: int, bad: int, pause: float = 0.005) -> int:
     """Returns ``i`` after a short pause; task ``bad`` segfaults."""
     if i == bad:

@@ -339,7 +339,9 @@ def test_a_task_adding_a_column_to_a_shared_frame_changes_nothing_for_the_next()
     with ironpool.Pool(1) as p:
         handle = p.share(df)
         cols = [p.submit(columns_then_add_one, handle).result(timeout=60) for _ in range(3)]
-        cols += list(p.map(columns_then_add_one, [handle] * 3))
+        # One item per chunk: within a chunk, items given the same handle
+        # share one object, as pickle's memo has it (docs/decisions.md).
+        cols += list(p.map(columns_then_add_one, [handle] * 3, chunksize=1))
     assert cols == [["a", "b"]] * 6
     assert list(df.columns) == ["a", "b"]
 

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::worker::State;
+use super::worker::{Running, State};
 use crate::reactor::WorkerKey;
 use crate::task::{ObjectId, Task, TaskId};
 
@@ -18,6 +18,10 @@ const PREFETCH_WINDOW: Duration = Duration::from_millis(5);
 /// deep, so that one frame carries many and the worker never waits for
 /// the next: at most `deep` × this much known work waits behind a task.
 const TINY_BELOW_NS: f64 = 50_000.0;
+/// A running task that has taken this many times its kind's mean is overdue...
+const OVERDUE_FACTOR: f64 = 4.0;
+/// ...but never before this (timing noise, the wake-up of a result).
+const OVERDUE_FLOOR: Duration = Duration::from_micros(200);
 /// How deep tiny tasks queue (with prefetch on).
 pub const DEEP_QUEUE: usize = 32;
 
@@ -181,6 +185,8 @@ pub struct Assignment {
 struct Load<'a> {
     view: &'a WorkerView<'a>,
     in_flight: usize,
+    /// When what it runs began (`now` for a task handed to it in this plan).
+    started: Option<Instant>,
     /// Everything it holds is known to be quick, and what it runs began
     /// within the prefetch window: one more may wait behind it.
     quick: bool,
@@ -226,6 +232,19 @@ fn is_tiny(sizer: &ChunkSizer, t: &Task) -> bool {
     known_below(sizer, t, TINY_BELOW_NS)
 }
 
+/// The running task began within [`PREFETCH_WINDOW`] and has not yet run
+/// [`OVERDUE_FACTOR`] times what its kind takes (with a floor of
+/// [`OVERDUE_FLOOR`]): one that has may be stuck, so nothing queues behind it.
+fn on_time(sizer: &ChunkSizer, r: &Running, now: Instant) -> bool {
+    let ran = now.duration_since(r.started);
+    let expected = sizer
+        .mean(r.task.function_id)
+        .map_or(PREFETCH_WINDOW, |ns| {
+            Duration::from_nanos((ns * f64::from(r.task.items) * OVERDUE_FACTOR) as u64)
+        });
+    ran < expected.max(OVERDUE_FLOOR).min(PREFETCH_WINDOW)
+}
+
 /// Hands the queued tasks, in order, to workers: an idle one first (least
 /// loaded, then lowest key), and behind a running task only when that one
 /// and everything queued with it are known to be quick and it began less
@@ -246,12 +265,11 @@ pub fn plan<'t>(
         .map(|v| {
             let quick = rules.may_prefetch
                 && v.state.tasks().all(|t| is_quick(sizer, t))
-                && v.state
-                    .running()
-                    .is_none_or(|r| now.duration_since(r.started) < PREFETCH_WINDOW);
+                && v.state.running().is_none_or(|r| on_time(sizer, r, now));
             Load {
                 view: v,
                 in_flight: v.state.in_flight(),
+                started: v.state.running().map(|r| r.started),
                 quick,
                 tiny: quick && v.state.tasks().all(|t| is_tiny(sizer, t)),
                 refilling: false,
@@ -264,7 +282,9 @@ pub fn plan<'t>(
         let Some(load) = loads
             .iter_mut()
             .filter(|l| l.may_take(rules))
-            .min_by_key(|l| (l.in_flight, l.view.key))
+            // Least loaded first; between equals, the one whose task began
+            // last (the other's may be the one that turns out long).
+            .min_by_key(|l| (l.in_flight, std::cmp::Reverse(l.started), l.view.key))
         else {
             break;
         };
@@ -280,6 +300,9 @@ pub fn plan<'t>(
             (load.in_flight == 0 || load.quick) && rules.may_prefetch && is_quick(sizer, task);
         load.tiny = load.quick && (load.in_flight == 0 || load.tiny) && is_tiny(sizer, task);
         load.refilling = true;
+        if load.in_flight == 0 {
+            load.started = Some(now);
+        }
         load.in_flight += 1;
         out.push(Assignment {
             worker: load.view.key,
@@ -429,15 +452,32 @@ mod tests {
     #[test]
     fn quick_tasks_are_prefetched_only_within_the_window() {
         let now = Instant::now();
-        let fresh = busy(QUICK_FN, now - Duration::from_millis(1));
+        let fresh = busy(QUICK_FN, now - Duration::from_micros(100));
         let p = plan_one(&fresh, task(10, QUICK_FN), now);
         assert_eq!(pairs(&p), [(1, 10)]);
-        let stale = busy(QUICK_FN, now - PREFETCH_WINDOW);
+        let medium = busy(MEDIUM_FN, now - Duration::from_millis(2));
+        let p = plan_one(&medium, task(10, QUICK_FN), now);
+        assert_eq!(pairs(&p), [(1, 10)], "within 4 x its 1 ms");
+        let stale = busy(MEDIUM_FN, now - PREFETCH_WINDOW);
         let p = plan_one(&stale, task(10, QUICK_FN), now);
         assert!(
             p.is_empty(),
             "the running task may be stuck: do not queue behind it"
         );
+        let overdue = busy(QUICK_FN, now - Duration::from_millis(1));
+        let p = plan_one(&overdue, task(10, QUICK_FN), now);
+        assert!(p.is_empty(), "1 ms into a 1 µs task: overdue");
+    }
+
+    #[test]
+    fn between_equally_loaded_workers_the_one_whose_task_began_last_gets_more() {
+        let has = has_all();
+        let now = Instant::now();
+        let older = busy(QUICK_FN, now - Duration::from_micros(150));
+        let newer = busy(QUICK_FN, now - Duration::from_micros(10));
+        let workers = [view(1, &older, &has), view(2, &newer, &has)];
+        let p = plan(&workers, &[task(10, QUICK_FN)], &sizer(), RULES, now);
+        assert_eq!(pairs(&p), [(2, 10)]);
     }
 
     #[test]
