@@ -48,6 +48,8 @@ WARM_MAX_MODULES = 48
 #: Longest one module's import may take in the warm-up probe (it is then
 #: killed and the module skipped).
 WARM_MODULE_SECONDS = 10.0
+#: The probe's niceness: about a quarter of the CPU share of a busy worker.
+PROBE_NICENESS = 5
 #: Longest one warm request may take; modules not tried by then are skipped.
 WARM_TOTAL_SECONDS = 60.0
 
@@ -480,9 +482,12 @@ def _probe_child(names: list[str], out: int, template: int) -> None:
     stops after the first one that leaves threads behind."""
     try:
         _core.die_with_parent(template)
-        # Trial imports are background work: they yield the CPUs to the
-        # caller and its workers (a process may always lower its own priority).
-        os.nice(19)
+        # Trial imports are background work: they yield most of the CPUs to
+        # the caller and its workers (a process may always lower its own
+        # priority), but not all: at 19, two busy workers starved it for
+        # tens of seconds, while every recycled worker imported the modules
+        # itself (benches: recycle_pandas).
+        os.nice(PROBE_NICENESS)
         # What imports print lands here, where the size shows it.
         sink = os.memfd_create("ironpool-warm-probe")
         os.dup2(sink, 1)

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::event_loop::Engine;
 use super::lock;
 use super::scheduler::{self, Rules, WorkerView};
-use super::worker::{Outgoing, TaskFrame};
+use super::worker::{Outgoing, TaskFrame, Worker};
 use crate::ipc::Message;
 use crate::reactor::{Source, WorkerKey};
 
@@ -60,9 +60,28 @@ impl Engine {
         // again without it.
         while !self.pending.is_empty() {
             let plan = {
+                // A recycled worker's successor is forked while the last
+                // task runs, but takes none until that task is done: a slot
+                // runs one task at a time, so `workers` bounds how many run.
+                let limit = self.cfg.max_tasks_per_worker;
+                let spent = |w: &Worker| {
+                    w.state.in_flight() > 0
+                        && limit.is_some_and(|n| w.tasks_done + w.state.in_flight() as u64 >= n)
+                };
+                let finishing: Vec<(usize, WorkerKey)> = self
+                    .workers
+                    .values()
+                    .filter(|w| spent(w))
+                    .map(|w| (w.slot, w.key))
+                    .collect();
                 let views: Vec<WorkerView<'_>> = self
                     .workers
                     .values()
+                    .filter(|w| {
+                        !finishing
+                            .iter()
+                            .any(|&(slot, key)| slot == w.slot && key != w.key)
+                    })
                     .map(|w| WorkerView {
                         key: w.key,
                         state: &w.state,

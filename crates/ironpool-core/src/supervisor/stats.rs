@@ -38,9 +38,10 @@ impl Engine {
         // A recycled worker's successor is forked while it finishes its
         // last task, so a slot may have two live workers: show the one
         // doing the slot's work (the old one while it runs, then the new).
+        // (A successor whose pid is not known yet must not come first.)
         let rank = |w: &Worker| match w.state {
-            State::Retiring { .. } => 0,
             State::Exiting { .. } => 2,
+            _ if w.state.running().is_some() => 0,
             _ => 1,
         };
         let mut live: Vec<&Worker> = self
