@@ -259,11 +259,15 @@ pub fn plan<'t>(
     rules: Rules,
     now: Instant,
 ) -> Vec<Assignment> {
+    // A worker that is starting will be free within moments: nothing waits
+    // behind a running task meanwhile (it could be the one that is long).
+    let starting = workers.iter().any(|v| matches!(v.state, State::Starting));
     let mut loads: Vec<Load<'_>> = workers
         .iter()
         .filter(|v| v.state.takes_tasks())
         .map(|v| {
             let quick = rules.may_prefetch
+                && !starting
                 && v.state.tasks().all(|t| is_quick(sizer, t))
                 && v.state.running().is_none_or(|r| on_time(sizer, r, now));
             Load {
@@ -296,8 +300,10 @@ pub fn plan<'t>(
             }
         }
         // A task handed to an idle worker starts now, inside the window.
-        load.quick =
-            (load.in_flight == 0 || load.quick) && rules.may_prefetch && is_quick(sizer, task);
+        load.quick = (load.in_flight == 0 || load.quick)
+            && rules.may_prefetch
+            && !starting
+            && is_quick(sizer, task);
         load.tiny = load.quick && (load.in_flight == 0 || load.tiny) && is_tiny(sizer, task);
         load.refilling = true;
         if load.in_flight == 0 {
@@ -531,6 +537,21 @@ mod tests {
         let pending: Vec<Task> = (10..30).map(|id| task(id, QUICK_FN)).collect();
         let p = plan(&[view(1, &medium, &has)], &pending, &sizer(), deep, now);
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn nothing_queues_behind_a_running_task_while_another_worker_starts() {
+        let has = has_all();
+        let now = Instant::now();
+        let (b, starting) = (busy(QUICK_FN, now), State::Starting);
+        let workers = [view(1, &b, &has), view(2, &starting, &has)];
+        let p = plan(&workers, &[task(10, QUICK_FN)], &sizer(), RULES, now);
+        assert!(p.is_empty(), "task 10 waits for worker 2");
+        let idle = State::Idle;
+        let workers = [view(1, &idle, &has), view(2, &starting, &has)];
+        let pending = [task(10, QUICK_FN), task(11, QUICK_FN)];
+        let p = plan(&workers, &pending, &sizer(), RULES, now);
+        assert_eq!(pairs(&p), [(1, 10)]);
     }
 
     #[test]
