@@ -10,6 +10,7 @@ import it cleanly first.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,53 @@ def test_a_template_left_with_threads_restarts_cold_and_refuses_the_module(tmp_p
     # The restarted template is asked for the rest, never for it again.
     assert "ip_late_thread" in out["refused"] and "ip_late_thread" not in out["again"][0], out
     assert out["fresh"][-1] == [False, 1], out
+
+
+def test_a_task_running_when_the_template_retires_runs_again_instead_of_failing(tmp_path):
+    # A pool's worker is mid-task when another pool's warm-up leaves the
+    # shared template with threads: the template kills its workers, but
+    # that task did nothing wrong and must run again, not fail as crashed.
+    marker, started, go, runs = (tmp_path / n for n in ("probed", "started", "go", "runs"))
+    runs.mkdir()
+    write_packages(tmp_path, {"ip_thread_later": textwrap.dedent(f"""
+        import os, threading
+        if os.environ.get("IP_CALLER") != str(os.getpid()):  # the template or its probe
+            if os.path.exists({str(marker)!r}):
+                threading.Thread(target=threading.Event().wait, daemon=True).start()
+            else:
+                open({str(marker)!r}, "w").close()
+    """)})
+    os.mkfifo(started)
+    os.mkfifo(go)
+    out = run_caller(f"""
+        import json, os, sys
+        sys.path.insert(0, sys.argv[1])
+        import ironpool
+
+        def task():
+            open(os.path.join({str(runs)!r}, str(os.getpid())), "w").close()
+            if len(os.listdir({str(runs)!r})) == 1:  # the first attempt waits
+                with open({str(started)!r}, "w") as f:
+                    f.write("x")
+                open({str(go)!r}).read()
+            return os.getpid()
+
+        with ironpool.Pool(1) as busy:
+            fut = busy.submit(task)
+            with open({str(started)!r}) as f:
+                f.read()
+            os.environ["IP_CALLER"] = str(os.getpid())
+            import ip_thread_later
+            with ironpool.Pool(1) as other:
+                skipped = other.template_info(timeout=100).skipped
+            pid = fut.result(timeout=60)
+            state = busy.stats()
+        print(json.dumps({{"skipped": skipped, "pid": pid, "runs": sorted(os.listdir({str(runs)!r})),
+                          "failed": state.failed}}))
+    """, str(tmp_path))
+    assert "started a thread in the template" in out["skipped"]["ip_thread_later"], out
+    # Two attempts on two workers; the second one's answer is the result.
+    assert len(out["runs"]) == 2 and str(out["pid"]) in out["runs"] and out["failed"] == 0, out
 
 
 def test_warm_false_gives_a_template_without_the_callers_modules():

@@ -67,6 +67,9 @@ pub enum Kind {
     /// body = each task's frame header, its body length (u32) and its body.
     /// Never carries descriptors: a task with segments travels alone.
     Batch = 18,
+    /// [Z→P] the template is about to kill its workers and exit (a warm-up
+    /// import left it with threads): what they run was not their doing.
+    Retiring = 19,
 }
 
 impl Kind {
@@ -91,6 +94,7 @@ impl Kind {
             16 => Warm,
             17 => Warmed,
             18 => Batch,
+            19 => Retiring,
             _ => return None,
         })
     }

@@ -49,6 +49,9 @@ pub(super) struct Engine {
     /// Set while the workers of a template that died are written off: their
     /// deaths are not start failures of this pool.
     pub(super) losing_template: bool,
+    /// The template said it is retiring (`Kind::Retiring`): the workers it
+    /// kills next were not killed by their tasks, which run again.
+    pub(super) template_retiring: bool,
     /// Why no worker can start (then every task fails with it).
     pub(super) broken: Option<(Option<Vec<u8>>, Crash)>,
     pub(super) last_memory_poll: Instant,
@@ -91,6 +94,7 @@ impl Engine {
             backoff: Backoff::default(),
             oom: OomLedger::default(),
             losing_template: false,
+            template_retiring: false,
             broken: None,
             last_memory_poll: Instant::now(),
             restarts: vec![0; slots],

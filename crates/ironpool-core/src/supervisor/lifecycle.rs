@@ -248,6 +248,7 @@ impl Engine {
                             self.on_exit(key, Some(decode_status(m.aux)));
                         }
                     }
+                    Kind::Retiring => self.template_retiring = true,
                     _ => {}
                 },
                 Ok(Recv::WouldBlock) => return,
@@ -260,8 +261,9 @@ impl Engine {
     }
 
     /// The template died (its session ended), and its workers die with it
-    /// (PR_SET_PDEATHSIG): tasks they were running fail as crashed, the
-    /// rest go back to the queue, and the template is started again.
+    /// (PR_SET_PDEATHSIG): tasks they were running fail as crashed (or, if
+    /// the template retired on purpose, run again), the rest go back to the
+    /// queue, and the template is started again.
     fn on_template_lost(&mut self) {
         let Some(old) = self.session.take() else {
             return;
@@ -278,6 +280,7 @@ impl Engine {
             self.on_exit(key, None);
         }
         self.losing_template = false;
+        self.template_retiring = false;
         if self.shutting_down && (self.terminated || self.pending.is_empty()) {
             return; // nothing left to run: finish without a template
         }
@@ -388,16 +391,23 @@ impl Engine {
                 self.pending.push_front(task);
             }
             let attempt = match w.kill_reason {
-                Some(KillReason::Timeout { limit }) => Attempt::TimedOut {
+                Some(KillReason::Timeout { limit }) => Some(Attempt::TimedOut {
                     limit,
                     crash: crash.clone(),
-                },
-                _ => Attempt::Crashed(crash.clone()),
+                }),
+                // Killed with its retiring template, not by its task.
+                None if self.template_retiring => None,
+                _ => Some(Attempt::Crashed(crash.clone())),
             };
-            self.fail(work.running.task, attempt, Duration::ZERO);
+            match attempt {
+                Some(attempt) => self.fail(work.running.task, attempt, Duration::ZERO),
+                None => self.pending.push_front(work.running.task),
+            }
         }
         if let Some(s) = self.last_exit.get_mut(w.slot) {
-            if !by_policy {
+            if self.template_retiring {
+                *s = "stopped: its template retired (a warm-up import started threads)".into();
+            } else if !by_policy {
                 *s = describe_exit(&crash);
             }
         }

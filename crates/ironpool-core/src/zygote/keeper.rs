@@ -358,22 +358,26 @@ impl WarmRequest {
     /// it with threads).
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Option<Vec<u8>>> {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if !platform::wait_readable(&*session, timeout)? {
-            return Ok(None);
-        }
-        match session.recv() {
-            Ok(Recv::Message(m)) if m.kind == Kind::Warmed => Ok(Some(m.body)),
-            Ok(Recv::WouldBlock) => Ok(None),
-            Ok(Recv::Message(m)) => Err(io::Error::other(format!(
-                "template process answered a warm request with {:?}",
-                m.kind
-            ))),
-            Ok(Recv::Closed) => Err(io::Error::other(
-                "template process ended before it finished the imports",
-            )),
-            Err(e) => Err(io::Error::other(format!(
-                "template process sent garbage: {e}"
-            ))),
+        loop {
+            if !platform::wait_readable(&*session, timeout)? {
+                return Ok(None);
+            }
+            return match session.recv() {
+                Ok(Recv::Message(m)) if m.kind == Kind::Warmed => Ok(Some(m.body)),
+                // Sent to every session; the report follows.
+                Ok(Recv::Message(m)) if m.kind == Kind::Retiring => continue,
+                Ok(Recv::WouldBlock) => Ok(None),
+                Ok(Recv::Message(m)) => Err(io::Error::other(format!(
+                    "template process answered a warm request with {:?}",
+                    m.kind
+                ))),
+                Ok(Recv::Closed) => Err(io::Error::other(
+                    "template process ended before it finished the imports",
+                )),
+                Err(e) => Err(io::Error::other(format!(
+                    "template process sent garbage: {e}"
+                ))),
+            };
         }
     }
 }

@@ -126,7 +126,6 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         if events.is_empty() {
             last_step = Instant::now();
             if warm_step(&mut st, host) {
-                sweep_everything(&mut st);
                 return Ok(Served::Exit);
             }
             continue;
@@ -213,7 +212,6 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         if !st.warm_queue.is_empty() && last_step.elapsed() >= WARM_STEP {
             last_step = Instant::now();
             if warm_step(&mut st, host) {
-                sweep_everything(&mut st);
                 return Ok(Served::Exit);
             }
         }
@@ -221,7 +219,9 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
 }
 
 /// Runs one step of the first warm request, answering its session when it
-/// is done. True if the template must stop (its imports started threads).
+/// is done. True if the template must stop (its imports started threads):
+/// its workers are then gone, and the report goes out after they are, so
+/// a caller that reads it cannot hand a task to one of them unawares.
 fn warm_step(st: &mut State, host: &mut dyn Host) -> bool {
     let Some((session, request)) = st.warm_queue.front() else {
         return false;
@@ -230,7 +230,16 @@ fn warm_step(st: &mut State, host: &mut dyn Host) -> bool {
     let Some(done) = host.warm(request, first) else {
         return false;
     };
-    if let Some(s) = st.sessions.get(session) {
+    let session = *session;
+    if done.threaded {
+        // Pools hear it before their workers die, on the channel that
+        // reports the deaths: they run those workers' tasks again.
+        for s in st.sessions.values() {
+            let _ = s.send_blocking(&Message::new(Kind::Retiring, 0, 0));
+        }
+        sweep_everything(st);
+    }
+    if let Some(s) = st.sessions.get(&session) {
         let _ = s.send_blocking(&Message::new(Kind::Warmed, 0, 0).with_body(done.report));
     }
     st.warm_queue.pop_front();
