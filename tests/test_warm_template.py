@@ -81,6 +81,44 @@ def test_the_warm_up_survives_workers_that_exit_while_it_runs():
     assert 0 < out["exits"] < 2000, out  # the warm-up ended while workers were recycled
 
 
+def test_the_warm_up_waits_while_every_cpu_computes_and_ends_once_one_is_free(tmp_path):
+    # The imports would only slow a pool whose workers take every CPU, and
+    # no worker is forked meanwhile that they could serve.
+    stop, started = tmp_path / "stop", tmp_path / "started"
+    os.mkfifo(started)
+    write_packages(tmp_path, {"ip_light": "VALUE = 1\n"})
+    out = run_caller(f"""
+        import json, os, sys
+        sys.path.insert(0, sys.argv[1])
+        import ironpool
+
+        def spin():
+            with open({str(started)!r}, "w") as f:
+                f.write("x")
+            while not os.path.exists({str(stop)!r}):
+                pass
+            return os.getpid()
+
+        n = len(os.sched_getaffinity(0))
+        with ironpool.Pool(n) as busy_pool:
+            spinning = [busy_pool.submit(spin) for _ in range(n)]
+            fifo, got = os.open({str(started)!r}, os.O_RDWR), b""  # O_RDWR: no EOF between writers
+            while len(got) < n:  # every worker spins
+                got += os.read(fifo, n)
+            import ip_light  # new: the next pool asks the template for it
+            with ironpool.Pool(1) as pool:
+                busy = pool.template_info(timeout=2)
+                open({str(stop)!r}, "w").close()
+                pids = {{f.result() for f in spinning}}
+                idle = pool.template_info(timeout=100)
+        print(json.dumps({{"busy": [busy.warm, busy.pending], "idle": [idle.warm, idle.pending],
+                          "workers": len(pids), "n": n}}))
+    """, str(tmp_path))
+    assert out["workers"] == out["n"], out
+    assert "ip_light" in out["busy"][1] and "ip_light" not in out["busy"][0], out
+    assert "ip_light" in out["idle"][0] and out["idle"][1] == [], out
+
+
 BAD_PACKAGES = {
     # Each misbehaves only where ironpool is already imported (template, probe).
     "ip_raises": "import sys\nif 'ironpool' in sys.modules:\n    raise ImportError('no backend for this here')\n",

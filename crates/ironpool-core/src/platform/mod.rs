@@ -27,8 +27,9 @@ pub use os::fd::{
 };
 // The C heap, for memory C code frees itself (numpy's default handler).
 pub use os::heap::{c_calloc, c_free, c_malloc, c_realloc};
-// What the process may use and uses: CPUs, descriptors, resident memory.
-pub use os::limits::{default_workers, open_files_limit, resident_bytes};
+// What the process may use and uses: CPUs (and whether all are busy),
+// descriptors, resident memory.
+pub use os::limits::{cpus_all_busy, default_workers, open_files_limit, resident_bytes};
 // Whether the kernel's OOM killer ended a process (its memory cgroup's count).
 pub use os::oom::{OOM_KILL_SIGNAL, OomCounter};
 // Mappings of segments, and whether a private mapping was written.

@@ -28,6 +28,9 @@ const KILL_WAIT: Duration = Duration::from_millis(500);
 /// of a warm request; under a steady stream of them, a step still runs
 /// this often.
 const WARM_STEP: Duration = Duration::from_millis(5);
+/// How long warm steps wait, once they found every CPU busy, before
+/// looking again.
+const BUSY_RECHECK: Duration = Duration::from_millis(50);
 /// Sweeps of adopted orphans per worker exit (each round takes the children
 /// the previous round's victims left behind).
 const SWEEP_ROUNDS: usize = 64;
@@ -83,6 +86,12 @@ struct State {
     /// waits, so an import delays a fork by at most one step.
     warm_queue: VecDeque<(u64, Vec<u8>)>,
     warm_begun: bool,
+    /// A worker exited since the warm-up was asked for: its replacement
+    /// (recycling, a crash, a pool closing and the next one starting) is
+    /// what the imports are for, so they no longer wait for idle CPUs.
+    warm_wanted: bool,
+    /// Warm steps found every CPU busy; they look again at this time.
+    busy_until: Option<Instant>,
 }
 
 /// Serves fork requests until the parent goes away. `host.fork` forks the
@@ -113,6 +122,8 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         next_session: 1,
         warm_queue: VecDeque::new(),
         warm_begun: false,
+        warm_wanted: false,
+        busy_until: None,
     };
     let me = platform::current_pid();
     let mut last_step = Instant::now();
@@ -125,7 +136,7 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         let events = st.poller.wait(idle_wait)?;
         if events.is_empty() {
             last_step = Instant::now();
-            if warm_step(&mut st, host) {
+            if may_warm(&mut st) && warm_step(&mut st, host) {
                 return Ok(Served::Exit);
             }
             continue;
@@ -189,6 +200,7 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
                     };
                     if let Some((pidfd, session)) = st.children.remove(&pid) {
                         st.poller.delete(&pidfd);
+                        st.warm_wanted = !st.warm_queue.is_empty();
                         // Its orphans were reparented to us before its exit
                         // became visible: kill and reap them before saying
                         // it is gone, so its tree is gone when the pool hears.
@@ -211,11 +223,28 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
         // every few ms) must not starve the warm-up that makes them cheap.
         if !st.warm_queue.is_empty() && last_step.elapsed() >= WARM_STEP {
             last_step = Instant::now();
-            if warm_step(&mut st, host) {
+            if may_warm(&mut st) && warm_step(&mut st, host) {
                 return Ok(Served::Exit);
             }
         }
     }
+}
+
+/// Whether a warm step may run now. The imports pay off only for workers
+/// forked later, so while every CPU is busy (a pool's workers computing,
+/// which the trial and real imports would slow) they wait, unless workers
+/// are exiting, whose replacements want them now.
+fn may_warm(st: &mut State) -> bool {
+    if st.warm_wanted {
+        return true;
+    }
+    let now = Instant::now();
+    if st.busy_until.is_some_and(|t| now < t) {
+        return false;
+    }
+    let busy = platform::cpus_all_busy();
+    st.busy_until = busy.then(|| now + BUSY_RECHECK);
+    !busy
 }
 
 /// Runs one step of the first warm request, answering its session when it
@@ -244,6 +273,7 @@ fn warm_step(st: &mut State, host: &mut dyn Host) -> bool {
     }
     st.warm_queue.pop_front();
     st.warm_begun = false;
+    st.warm_wanted &= !st.warm_queue.is_empty();
     done.threaded
 }
 

@@ -18,6 +18,22 @@ pub fn default_workers() -> usize {
     cpus.min(quota).max(1)
 }
 
+/// Whether every CPU this process may use is taken by another runnable
+/// thread of the machine right now (`/proc/loadavg`'s instantaneous count,
+/// which includes the caller itself). False if it cannot be read.
+pub fn cpus_all_busy() -> bool {
+    let Ok(text) = fs::read_to_string("/proc/loadavg") else {
+        return false;
+    };
+    runnable_in_loadavg(&text).is_some_and(|running| running > default_workers())
+}
+
+/// The `running` of `running/total`, the fourth field of `/proc/loadavg`.
+fn runnable_in_loadavg(text: &str) -> Option<usize> {
+    let field = text.split_whitespace().nth(3)?;
+    field.split('/').next()?.parse().ok()
+}
+
 /// `ceil(quota / period)` from this process's cgroup v2 `cpu.max`, if limited.
 fn cgroup_cpu_quota() -> Option<usize> {
     let cgroup = fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -79,6 +95,36 @@ mod tests {
         assert_eq!(parse_cpu_max("150000 100000\n"), Some(2));
         assert_eq!(parse_cpu_max("50000 100000"), Some(1));
         assert_eq!(parse_cpu_max("garbage"), None);
+    }
+
+    #[test]
+    fn loadavg_parsing() {
+        assert_eq!(runnable_in_loadavg("0.52 0.58 0.59 3/467 12345\n"), Some(3));
+        assert_eq!(runnable_in_loadavg("0.52 0.58"), None);
+        assert_eq!(runnable_in_loadavg("a b c x/y z"), None);
+    }
+
+    #[test]
+    fn cpus_are_all_busy_while_a_thread_spins_on_each() {
+        // One spinning thread more than there are CPUs (the test's own
+        // thread reads the count while runnable too).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinners: Vec<_> = (0..default_workers() + 1)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let busy = (0..100).any(|_| cpus_all_busy());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for s in spinners {
+            let _ = s.join();
+        }
+        assert!(busy);
     }
 
     #[test]
