@@ -104,6 +104,48 @@ def test_as_completed_yields_every_future(pool):
     assert got == {i: i * i for i in range(20)}
 
 
+def test_a_future_without_a_condition_has_every_attribute_of_a_stdlib_one():
+    # TaskFuture skips Future.__init__ (its Condition is made on demand):
+    # a Python that adds state to Future must not leave ours without it.
+    from ironpool._futures import TaskFuture
+
+    ours, theirs = TaskFuture(), cf.Future()
+    assert set(vars(theirs)) - {"_condition"} <= set(vars(ours))
+    assert isinstance(ours._condition, type(theirs._condition))
+
+
+def test_futures_settled_by_another_thread_reach_waiters_that_came_before_and_after():
+    # The settling thread races the waiters taking each future's condition.
+    from ironpool._futures import TaskFuture
+
+    for _ in range(20):
+        futures = [TaskFuture() for _ in range(200)]
+        called = []
+        for f in futures[::2]:
+            f.add_done_callback(called.append)
+        go = threading.Event()
+
+        def settle_all():
+            go.wait()
+            for i, f in enumerate(futures):
+                f.set_exception(ValueError(i)) if i % 7 == 0 else f.set_result(i)
+
+        t = threading.Thread(target=settle_all)
+        t.start()
+        go.set()
+        seen = {futures.index(f) for f in cf.as_completed(futures[:100], timeout=30)}
+        done, not_done = cf.wait(futures[100:], timeout=30)
+        t.join()
+        assert seen == set(range(100)) and len(done) == 100 and not not_done
+        assert [f.result() for f in futures if f.exception() is None] == [i for i in range(200) if i % 7]
+        assert len(called) == 100 and set(called) == set(futures[::2])
+        late = []
+        futures[1].add_done_callback(late.append)  # after it settled: runs at once
+        assert late == [futures[1]]
+        with pytest.raises(cf.InvalidStateError):
+            futures[3].set_result("again")
+
+
 def test_wait_first_completed_returns_while_another_task_runs(pool, beacon):
     slow = pool.submit(blocking, beacon, "slow")
     beacon.started(1)

@@ -4,10 +4,11 @@ and :class:`ChunkTicket`, the lighter handle a ``map`` gets for each chunk."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER, PENDING, RUNNING
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -31,10 +32,21 @@ class TaskDriver(Protocol):
         ...
 
 
+#: Guards making a ``TaskFuture``'s condition, and the changes of state made
+#: before one exists, so that the two never interleave.
+_UNCONDITIONED = threading.Lock()
+_DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
+
+
 class TaskFuture(Future):
     """A ``concurrent.futures.Future`` that withdraws its task when cancelled
     and whose ``result()``/``exception()`` let the backend deliver results in
-    the calling thread instead of a thread hop away."""
+    the calling thread instead of a thread hop away.
+
+    Its condition is made only when a thread needs one (to wait, or through
+    the stdlib's ``wait``/``as_completed``): a task submitted, settled and
+    read without waiting never builds one, which is most of what a stdlib
+    ``Future`` costs. Until then its state changes under one module lock."""
 
     _driver: TaskDriver | None = None
     _task_id: int = 0
@@ -43,6 +55,70 @@ class TaskFuture(Future):
     #: thread pool does. (A worker process's traceback travels as text, in
     #: the exception's ``__cause__``.)
     _task_traceback: TracebackType | None = None
+
+    def __init__(self) -> None:
+        # ``Future.__init__`` but the condition (see ``_condition``).
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        made = self.__dict__.get("_made_condition")
+        if made is None:
+            with _UNCONDITIONED:
+                made = self.__dict__.get("_made_condition")
+                if made is None:
+                    made = self._made_condition = threading.Condition()
+        return made
+
+    def _finish_unconditioned(self, value: Any, error: BaseException | None) -> bool:
+        """Settles a future no thread has taken the condition of (so none
+        waits on it); False if one has (the stdlib's way then applies)."""
+        with _UNCONDITIONED:
+            if "_made_condition" in self.__dict__:
+                return False
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            if error is None:
+                self._result = value
+            else:
+                self._exception = error
+            self._state = FINISHED
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's, outside the lock as there
+        return True
+
+    def set_result(self, result: Any) -> None:
+        if "_made_condition" in self.__dict__ or not self._finish_unconditioned(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if exception is None:
+            raise TypeError("set_exception needs an exception")
+        if "_made_condition" in self.__dict__ or not self._finish_unconditioned(None, exception):
+            super().set_exception(exception)
+
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        if "_made_condition" not in self.__dict__:
+            with _UNCONDITIONED:
+                if "_made_condition" not in self.__dict__ and self._state not in _DONE:
+                    self._done_callbacks.append(fn)
+                    return
+            if self._state in _DONE:
+                try:
+                    fn(self)
+                except Exception:
+                    LOGGER.exception("exception calling callback for %r", self)
+                return
+        super().add_done_callback(fn)
+
+    def done(self) -> bool:
+        return self._state in _DONE  # final states: no lock needed to see one
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
 
     def bind(self, driver: TaskDriver, task_id: int) -> None:
         """Ties the future to task ``task_id`` of ``driver`` (again, for a rerun)."""
@@ -80,6 +156,8 @@ class TaskFuture(Future):
         return max(0.0, deadline - time.monotonic())
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:  # set before the state
+            return self._result
         timeout = self._collect(timeout)
         try:
             return super().result(timeout)
@@ -94,6 +172,8 @@ class TaskFuture(Future):
             raise (copy_exception(exc) or exc).with_traceback(self._task_traceback) from exc.__cause__
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == FINISHED:
+            return self._exception
         return super().exception(self._collect(timeout))
 
     def withdrawn(self) -> bool:

@@ -424,7 +424,19 @@ def _plain(call: Any, threshold: int) -> bool:
 
 
 def _flat(values: Any, threshold: int) -> bool:
-    return all(type(v) in _ATOMS or (type(v) is bytes and len(v) < threshold) for v in values)
+    for v in values:  # a loop, not all(...): most calls have one or two arguments
+        if type(v) not in _ATOMS and not (type(v) is bytes and len(v) < threshold):
+            return False
+    return True
+
+
+def encode_small_call(args: tuple, kwargs: dict | None, threshold: int) -> Encoded | None:
+    """A call's payload if its arguments are only atoms and small ``bytes``
+    (nothing to send once, no reducer to run); None otherwise, for
+    ``encode``. Checked before anything else on ``submit``'s path."""
+    if _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold)):
+        return Encoded([pickle.dumps((args, kwargs or {}), protocol=5)], [], [], {})
+    return None
 
 
 def share_large_bytes(values: tuple, auto: AutoShare, threshold: int) -> tuple:

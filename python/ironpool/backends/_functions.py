@@ -88,9 +88,14 @@ class Functions:
         self.lock = threading.RLock()
         self.by_key: dict[tuple, Function] = {}
         self.dead: deque[Function] = deque()
+        #: The last plain function acquired (its weak reference, and it).
+        self.last: tuple[weakref.ref, Function] | None = None
 
     def acquire(self, fn: Any) -> Function:
         """The registration of ``fn``, held for one call (``release`` it)."""
+        last = self.last
+        if last is not None and last[0]() is fn and not last[1].forgotten and not self.dead:
+            return last[1]  # the same plain function as the last call: no lock, no lookup
         self.forget_dead()
         parts = _identity(fn)
         key = tuple(map(id, parts))
@@ -108,6 +113,8 @@ class Functions:
                 self.by_key[key] = function
             if function.counted:
                 function.holds += 1
+            elif len(parts) == 1:  # held weakly, so remembering it costs nothing
+                self.last = (function.refs[0], function)  # type: ignore[index]
             return function
 
     def release(self, function: Function) -> None:

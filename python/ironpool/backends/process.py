@@ -32,6 +32,7 @@ from .._send_once import (
     SharedRef,
     dumps_shared,
     encode,
+    encode_small_call,
     share_large_bytes,
     unhold_all,
 )
@@ -239,6 +240,9 @@ class ProcessBackend:
         args = call.args
         if call.chunk:
             what: Any = args
+        elif call.rerun_of is None and (small := encode_small_call(args, call.kwargs, self.threshold)) is not None:
+            call.sent = small.pinned
+            return small
         else:
             args = share_large_bytes(args, self.auto_share, self.threshold)
             what = (args, call.kwargs or {})
