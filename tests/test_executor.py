@@ -125,12 +125,12 @@ def test_futures_settled_by_another_thread_reach_waiters_that_came_before_and_af
             f.add_done_callback(called.append)
         go = threading.Event()
 
-        def settle_all():
+        def settle_all(futures, go):
             go.wait()
             for i, f in enumerate(futures):
                 f.set_exception(ValueError(i)) if i % 7 == 0 else f.set_result(i)
 
-        t = threading.Thread(target=settle_all)
+        t = threading.Thread(target=settle_all, args=(futures, go))
         t.start()
         go.set()
         seen = {futures.index(f) for f in cf.as_completed(futures[:100], timeout=30)}
