@@ -209,8 +209,14 @@ class _ByValue(Exception):
     """The stream refers to ``__main__``, which workers do not have."""
 
 
+#: Results that pickle alike everywhere and hold no buffer: no callback needed.
+_ATOMS = frozenset({int, float, str, bool, type(None)})
+
+
 def dumps(obj: object, threshold: int) -> list:
     """Pickles ``obj``; buffers of ``threshold`` bytes or more go out of band."""
+    if type(obj) in _ATOMS:  # a tiny task's result: skip the buffer machinery
+        return [pickle.dumps(obj, protocol=5)]
     buffers: list = []
 
     def keep_large(pb: Any) -> bool:

@@ -99,7 +99,10 @@ fn run_task(
     let start = Instant::now();
     let parts = buffers::decode(py, msg, false)?;
     let (status, out): (u8, Bound<'_, PyList>) = handler
-        .call_method1("run", (msg.id, msg.aux, msg.flags, parts))?
+        .call_method1(
+            pyo3::intern!(py, "run"),
+            (msg.id, msg.aux, msg.flags, parts),
+        )?
         .extract()?;
     let elapsed = start.elapsed().as_nanos() as u64;
     let kind = if status == 0 {

@@ -120,6 +120,15 @@ struct Done {
     /// every completion, and [`Pool::wait_completions`] leaves them to it
     /// (handing a result to another thread costs a wake-up and a GIL hop).
     drivers: usize,
+    /// Threads asleep on `done_cv`: a notification with none costs a
+    /// futex syscall per publish for nothing.
+    sleepers: usize,
+}
+
+impl Done {
+    fn has_sleepers(&self) -> bool {
+        self.sleepers > 0
+    }
 }
 
 /// Counts a caller as driving while it lives.
@@ -136,7 +145,9 @@ impl Drop for Driving<'_> {
     fn drop(&mut self) {
         let mut done = lock(&self.0.done);
         done.drivers -= 1;
-        let left = done.drivers == 0 && !(done.queue.is_empty() && done.logs.is_empty());
+        let left = done.drivers == 0
+            && !(done.queue.is_empty() && done.logs.is_empty())
+            && done.has_sleepers();
         drop(done);
         if left {
             // What arrived after this caller's last look goes to the others.
@@ -325,27 +336,26 @@ impl Pool {
                 || (generation.is_none() && d.drivers > 0 && !d.finished)
         };
         while idle(&done) && !done.finished && !kicked() {
-            match deadline {
-                None => {
-                    done = self
-                        .hub
-                        .done_cv
-                        .wait(done)
-                        .unwrap_or_else(|p| p.into_inner())
-                }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Some(Vec::new());
+            }
+            done.sleepers += 1;
+            done = match deadline {
+                None => self
+                    .hub
+                    .done_cv
+                    .wait(done)
+                    .unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Some(Vec::new());
-                    }
-                    done = self
-                        .hub
+                    self.hub
                         .done_cv
                         .wait_timeout(done, d - now)
                         .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                        .0
                 }
-            }
+            };
+            done.sleepers -= 1;
         }
         if done.queue.is_empty() && done.logs.is_empty() && done.finished {
             return None;
@@ -372,9 +382,11 @@ impl Pool {
     /// Tells callers blocked in [`Pool::wait_driving`] that results were delivered
     /// by another thread, so they re-check theirs.
     pub fn kick(&self) {
-        let _guard = lock(&self.hub.done);
+        let done = lock(&self.hub.done);
         self.hub.generation.fetch_add(1, Ordering::AcqRel);
-        self.hub.done_cv.notify_all();
+        if done.has_sleepers() {
+            self.hub.done_cv.notify_all();
+        }
     }
 
     /// Waits for completions on behalf of a caller that wants a result now.

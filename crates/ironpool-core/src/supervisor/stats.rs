@@ -15,8 +15,11 @@ impl Engine {
             let mut done = lock(&self.hub.done);
             done.queue.extend(self.done.drain(..));
             done.logs.append(&mut self.logs);
+            let wake = done.has_sleepers();
             drop(done);
-            self.hub.done_cv.notify_all();
+            if wake {
+                self.hub.done_cv.notify_all();
+            }
         }
     }
 
