@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core, _serialize
-from ._serialize import FRESH, PRIVATE, REUSE, dumps, serialization_error
+from ._serialize import _ATOMS, FRESH, PRIVATE, REUSE, dumps, serialization_error
 from .errors import SerializationError
 
 #: Objects remembered by the automatic cache: this many...
@@ -407,17 +407,12 @@ def encode(
     return Encoded(parts, encoding.ids, encoding.held, encoding.pinned)
 
 
-#: Types whose instances pickle the same way in any pickler and never refer
-#: to another object: a call made only of these needs no encoding pass.
-_ATOMS = frozenset({int, float, str, bool, type(None)})
-
-
 def _plain(call: Any, threshold: int) -> bool:
     """Whether ``call`` is a call's ``(args, kwargs)`` or a chunk's list of
     items made only of atoms and small ``bytes``, flat or in tuples."""
     if type(call) is tuple:  # (args, kwargs)
         args, kwargs = call
-        return _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold))
+        return _flat_call(args, kwargs, threshold)
     return type(call) is list and all(
         type(item) in _ATOMS or (type(item) is tuple and _flat(item, threshold)) for item in call
     )
@@ -430,11 +425,15 @@ def _flat(values: Any, threshold: int) -> bool:
     return True
 
 
+def _flat_call(args: tuple, kwargs: dict | None, threshold: int) -> bool:
+    return _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold))
+
+
 def encode_small_call(args: tuple, kwargs: dict | None, threshold: int) -> Encoded | None:
     """A call's payload if its arguments are only atoms and small ``bytes``
     (nothing to send once, no reducer to run); None otherwise, for
     ``encode``. Checked before anything else on ``submit``'s path."""
-    if _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold)):
+    if _flat_call(args, kwargs, threshold):
         return Encoded([pickle.dumps((args, kwargs or {}), protocol=5)], [], [], {})
     return None
 

@@ -209,7 +209,9 @@ class _ByValue(Exception):
     """The stream refers to ``__main__``, which workers do not have."""
 
 
-#: Results that pickle alike everywhere and hold no buffer: no callback needed.
+#: Types whose instances pickle the same way in any pickler and never refer
+#: to another object: a value made only of these needs no encoding pass
+#: and no buffer callback.
 _ATOMS = frozenset({int, float, str, bool, type(None)})
 
 
