@@ -37,9 +37,11 @@ imports this module.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._serialize import dumps, loads
+
+TYPE_CHECKING = False  # workers never import typing (see _worker)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Links followed from the raised exception (causes, contexts, group members).
 MAX_DEPTH = 32

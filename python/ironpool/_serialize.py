@@ -15,7 +15,10 @@ import _pickle as pickle
 import _thread
 import io
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # workers never import typing (see _worker)
+if TYPE_CHECKING:
+    from typing import Any
 
 _repr = None
 

@@ -9,7 +9,10 @@ thread. Kept tiny: worker processes import it on their start-up path.
 from __future__ import annotations
 
 import _thread
-from typing import Any
+
+TYPE_CHECKING = False  # workers never import typing (see _worker)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: The state of a worker whose pool has no initializer.
 NO_INITIALIZER: Any = object()

@@ -60,7 +60,8 @@ impl Zygote {
     }
 
     /// Asks the template to import what `request` names between forks
-    /// (`ironpool._zygote` writes and reads the request and the report).
+    /// (`ironpool._zygote` writes the request and reads the report;
+    /// `ironpool._template` answers it).
     fn warm(&self, py: Python<'_>, request: Vec<u8>) -> PyResult<WarmRequest> {
         let inner = py
             .detach(|| self.inner.warm(request))
@@ -114,7 +115,7 @@ impl LogSender {
 }
 
 /// The template's side of the loop: forks through `os.fork` (so the
-/// interpreter's fork hooks run) and imports through `_zygote.warm_up`.
+/// interpreter's fork hooks run) and imports through `_template.warm_up`.
 struct PyHost<'py> {
     fork: Bound<'py, PyAny>,
     warm_up: Bound<'py, PyAny>,
@@ -164,8 +165,8 @@ pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> 
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut host = PyHost {
         fork: py.import("os")?.getattr("fork")?,
-        warm_up: py.import("ironpool._zygote")?.getattr("warm_up")?,
-        probe_pid: py.import("ironpool._zygote")?.getattr("probe_pid")?,
+        warm_up: py.import("ironpool._template")?.getattr("warm_up")?,
+        probe_pid: py.import("ironpool._template")?.getattr("probe_pid")?,
     };
     match zygote::serve(master, &mut host).map_err(|e| Error::io("template process", e))? {
         Served::Exit => Ok(None),

@@ -59,7 +59,7 @@ pub enum Kind {
     /// state. Sent whatever the worker is doing (set-up, a task, idle).
     Log = 15,
     /// [P→Z] import modules in the template between forks; body = the
-    /// request (module names, see `ironpool/_zygote.py`).
+    /// request (module names, see `ironpool/_zygote.py` and `_template.py`).
     Warm = 16,
     /// [Z→P] the warm request is done; body = what was imported or skipped.
     Warmed = 17,
