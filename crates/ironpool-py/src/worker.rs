@@ -1,7 +1,7 @@
 //! The worker's loop: receive with the interpreter detached, run the task
 //! (or each task of a batch) through the Python handler, send each result.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ironpool_core::ipc::channel::RecvError;
 use ironpool_core::ipc::{Kind, Message, RETRYABLE, Recv};
@@ -16,6 +16,12 @@ use crate::zygote::WorkerChannel;
 /// `init(parts)`, `register(function_id, payload)`, `run(task_id, function_id, flags,
 /// parts) -> (status, parts)` (0 returned, 1 raised, 2 raised one of the
 /// pool's `retry_on` types) and a `threshold` attribute (segment size).
+/// How long a worker that has answered polls for its next task before it
+/// sleeps: a caller waiting on one result at a time sends the next within
+/// microseconds, and waking a sleeping process costs more than that (on a
+/// virtual machine, an idle CPU is woken through the hypervisor).
+const IDLE_SPIN: Duration = Duration::from_micros(50);
+
 #[pyfunction]
 pub fn worker_main(
     py: Python<'_>,
@@ -29,8 +35,11 @@ pub fn worker_main(
         .take()
         .ok_or_else(|| Error::Engine("worker channel already in use".into()))?;
     let mut threshold: usize = handler.getattr("threshold")?.extract()?;
+    // Non-blocking, so that it can poll for the next task before sleeping.
+    chan.set_nonblocking(true)
+        .map_err(|e| Error::io("could not set up the pool's channel", e))?;
     loop {
-        let got = py.detach(|| chan.recv_blocking());
+        let got = py.detach(|| chan.recv_spinning(IDLE_SPIN));
         let msg = match got {
             Ok(Recv::Message(m)) => m,
             Ok(Recv::Closed) | Ok(Recv::WouldBlock) => return Ok(()),

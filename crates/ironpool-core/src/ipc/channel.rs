@@ -6,6 +6,7 @@
 
 use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use super::frame::{FrameError, Kind, MAX_FRAME, Message};
 use crate::platform;
@@ -150,6 +151,20 @@ impl Channel {
         Ok(Recv::Message(Message::decode(&self.buf[..got.bytes], fds)?))
     }
 
+    /// Receives on a non-blocking socket, polling for up to `spin` (and
+    /// yielding the CPU between polls to any thread that wants it) before
+    /// it sleeps until a message comes.
+    pub fn recv_spinning(&mut self, spin: Duration) -> Result<Recv, RecvError> {
+        let until = Instant::now() + spin;
+        loop {
+            match self.recv()? {
+                Recv::WouldBlock if Instant::now() < until => std::thread::yield_now(),
+                Recv::WouldBlock => return self.recv_blocking(),
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Receives, waiting if the socket is non-blocking and empty.
     pub fn recv_blocking(&mut self) -> Result<Recv, RecvError> {
         loop {
@@ -192,6 +207,29 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_spinning_receive_gets_what_comes_while_it_polls_and_after_it_sleeps() {
+        let (a, mut b) = Channel::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        // Sent before: the first poll gets it.
+        assert!(a.send(&Message::new(Kind::Task, 1, 0)).unwrap());
+        let got = b.recv_spinning(Duration::from_micros(50)).unwrap();
+        assert!(matches!(got, Recv::Message(m) if m.id == 1));
+        // Sent long after the spin ended: the receiver sleeps, then gets it.
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(a.send(&Message::new(Kind::Task, 2, 0)).unwrap());
+            a
+        });
+        let got = b.recv_spinning(Duration::from_micros(50)).unwrap();
+        assert!(matches!(got, Recv::Message(m) if m.id == 2));
+        drop(sender.join().unwrap());
+        assert!(matches!(
+            b.recv_spinning(Duration::from_micros(50)).unwrap(),
+            Recv::Closed
+        ));
     }
 
     #[test]
