@@ -151,3 +151,27 @@ def test_p9_the_warm_up_brings_cloudpickle_before_the_caller_uses_it(tmp_path):
         "        print(before, 'cloudpickle' in info.warm, pool.submit(eval, probe).result(timeout=60))\n",
     )
     assert out.strip() == "False True True"
+
+
+def _sleeps_of(thread) -> int:
+    """How many times a thread of this process has gone to sleep (/proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        return int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_p11_a_caller_waiting_on_each_result_does_not_wake_the_results_thread_per_task():
+    """While a caller waits in ``result()`` it takes its completions itself;
+    waking the pool's results thread for each (to find nothing to do) cost a
+    context switch per task, on a core the worker needs. Each task sleeps a
+    millisecond, so its caller is surely waiting when it ends."""
+    import threading
+    import time as _t
+
+    n = 200
+    with ironpool.Pool(1) as pool:
+        pool.submit(abs, -1).result()
+        (results,) = [t for t in threading.enumerate() if t.name == "ironpool-results"]
+        before = _sleeps_of(results)
+        assert [pool.submit(_t.sleep, 0.001).result() for _ in range(n)] == [None] * n
+        woken = _sleeps_of(results) - before
+    assert woken < n // 4, woken

@@ -396,6 +396,7 @@ impl Engine {
         done.finished = true;
         drop(done);
         self.hub.done_cv.notify_all();
+        self.hub.driving_cv.notify_all();
     }
 }
 

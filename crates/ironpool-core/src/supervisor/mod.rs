@@ -120,14 +120,41 @@ struct Done {
     /// every completion, and [`Pool::wait_completions`] leaves them to it
     /// (handing a result to another thread costs a wake-up and a GIL hop).
     drivers: usize,
-    /// Threads asleep on `done_cv`: a notification with none costs a
-    /// futex syscall per publish for nothing.
+    /// Threads asleep on `done_cv` ([`Pool::wait_completions`], the results
+    /// thread): a notification with none costs a futex syscall for nothing.
     sleepers: usize,
+    /// Callers of [`Pool::wait_driving`] that stopped spinning, asleep on
+    /// `driving_cv`: the only ones a kick concerns, and while any caller
+    /// drives, the only ones a completion concerns (waking the results
+    /// thread then cost a context switch per task, to find nothing to do).
+    driving_sleepers: usize,
+}
+
+/// Which sleepers to wake: callers driving, and the others.
+#[derive(Clone, Copy)]
+struct Wake {
+    drivers: bool,
+    others: bool,
 }
 
 impl Done {
-    fn has_sleepers(&self) -> bool {
-        self.sleepers > 0
+    /// Who a completion just queued concerns.
+    fn wake_for_completion(&self) -> Wake {
+        Wake {
+            drivers: self.driving_sleepers > 0,
+            others: self.drivers == 0 && self.sleepers > 0,
+        }
+    }
+}
+
+impl Hub {
+    fn wake(&self, wake: Wake) {
+        if wake.drivers {
+            self.driving_cv.notify_all();
+        }
+        if wake.others {
+            self.done_cv.notify_all();
+        }
     }
 }
 
@@ -145,13 +172,12 @@ impl Drop for Driving<'_> {
     fn drop(&mut self) {
         let mut done = lock(&self.0.done);
         done.drivers -= 1;
-        let left = done.drivers == 0
-            && !(done.queue.is_empty() && done.logs.is_empty())
-            && done.has_sleepers();
+        // What arrived after this caller's last look goes to the others.
+        let left = !(done.queue.is_empty() && done.logs.is_empty());
+        let wake = done.wake_for_completion();
         drop(done);
         if left {
-            // What arrived after this caller's last look goes to the others.
-            self.0.done_cv.notify_all();
+            self.0.wake(wake);
         }
     }
 }
@@ -164,6 +190,7 @@ struct Hub {
     waker: Waker,
     done: Mutex<Done>,
     done_cv: Condvar,
+    driving_cv: Condvar,
     /// Bumped by [`Pool::kick`]; wakes callers blocked in [`Pool::wait_driving`].
     generation: AtomicU64,
     sizer: Mutex<ChunkSizer>,
@@ -193,6 +220,7 @@ impl Pool {
             waker: Waker::new()?,
             done: Mutex::new(Done::default()),
             done_cv: Condvar::new(),
+            driving_cv: Condvar::new(),
             generation: AtomicU64::new(0),
             sizer: Mutex::new(ChunkSizer::default()),
         });
@@ -340,22 +368,21 @@ impl Pool {
             if deadline.is_some_and(|d| now >= d) {
                 return Some(Vec::new());
             }
-            done.sleepers += 1;
+            let (cv, count): (_, fn(&mut Done) -> &mut usize) = if generation.is_some() {
+                (&self.hub.driving_cv, |d| &mut d.driving_sleepers)
+            } else {
+                (&self.hub.done_cv, |d| &mut d.sleepers)
+            };
+            *count(&mut done) += 1;
             done = match deadline {
-                None => self
-                    .hub
-                    .done_cv
-                    .wait(done)
-                    .unwrap_or_else(|p| p.into_inner()),
+                None => cv.wait(done).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
-                    self.hub
-                        .done_cv
-                        .wait_timeout(done, d - now)
+                    cv.wait_timeout(done, d - now)
                         .unwrap_or_else(|p| p.into_inner())
                         .0
                 }
             };
-            done.sleepers -= 1;
+            *count(&mut done) -= 1;
         }
         if done.queue.is_empty() && done.logs.is_empty() && done.finished {
             return None;
@@ -384,8 +411,8 @@ impl Pool {
     pub fn kick(&self) {
         let done = lock(&self.hub.done);
         self.hub.generation.fetch_add(1, Ordering::AcqRel);
-        if done.has_sleepers() {
-            self.hub.done_cv.notify_all();
+        if done.driving_sleepers > 0 {
+            self.hub.driving_cv.notify_all();
         }
     }
 

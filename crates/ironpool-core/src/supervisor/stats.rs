@@ -15,11 +15,9 @@ impl Engine {
             let mut done = lock(&self.hub.done);
             done.queue.extend(self.done.drain(..));
             done.logs.append(&mut self.logs);
-            let wake = done.has_sleepers();
+            let wake = done.wake_for_completion();
             drop(done);
-            if wake {
-                self.hub.done_cv.notify_all();
-            }
+            self.hub.wake(wake);
         }
     }
 
