@@ -154,9 +154,20 @@ def test_p9_the_warm_up_brings_cloudpickle_before_the_caller_uses_it(tmp_path):
 
 
 def _sleeps_of(thread) -> int:
+    """How many times a Python thread of this process has gone to sleep."""
+    return _sleeps_of_tid(str(thread.native_id))
+
+
+def _sleeps_of_tid(tid: str) -> int:
     """How many times a thread of this process has gone to sleep (/proc)."""
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+    with open(f"/proc/self/task/{tid}/status") as f:
         return int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def _thread_name(tid: str) -> str:
+    """A thread's OS name (at most 15 characters)."""
+    with open(f"/proc/self/task/{tid}/comm") as f:
+        return f.read().strip()
 
 
 def test_p11_a_caller_waiting_on_each_result_does_not_wake_the_results_thread_per_task():
@@ -175,3 +186,34 @@ def test_p11_a_caller_waiting_on_each_result_does_not_wake_the_results_thread_pe
         assert [pool.submit(_t.sleep, 0.001).result() for _ in range(n)] == [None] * n
         woken = _sleeps_of(results) - before
     assert woken < n // 4, woken
+
+
+def test_p11_a_caller_waiting_on_each_result_does_not_wake_the_supervisor_thread_per_task():
+    """A caller spinning in ``result()`` reads the workers' answers itself;
+    the engine's supervisor thread, which sleeps on the same sockets, was
+    woken by each of them too (and then contended for the engine's lock).
+
+    Counted over round trips whose answer came while the caller still spun
+    (within 150 µs of the 200 µs it spins): a slower one (a busy machine)
+    ends the spin first and rightly leaves the answer to the supervisor.
+    Each task computes for some 20 µs, so that its caller has begun
+    spinning when the answer comes: an answer that beats the caller to
+    ``result()`` wakes the supervisor too, and is not what this counts."""
+    import time as _t
+
+    earlier = set(os.listdir("/proc/self/task"))
+    with ironpool.Pool(1) as pool:
+        pool.submit(abs, -1).result()
+        new = set(os.listdir("/proc/self/task")) - earlier
+        (supervisor,) = [tid for tid in new if _thread_name(tid) == "ironpool-superv"]
+        fast = woken = 0
+        give_up = _t.monotonic() + 20
+        while fast < 300 and _t.monotonic() < give_up:
+            before = _sleeps_of_tid(supervisor)
+            start = _t.perf_counter()
+            assert pool.submit(sum, range(2000)).result() == 1999000
+            if _t.perf_counter() - start < 150e-6:
+                fast += 1
+                woken += _sleeps_of_tid(supervisor) - before
+    assert fast >= 100, f"only {fast} round trips took under 150 µs"
+    assert woken < fast // 4, (woken, fast)

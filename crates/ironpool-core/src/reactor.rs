@@ -15,8 +15,10 @@ pub enum Source {
     Waker,
     /// Supervisor: its pool's session with the template process.
     Session,
-    /// Supervisor: a worker's channel.
+    /// Supervisor: a worker's channel (registered in the channels poller).
     Channel(WorkerKey),
+    /// Supervisor: the channels poller, nested in the supervisor's own.
+    Channels,
     /// Supervisor: a worker's stdout pipe.
     Stdout(WorkerKey),
     /// Supervisor: a worker's stderr pipe.
@@ -48,6 +50,7 @@ impl Source {
             Source::Parent => (6, 0),
             Source::PoolSession(n) => (7, n),
             Source::Child(pid) => (8, u64::from(pid as u32)),
+            Source::Channels => (9, 0),
         };
         // Keys and session numbers are counters: 2^56 is never reached.
         debug_assert_eq!(value & !VALUE_MASK, 0, "{self:?} does not fit a token");
@@ -67,6 +70,7 @@ impl Source {
             6 => Source::Parent,
             7 => Source::PoolSession(value),
             8 => Source::Child(value as u32 as i32),
+            9 => Source::Channels,
             _ => return None,
         };
         Some(source)
@@ -91,6 +95,7 @@ mod tests {
             Source::PoolSession(3),
             Source::Child(1),
             Source::Child(i32::MAX),
+            Source::Channels,
         ];
         for s in all {
             assert_eq!(Source::from_token(s.token()), Some(s));

@@ -184,7 +184,7 @@ impl Engine {
             w.wants_write = want;
             let _ = self
                 .hub
-                .poller
+                .channels
                 .modify(&w.chan, Source::Channel(key).token(), want);
         }
         if failed {

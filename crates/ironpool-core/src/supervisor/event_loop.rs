@@ -77,6 +77,7 @@ impl Engine {
         let poller = &hub.poller;
         hub.waker.register(poller, Source::Waker.token())?;
         poller.add(&session, Source::Session.token(), false)?;
+        poller.add_poller(&hub.channels, Source::Channels.token())?;
         lock(&hub.sizer).set_workers(cfg.workers);
         let slots = cfg.workers;
         Ok(Self {
@@ -112,21 +113,34 @@ impl Engine {
             match Source::from_token(ev.token) {
                 Some(Source::Waker) => self.hub.waker.drain(),
                 Some(Source::Session) => self.on_session(),
-                Some(Source::Channel(key)) => {
-                    if ev.writable {
-                        self.flush(key);
-                    }
-                    if ev.readable {
-                        self.on_channel(key);
+                Some(Source::Channels) => {
+                    if let Ok(channels) = self.hub.channels.wait(Some(Duration::ZERO)) {
+                        self.on_channels(&channels);
                     }
                 }
                 Some(Source::Stdout(key)) => self.drain_output(key, false),
                 Some(Source::Stderr(key)) => self.drain_output(key, true),
-                // The zygote's sources are never registered here.
+                // Channels arrive through `Source::Channels`; the zygote's
+                // sources are never registered here.
                 _ => {}
             }
         }
         self.tick();
+    }
+
+    /// Reads and writes the workers' channels that `events` (from the
+    /// channels poller) found ready.
+    pub(super) fn on_channels(&mut self, events: &[Ready]) {
+        for ev in events {
+            if let Some(Source::Channel(key)) = Source::from_token(ev.token) {
+                if ev.writable {
+                    self.flush(key);
+                }
+                if ev.readable {
+                    self.on_channel(key);
+                }
+            }
+        }
     }
 
     pub fn tick(&mut self) {
@@ -228,7 +242,7 @@ impl Engine {
                 // its channel once nothing is left to send: a level-triggered
                 // EOF would otherwise wake the loop until its exit is reported.
                 if w.outbox.is_empty() {
-                    self.hub.poller.delete(&w.chan);
+                    self.hub.channels.delete(&w.chan);
                 }
                 return;
             }
@@ -251,7 +265,7 @@ impl Engine {
 
     pub(super) fn close_channel(&mut self, key: WorkerKey) {
         if let Some(w) = self.workers.get_mut(&key) {
-            self.hub.poller.delete(&w.chan);
+            self.hub.channels.delete(&w.chan);
             w.close(Instant::now());
         }
     }
@@ -390,6 +404,7 @@ impl Engine {
         self.workers.clear();
         self.registry.clear();
         self.session = None;
+        self.hub.channels.close();
         self.hub.poller.close();
         self.hub.waker.close();
         let mut done = lock(&self.hub.done);

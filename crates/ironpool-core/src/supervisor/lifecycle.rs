@@ -172,8 +172,10 @@ impl Engine {
         self.next_key += 1;
         let fork = Message::new(Kind::Fork, key, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
         session.send_blocking(&fork)?;
+        self.hub
+            .channels
+            .add(&ours, Source::Channel(key).token(), false)?;
         let poller = &self.hub.poller;
-        poller.add(&ours, Source::Channel(key).token(), false)?;
         poller.add(&out_r, Source::Stdout(key).token(), false)?;
         poller.add(&err_r, Source::Stderr(key).token(), false)?;
         let forward = self.cfg.forward_output;

@@ -182,11 +182,51 @@ impl Drop for Driving<'_> {
     }
 }
 
+/// A caller polling the workers' channels itself: while any does, the
+/// channels do not wake the supervisor thread, which would otherwise be
+/// woken by every answer the caller is about to read (a thread wake-up per
+/// round trip). The last one to stop unmutes them; if they hold unread
+/// messages by then, that wakes the supervisor thread at once.
+struct Spinning<'a>(&'a Hub);
+
+impl<'a> Spinning<'a> {
+    fn new(hub: &'a Hub) -> Self {
+        let mut n = lock(&hub.spinners);
+        if *n == 0 {
+            let _ = hub
+                .poller
+                .mute_poller(&hub.channels, Source::Channels.token(), true);
+        }
+        *n += 1;
+        Spinning(hub)
+    }
+}
+
+impl Drop for Spinning<'_> {
+    fn drop(&mut self) {
+        let mut n = lock(&self.0.spinners);
+        *n -= 1;
+        if *n == 0 {
+            let _ = self
+                .0
+                .poller
+                .mute_poller(&self.0.channels, Source::Channels.token(), false);
+        }
+    }
+}
+
 /// What callers and the supervisor thread reach without the engine lock: the
 /// poller and its waker, the completion queue, the published stats and the
 /// chunk sizer.
 struct Hub {
+    /// What the supervisor thread sleeps on: its waker, its template
+    /// session, the workers' output pipes and `channels`.
     poller: Poller,
+    /// The workers' channels, nested in `poller` so that a caller polling
+    /// them itself can mute them there (see [`Spinning`]).
+    channels: Poller,
+    /// How many callers are polling `channels` in [`Pool::wait_driving`].
+    spinners: Mutex<usize>,
     waker: Waker,
     done: Mutex<Done>,
     done_cv: Condvar,
@@ -217,6 +257,8 @@ impl Pool {
         let session = zygote.session()?;
         let hub = Arc::new(Hub {
             poller: Poller::new()?,
+            channels: Poller::new()?,
+            spinners: Mutex::new(0),
             waker: Waker::new()?,
             done: Mutex::new(Done::default()),
             done_cv: Condvar::new(),
@@ -431,6 +473,7 @@ impl Pool {
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
         let spin_until = start + spin.min(timeout.unwrap_or(spin));
+        let mut spinning = None;
         loop {
             {
                 let mut done = lock(&self.hub.done);
@@ -448,14 +491,15 @@ impl Pool {
             if now >= spin_until {
                 break;
             }
-            if let Ok(mut events) = self.hub.poller.wait(Some(Duration::ZERO)) {
-                // The wake-up eventfd is the supervisor thread's: draining it
-                // here could leave that thread asleep towards a stale deadline.
-                events.retain(|ev| ev.token != Source::Waker.token());
+            if spinning.is_none() {
+                spinning = Some(Spinning::new(&self.hub));
+            }
+            if let Ok(events) = self.hub.channels.wait(Some(Duration::ZERO)) {
                 if !events.is_empty() {
                     let (mine, wake) = {
                         let mut e = lock(&self.engine);
-                        e.handle(&events);
+                        e.on_channels(&events);
+                        e.tick();
                         let mine = e.take_done();
                         e.publish();
                         (mine, e.needs_wake())
@@ -471,6 +515,7 @@ impl Pool {
             }
             std::hint::spin_loop();
         }
+        drop(spinning);
         let rest = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         self.wait(rest, Some(generation))
     }

@@ -92,6 +92,33 @@ impl Poller {
         })
     }
 
+    /// Watches `inner` (another poller) under `token`: this poller is ready
+    /// while `inner` has events, which [`Poller::wait`] on `inner` then reads.
+    pub fn add_poller(&self, inner: &Poller, token: u64) -> io::Result<()> {
+        inner.with(|fd| self.add(fd, token, false))
+    }
+
+    /// Stops (`muted`) or resumes waking this poller's waiters for `inner`'s
+    /// events. Resuming while `inner` has events wakes a waiter at once.
+    pub fn mute_poller(&self, inner: &Poller, token: u64, muted: bool) -> io::Result<()> {
+        use rustix::event::epoll::{self, EventFlags};
+        let flags = if muted {
+            EventFlags::empty()
+        } else {
+            Self::flags(false)
+        };
+        inner.with(|fd| {
+            self.with(|ep| {
+                Ok(epoll::modify(
+                    ep,
+                    fd,
+                    epoll::EventData::new_u64(token),
+                    flags,
+                )?)
+            })
+        })
+    }
+
     pub fn delete(&self, fd: impl AsFd) {
         let _ = self.with(|ep| Ok(rustix::event::epoll::delete(ep, fd)?));
     }
@@ -175,5 +202,37 @@ impl Waker {
 
     pub fn close(&self) {
         self.fd.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_muted_nested_poller_stays_quiet_until_unmuted_with_events_waiting() {
+        let (outer, inner, waker) = (
+            Poller::new().unwrap(),
+            Poller::new().unwrap(),
+            Waker::new().unwrap(),
+        );
+        waker.register(&inner, 7).unwrap();
+        outer.add_poller(&inner, 1).unwrap();
+        outer.mute_poller(&inner, 1, true).unwrap();
+        waker.wake();
+        assert!(
+            outer
+                .wait(Some(Duration::from_millis(20)))
+                .unwrap()
+                .is_empty()
+        );
+        // The inner set is read directly meanwhile.
+        assert_eq!(inner.wait(Some(Duration::ZERO)).unwrap()[0].token, 7);
+        outer.mute_poller(&inner, 1, false).unwrap();
+        let events = outer.wait(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].token, 1);
+        waker.drain();
+        assert!(outer.wait(Some(Duration::ZERO)).unwrap().is_empty());
     }
 }
