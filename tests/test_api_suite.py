@@ -15,7 +15,7 @@ import time
 
 import ironpool
 import pytest
-from conftest import Beacon, two_running, worker_key
+from conftest import Beacon, two_running, wait_until, worker_key
 from tqdm import tqdm
 
 # --- tasks (module level: the processes backend sends them by reference) ----
@@ -118,6 +118,8 @@ def test_future_states_and_cancel(make_pool, beacon):
 def test_stats_has_one_entry_per_worker(make_pool):
     pool = make_pool(2)
     assert [f.result(timeout=30) for f in [pool.submit(square, i) for i in range(10)]] == [i * i for i in range(10)]
+    # Ten tiny tasks can all finish before the second worker's start is reported (its pid is 0 until then).
+    assert wait_until(lambda: all(w.pid > 0 for w in pool.stats()), timeout=30), pool.stats()
     stats = pool.stats()
     assert [w.slot for w in stats] == [0, 1]
     assert all(w.pid > 0 and w.rss >= 0 and w.busy_seconds >= 0 for w in stats), stats

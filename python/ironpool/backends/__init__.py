@@ -47,7 +47,8 @@ __all__ = [
 class WorkerInfo:
     """One worker's figures, from :meth:`ironpool.Pool.stats`. For a worker
     thread (``backend="threads"``), ``pid`` is its native thread id and
-    ``rss`` is 0: threads share one process's memory::
+    ``rss`` is 0: threads share one process's memory. A worker process
+    still starting (its fork not yet reported) has ``pid`` 0::
 
         for w in pool.stats():
             print(w.slot, w.pid, w.tasks_done, f"{w.rss / 2**20:.0f} MiB", w.restarts, w.last_exit)
