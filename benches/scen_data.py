@@ -137,11 +137,15 @@ BIG_OUTPUT = Scenario(
 # file_job -------------------------------------------------------------------------
 
 
+def _csv_paths(ctx: Ctx) -> list[str]:
+    return sorted(os.path.join(ctx.files_dir, f) for f in os.listdir(ctx.files_dir) if f.endswith(".csv"))
+
+
 def file_job(case: str, ctx: Ctx) -> dict:
     import pandas  # noqa: F401 - the parent needs it; fork-based workers then inherit it
     from ironpool.demo import job as csvjob
 
-    paths = sorted(os.path.join(ctx.files_dir, f) for f in os.listdir(ctx.files_dir) if f.endswith(".csv"))
+    paths = _csv_paths(ctx)
     opts = {"preload": ("pandas",)} if case == "ironpool" else {}
     pool = peers.make(case, **opts)
     _warm(pool, ("pandas",))
@@ -179,7 +183,7 @@ def file_job_fresh(case: str, ctx: Ctx) -> dict:
     import pandas  # noqa: F401 - imported before the pool, as scripts do
     from ironpool.demo import job as csvjob
 
-    paths = sorted(os.path.join(ctx.files_dir, f) for f in os.listdir(ctx.files_dir) if f.endswith(".csv"))
+    paths = _csv_paths(ctx)
     t0 = time.perf_counter()
     pool = peers.make(case)
     result = csvjob.combine(pool.map(csvjob.process_file, paths))

@@ -12,16 +12,16 @@ use crate::buffers;
 use crate::errors::Error;
 use crate::zygote::WorkerChannel;
 
-/// Serves tasks until the pool says Shutdown or goes away. `handler` has
-/// `init(parts)`, `register(function_id, payload)`, `run(task_id, function_id, flags,
-/// parts) -> (status, parts)` (0 returned, 1 raised, 2 raised one of the
-/// pool's `retry_on` types) and a `threshold` attribute (segment size).
 /// How long a worker that has answered polls for its next task before it
 /// sleeps: a caller waiting on one result at a time sends the next within
 /// microseconds, and waking a sleeping process costs more than that (on a
 /// virtual machine, an idle CPU is woken through the hypervisor).
 const IDLE_SPIN: Duration = Duration::from_micros(50);
 
+/// Serves tasks until the pool says Shutdown or goes away. `handler` has
+/// `init(parts)`, `register(function_id, payload)`, `run(task_id, function_id, flags,
+/// parts) -> (status, parts)` (0 returned, 1 raised, 2 raised one of the
+/// pool's `retry_on` types) and a `threshold` attribute (segment size).
 #[pyfunction]
 pub fn worker_main(
     py: Python<'_>,

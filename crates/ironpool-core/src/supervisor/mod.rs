@@ -138,6 +138,15 @@ struct Wake {
 }
 
 impl Done {
+    /// The count of sleepers of one kind: callers driving, or the others.
+    fn sleepers_mut(&mut self, driving: bool) -> &mut usize {
+        if driving {
+            &mut self.driving_sleepers
+        } else {
+            &mut self.sleepers
+        }
+    }
+
     /// Who a completion just queued concerns.
     fn wake_for_completion(&self) -> Wake {
         Wake {
@@ -187,6 +196,10 @@ impl Drop for Driving<'_> {
 /// woken by every answer the caller is about to read (a thread wake-up per
 /// round trip). The last one to stop unmutes them; if they hold unread
 /// messages by then, that wakes the supervisor thread at once.
+///
+/// `EPOLL_CTL_MOD` of a registered descriptor allocates nothing; it fails
+/// only once the pool's pollers are closed (teardown), when nothing is left
+/// to wake. So its errors are ignored.
 struct Spinning<'a>(&'a Hub);
 
 impl<'a> Spinning<'a> {
@@ -410,12 +423,13 @@ impl Pool {
             if deadline.is_some_and(|d| now >= d) {
                 return Some(Vec::new());
             }
-            let (cv, count): (_, fn(&mut Done) -> &mut usize) = if generation.is_some() {
-                (&self.hub.driving_cv, |d| &mut d.driving_sleepers)
+            let driving = generation.is_some();
+            let cv = if driving {
+                &self.hub.driving_cv
             } else {
-                (&self.hub.done_cv, |d| &mut d.sleepers)
+                &self.hub.done_cv
             };
-            *count(&mut done) += 1;
+            *done.sleepers_mut(driving) += 1;
             done = match deadline {
                 None => cv.wait(done).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
@@ -424,7 +438,7 @@ impl Pool {
                         .0
                 }
             };
-            *count(&mut done) -= 1;
+            *done.sleepers_mut(driving) -= 1;
         }
         if done.queue.is_empty() && done.logs.is_empty() && done.finished {
             return None;
