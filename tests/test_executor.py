@@ -105,13 +105,35 @@ def test_as_completed_yields_every_future(pool):
 
 
 def test_a_future_without_a_condition_has_every_attribute_of_a_stdlib_one():
-    # TaskFuture skips Future.__init__ (its Condition is made on demand):
-    # a Python that adds state to Future must not leave ours without it.
+    # TaskFuture skips Future.__init__ (its Condition and lists are made on
+    # demand): a Python that adds state to Future must not leave ours without it.
     from ironpool._futures import TaskFuture
 
     ours, theirs = TaskFuture(), cf.Future()
-    assert set(vars(theirs)) - {"_condition"} <= set(vars(ours))
-    assert isinstance(ours._condition, type(theirs._condition))
+    made_on_demand = {"_condition", "_waiters", "_done_callbacks"}
+    assert set(vars(theirs)) - made_on_demand <= set(vars(ours))
+    assert made_on_demand <= set(vars(theirs))
+    for name in made_on_demand:
+        assert type(getattr(ours, name)) is type(getattr(theirs, name))
+
+
+def test_a_task_in_flight_gives_the_collector_two_objects_to_track(pool, beacon):
+    # Every container a task in flight holds is one more object each
+    # collection walks, and thousands in flight set off full collections
+    # over the caller's whole heap. A future holds none until something
+    # waits on it or adds a callback; the task's own record is its Call.
+    import gc
+
+    running = two_running(pool, beacon)
+    gc.collect()
+    before = len(gc.get_objects())
+    queued = [pool.submit(square, i) for i in range(1000)]
+    gc.collect()
+    per_task = (len(gc.get_objects()) - before - 1) / len(queued)  # - 1: the list
+    assert per_task <= 2.05, f"{per_task:.2f} tracked objects per task in flight"
+    beacon.release(2)
+    assert [f.result(timeout=60) for f in queued] == [i * i for i in range(1000)]
+    assert [f.result(timeout=60) for f in running] == [0, 1]
 
 
 def test_futures_settled_by_another_thread_reach_waiters_that_came_before_and_after():

@@ -55,30 +55,55 @@ class TaskFuture(Future):
     #: thread pool does. (A worker process's traceback travels as text, in
     #: the exception's ``__cause__``.)
     _task_traceback: TracebackType | None = None
+    # Made on first use, like the condition: a future in flight holds no
+    # lists. Thousands of futures in flight, each holding a few containers,
+    # make the collector sweep the caller's whole heap again and again
+    # (with pandas imported, a quarter of what a burst of submits cost).
+    _made_condition: threading.Condition | None = None
+    _made_waiters: list | None = None
+    _made_callbacks: list | None = None
+    #: The call it is the outcome of (set by the backend that runs it).
+    _call: Any = None
 
     def __init__(self) -> None:
-        # ``Future.__init__`` but the condition (see ``_condition``).
+        # ``Future.__init__`` but the condition and lists (see above).
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        made = self.__dict__.get("_made_condition")
+        made = self._made_condition
         if made is None:
             with _UNCONDITIONED:
-                made = self.__dict__.get("_made_condition")
+                made = self._made_condition
                 if made is None:
                     made = self._made_condition = threading.Condition()
         return made
+
+    @property
+    def _waiters(self) -> list:  # type: ignore[override]  # wait() and as_completed() add theirs
+        made = self._made_waiters
+        if made is None:
+            made = self._made_waiters = []
+        return made
+
+    @property
+    def _done_callbacks(self) -> list:
+        made = self._made_callbacks
+        if made is None:
+            made = self._made_callbacks = []
+        return made
+
+    def _invoke_callbacks(self) -> None:
+        if self._made_callbacks:
+            super()._invoke_callbacks()  # type: ignore[misc]
 
     def _finish_unconditioned(self, value: Any, error: BaseException | None) -> bool:
         """Settles a future no thread has taken the condition of (so none
         waits on it); False if one has (the stdlib's way then applies)."""
         with _UNCONDITIONED:
-            if "_made_condition" in self.__dict__:
+            if self._made_condition is not None:
                 return False
             if self._state in _DONE:
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -87,23 +112,23 @@ class TaskFuture(Future):
             else:
                 self._exception = error
             self._state = FINISHED
-        self._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's, outside the lock as there
+        self._invoke_callbacks()  # outside the lock, as the stdlib does
         return True
 
     def set_result(self, result: Any) -> None:
-        if "_made_condition" in self.__dict__ or not self._finish_unconditioned(result, None):
+        if self._made_condition is not None or not self._finish_unconditioned(result, None):
             super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
         if exception is None:
             raise TypeError("set_exception needs an exception")
-        if "_made_condition" in self.__dict__ or not self._finish_unconditioned(None, exception):
+        if self._made_condition is not None or not self._finish_unconditioned(None, exception):
             super().set_exception(exception)
 
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
-        if "_made_condition" not in self.__dict__:
+        if self._made_condition is None:
             with _UNCONDITIONED:
-                if "_made_condition" not in self.__dict__ and self._state not in _DONE:
+                if self._made_condition is None and self._state not in _DONE:
                     self._done_callbacks.append(fn)
                     return
             if self._state in _DONE:
@@ -192,9 +217,10 @@ class ChunkTicket:
     ``set_exception`` in whichever thread collects; ``exception`` and
     ``result`` let it collect in the caller's thread, as ``TaskFuture`` does."""
 
-    __slots__ = ("_callback", "_driver", "_error", "_state", "_task_id", "_value")
+    __slots__ = ("_call", "_callback", "_driver", "_error", "_state", "_task_id", "_value")
 
     def __init__(self) -> None:
+        self._call: Any = None  # the chunk it is the outcome of (set by the backend)
         self._driver: TaskDriver | None = None
         self._task_id = 0
         self._state = _PENDING

@@ -407,6 +407,13 @@ def encode(
     return Encoded(parts, encoding.ids, encoding.held, encoding.pinned)
 
 
+def encode_plain_chunk(items: list, threshold: int) -> bytes | None:
+    """A map chunk's payload when its items are atoms and small ``bytes``
+    (flat or in tuples); None otherwise, for ``encode``. Most of a map of
+    tiny tasks goes this way, one pickle per chunk and no ``Encoded``."""
+    return pickle.dumps(items, protocol=5) if _plain(items, threshold) else None
+
+
 def _plain(call: Any, threshold: int) -> bool:
     """Whether ``call`` is a call's ``(args, kwargs)`` or a chunk's list of
     items made only of atoms and small ``bytes``, flat or in tuples."""
@@ -429,12 +436,12 @@ def _flat_call(args: tuple, kwargs: dict | None, threshold: int) -> bool:
     return _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold))
 
 
-def encode_small_call(args: tuple, kwargs: dict | None, threshold: int) -> Encoded | None:
-    """A call's payload if its arguments are only atoms and small ``bytes``
-    (nothing to send once, no reducer to run); None otherwise, for
+def encode_small_call(args: tuple, kwargs: dict | None, threshold: int) -> bytes | None:
+    """A call's payload (one part) if its arguments are only atoms and small
+    ``bytes`` (nothing to send once, no reducer to run); None otherwise, for
     ``encode``. Checked before anything else on ``submit``'s path."""
     if _flat_call(args, kwargs, threshold):
-        return Encoded([pickle.dumps((args, kwargs or {}), protocol=5)], [], [], {})
+        return pickle.dumps((args, kwargs or {}), protocol=5)
     return None
 
 

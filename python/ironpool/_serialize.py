@@ -254,6 +254,15 @@ def loads(parts: list) -> Any:
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
+def dumps_chunk(outcome: tuple, threshold: int) -> list:
+    """Pickles a map chunk's ``(values, failure)``; a chunk that returned
+    only atoms (tiny tasks' usual result) skips the buffer machinery."""
+    values, failure = outcome
+    if failure is None and all(type(v) in _ATOMS for v in values):
+        return [pickle.dumps(outcome, protocol=5)]
+    return dumps(outcome, threshold)
+
+
 def dumps_function(fn: object) -> list:
     """Functions in importable modules go by reference; those from
     ``__main__``, a REPL or a notebook, lambdas and closures go by value."""

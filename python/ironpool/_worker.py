@@ -11,7 +11,7 @@ import sys
 
 from . import _core, _state
 from ._remote_exception import pack_exception
-from ._serialize import REGISTRY, Registered, describe_call, dumps, loads, serialization_error
+from ._serialize import REGISTRY, Registered, describe_call, dumps, dumps_chunk, loads, serialization_error
 
 # Not `typing.TYPE_CHECKING`: importing typing costs a template ~9 ms at start.
 TYPE_CHECKING = False
@@ -144,7 +144,7 @@ class Handler:
             finally:
                 self.running = self.described = None
             try:
-                return RETURNED, dumps(outcome, self.threshold)
+                return RETURNED, dumps_chunk(outcome, self.threshold)
             except BaseException as exc:
                 return self._raised(_chunk_result_error(fn, call, flags, outcome[0], exc), ())
         args, kwargs = call

@@ -32,6 +32,7 @@ from .._send_once import (
     SharedRef,
     dumps_shared,
     encode,
+    encode_plain_chunk,
     encode_small_call,
     share_large_bytes,
     unhold_all,
@@ -129,19 +130,6 @@ class _Use:
         self.function.release()
 
 
-class _Task:
-    """A task the engine is running for a future."""
-
-    __slots__ = ("call", "future")
-
-    def __init__(self, future: TaskFuture | ChunkTicket, call: Call) -> None:
-        self.future = future
-        self.call = call
-
-    def describe(self) -> str:
-        return self.call.describe()
-
-
 class ProcessBackend:
     """One pool's engine and the futures of its tasks. Holds no reference to
     the ``Pool``, so an unreferenced pool can be collected and shut down."""
@@ -151,7 +139,9 @@ class ProcessBackend:
         self.workers = options.workers
         self.threshold = options.buffer_threshold
         self.template_key = (options.preload, options.thread_limit, options.warm)
-        self.tasks: dict[int, _Task] = {}
+        # Task id -> its future; the future carries its Call (``_call``), so
+        # a task in flight costs no object of its own.
+        self.tasks: dict[int, TaskFuture | ChunkTicket] = {}
         self.task_ids = itertools.count(1)
         self.closed = False
         self.pid = os.getpid()
@@ -186,24 +176,29 @@ class ProcessBackend:
         else:
             assert isinstance(use, _Use)
             registered = use.function
-        encoded = self._encode(call, future)
-        if encoded is None:
-            return future
+        small = None
+        if not call.chunk and call.rerun_of is None:
+            small = encode_small_call(call.args, call.kwargs, self.threshold)
+        held: list[SharedRef] = []
+        if small is not None:
+            parts, needs = [small], ()
+        else:
+            encoded = self._encode(call, future)
+            if encoded is None:
+                return future
+            parts, needs, held = encoded.parts, encoded.needs, encoded.held
         task_id = self._track(call, future)
         if use is not None:
-            use.held.extend(encoded.held)
-        elif encoded.held:
-            future.add_done_callback(functools.partial(_unhold_when_done, encoded.held))
+            use.held.extend(held)
+        elif held:
+            future.add_done_callback(functools.partial(_unhold_when_done, held))
         items = len(call.args) if call.chunk else 1
         try:
-            self.core.submit(
-                task_id, registered.id, encoded.parts, call.timeout, call.retries, items, call.chunk,
-                needs=encoded.needs,
-            )
+            self.core.submit(task_id, registered.id, parts, call.timeout, call.retries, items, call.chunk, needs=needs)
         except BaseException:
             self.tasks.pop(task_id, None)
             if use is None:
-                unhold_all(encoded.held)  # never submitted, so never settled
+                unhold_all(held)  # never submitted, so never settled
             raise
         return future
 
@@ -216,15 +211,20 @@ class ProcessBackend:
         assert isinstance(use, _Use)
         tickets = []
         batch = []
+        threshold = self.threshold
         for call in calls:
             ticket = ChunkTicket()
             tickets.append(ticket)
-            encoded = self._encode(call, ticket)
-            if encoded is None:
-                continue
-            use.held.extend(encoded.held)
-            task_id = self._track(call, ticket)
-            batch.append((task_id, encoded.parts, len(call.args), encoded.needs))
+            plain = encode_plain_chunk(call.args, threshold) if call.rerun_of is None else None
+            if plain is not None:
+                parts, needs = [plain], ()
+            else:
+                encoded = self._encode(call, ticket)
+                if encoded is None:
+                    continue
+                use.held.extend(encoded.held)
+                parts, needs = encoded.parts, encoded.needs
+            batch.append((self._track(call, ticket), parts, len(call.args), needs))
         if batch:
             first = calls[0]
             try:
@@ -240,9 +240,6 @@ class ProcessBackend:
         args = call.args
         if call.chunk:
             what: Any = args
-        elif call.rerun_of is None and (small := encode_small_call(args, call.kwargs, self.threshold)) is not None:
-            call.sent = small.pinned
-            return small
         else:
             args = share_large_bytes(args, self.auto_share, self.threshold)
             what = (args, call.kwargs or {})
@@ -264,8 +261,23 @@ class ProcessBackend:
         """A new task id, bound to ``future`` and remembered until it settles."""
         task_id = next(self.task_ids)
         future.bind(self, task_id)
-        self.tasks[task_id] = _Task(future, call)
+        future._call = call
+        self.tasks[task_id] = future
         return task_id
+
+    def _untrack(self, task_id: int) -> TaskFuture | ChunkTicket | None:
+        """Forgets a task that will not be settled through ``_settle_all``."""
+        future = self.tasks.pop(task_id, None)
+        if future is not None:
+            future._call = None  # a future the caller keeps must not keep the arguments
+        return future
+
+    def _untrack_all(self) -> list[TaskFuture | ChunkTicket]:
+        futures = list(self.tasks.values())
+        self.tasks.clear()
+        for future in futures:
+            future._call = None
+        return futures
 
     def chunk_size(self, function: Any, remaining: int | None) -> int:
         assert isinstance(function, _Use)
@@ -297,7 +309,7 @@ class ProcessBackend:
     def cancel_task(self, task_id: int) -> bool:
         if not self.core.cancel(task_id):
             return False
-        self.tasks.pop(task_id, None)
+        self._untrack(task_id)
         return True
 
     def task_started(self, task_id: int) -> bool:
@@ -352,23 +364,25 @@ class ProcessBackend:
             del batch  # do not pin the last results' segments while asleep
             core.kick()
             self.functions.forget_dead()
-        for task in list(self.tasks.values()):
-            settle(task.future, error=PoolClosed("the pool stopped before this task finished"))
-        self.tasks.clear()
+        for future in self._untrack_all():
+            settle(future, error=PoolClosed("the pool stopped before this task finished"))
 
     def _settle_all(self, batch: list) -> None:
         tasks = self.tasks
         for completion in batch:
-            task = tasks.pop(completion.task_id, None)
-            if task is None or task.future.done():
+            future = tasks.pop(completion.task_id, None)
+            if future is None:
+                continue
+            call, future._call = future._call, None
+            if future.done():
                 continue
             try:
-                value, error = resolve(completion.outcome, completion.attempts, task.describe)
-                if error is None and task.call.chunk:
+                value, error = resolve(completion.outcome, completion.attempts, call.describe)
+                if error is None and call.chunk:
                     value = _chunk_value(*value)
             except BaseException as exc:  # never lose a result
                 value, error = None, exc
-            settle(task.future, value, error)
+            settle(future, value, error)
 
     # Stopping ------------------------------------------------------------
 
@@ -393,9 +407,9 @@ class ProcessBackend:
     def cancel_pending(self) -> None:
         """Cancels every task not yet handed to a worker."""
         for task_id in self.core.cancel_pending():
-            task = self.tasks.pop(task_id, None)
-            if task is not None:
-                task.future.withdrawn()  # already withdrawn from the engine
+            future = self._untrack(task_id)
+            if future is not None:
+                future.withdrawn()  # already withdrawn from the engine
 
     def _join(self, interrupted: KeyboardInterrupt | None) -> None:
         """Waits for the workers to stop, in slices so that Ctrl-C is seen:
@@ -422,10 +436,9 @@ class ProcessBackend:
         if self.pid != os.getpid():
             return
         self.closed = True
-        for task in list(self.tasks.values()):
-            if not task.future.withdrawn():
-                settle(task.future, error=PoolClosed("the pool was terminated while this task ran"))
-        self.tasks.clear()
+        for future in self._untrack_all():
+            if not future.withdrawn():
+                settle(future, error=PoolClosed("the pool was terminated while this task ran"))
         self.core.terminate()
         self.core.join()
         if threading.current_thread() is not self.thread:
@@ -437,16 +450,16 @@ class ProcessBackend:
         # Their done callbacks release functions: under a fresh lock, since
         # another thread of the parent may have held the old one.
         self.functions.lock = threading.RLock()
-        for task in list(self.tasks.values()):
-            condition = getattr(task.future, "_condition", None)  # a ChunkTicket has none
+        for future in self._untrack_all():
+            # A ChunkTicket has no condition, nor has a future no thread waited on.
+            condition = getattr(future, "_made_condition", None)
             if condition is None or condition.acquire(blocking=False):
                 if condition is not None:
                     condition.release()
-                settle(task.future, error=PoolClosed(
+                settle(future, error=PoolClosed(
                     f"this task was submitted by process {self.pid}; this process is a fork of it "
                     "and will never receive its result"
                 ))
-        self.tasks.clear()
 
 
 def _chunk_value(values: list, failure: Any) -> tuple[list, BaseException | None]:
