@@ -104,6 +104,25 @@ def test_as_completed_yields_every_future(pool):
     assert got == {i: i * i for i in range(20)}
 
 
+_runs = itertools.count()
+
+
+def run_number():
+    """How many tasks this worker ran before this one."""
+    return next(_runs)
+
+
+def test_a_burst_of_submits_runs_in_the_order_submitted():
+    # A submit that finds the engine held (by the supervisor thread, handling
+    # results) leaves its task in an inbox; whoever takes the engine next
+    # must queue those before its own, or a later task would overtake them.
+    with ironpool.Pool(1) as pool:
+        for _ in range(3):
+            futures = [pool.submit(run_number) for _ in range(5000)]
+            runs = [f.result(timeout=60) for f in futures]
+            assert runs == list(range(runs[0], runs[0] + len(runs)))
+
+
 def test_a_future_without_a_condition_has_every_attribute_of_a_stdlib_one():
     # TaskFuture skips Future.__init__ (its Condition and lists are made on
     # demand): a Python that adds state to Future must not leave ours without it.

@@ -160,13 +160,6 @@ impl Engine {
 
     // ---- commands from callers -------------------------------------------
 
-    /// Queues a task and sends it at once if a worker is free.
-    pub fn submit(&mut self, task: Task) {
-        let backlog = !self.pending.is_empty();
-        self.queue(task);
-        self.dispatch_submitted(backlog);
-    }
-
     /// Queues tasks in order, then sends what workers may take.
     pub fn submit_many(&mut self, tasks: Vec<Task>) {
         let backlog = !self.pending.is_empty();
@@ -421,7 +414,7 @@ pub(super) fn run(hub: Arc<Hub>, engine: Arc<Mutex<Engine>>) {
     lock(&engine).fill_workers();
     loop {
         let timeout = {
-            let mut e = lock(&engine);
+            let mut e = super::engine(&hub, &engine);
             e.publish();
             if e.is_finished() {
                 break;
@@ -433,7 +426,7 @@ pub(super) fn run(hub: Arc<Hub>, engine: Arc<Mutex<Engine>>) {
         let Ok(events) = hub.poller.wait(timeout) else {
             break;
         };
-        lock(&engine).handle(&events);
+        super::engine(&hub, &engine).handle(&events);
     }
     lock(&engine).teardown();
 }

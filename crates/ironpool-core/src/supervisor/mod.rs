@@ -19,8 +19,8 @@ mod worker;
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -247,10 +247,53 @@ struct Hub {
     /// Bumped by [`Pool::kick`]; wakes callers blocked in [`Pool::wait_driving`].
     generation: AtomicU64,
     sizer: Mutex<ChunkSizer>,
+    /// Tasks submitted while another thread held the engine (the
+    /// supervisor thread, handling results): the caller leaves them here
+    /// rather than sleep on the lock, and whoever takes the engine next
+    /// queues them first ([`engine`]), so the order of submission holds.
+    inbox: Mutex<Vec<Task>>,
+    /// Whether `inbox` may hold tasks (set and cleared under its lock): the
+    /// engine's every taker checks it, without locking the inbox.
+    inbox_full: AtomicBool,
+}
+
+impl Hub {
+    /// Queues what callers left in the inbox.
+    fn take_inbox(&self, e: &mut Engine) {
+        if !self.inbox_full.load(Ordering::Acquire) {
+            return;
+        }
+        let tasks = {
+            let mut inbox = lock(&self.inbox);
+            self.inbox_full.store(false, Ordering::Relaxed);
+            std::mem::take(&mut *inbox)
+        };
+        if !tasks.is_empty() {
+            e.submit_many(tasks);
+        }
+    }
+
+    /// Leaves tasks for whoever holds the engine, and makes sure the
+    /// supervisor thread looks soon (whoever holds it may be past its look).
+    fn leave_in_inbox(&self, tasks: Vec<Task>) {
+        let mut inbox = lock(&self.inbox);
+        inbox.extend(tasks);
+        self.inbox_full.store(true, Ordering::Release);
+        drop(inbox);
+        self.waker.wake();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The engine, with the tasks callers left in the inbox queued: every
+/// thread takes the engine through this.
+fn engine<'a>(hub: &Hub, engine: &'a Mutex<Engine>) -> MutexGuard<'a, Engine> {
+    let mut e = lock(engine);
+    hub.take_inbox(&mut e);
+    e
 }
 
 /// Handle on a running pool. Dropping it shuts the pool down.
@@ -278,6 +321,8 @@ impl Pool {
             driving_cv: Condvar::new(),
             generation: AtomicU64::new(0),
             sizer: Mutex::new(ChunkSizer::default()),
+            inbox: Mutex::new(Vec::new()),
+            inbox_full: AtomicBool::new(false),
         });
         let engine = Arc::new(Mutex::new(Engine::new(config, init, session, hub.clone())?));
         // Ask for the first workers now, from the caller's thread: a request
@@ -302,28 +347,44 @@ impl Pool {
     /// finished, and wakes the supervisor thread if `f` created a deadline
     /// earlier than the one it sleeps towards.
     fn drive(&self, f: impl FnOnce(&mut Engine)) {
-        let wake = {
-            let mut e = lock(&self.engine);
-            f(&mut e);
-            e.publish();
-            e.needs_wake()
-        };
+        self.drive_locked(self.engine(), f);
+    }
+
+    fn drive_locked(&self, mut e: MutexGuard<'_, Engine>, f: impl FnOnce(&mut Engine)) {
+        f(&mut e);
+        e.publish();
+        let wake = e.needs_wake();
+        drop(e);
         if wake {
             self.hub.waker.wake();
         }
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        engine(&self.hub, &self.engine)
     }
 
     /// Queues a task and sends it to a free worker right away, from the
     /// calling thread. Its completion arrives through [`Pool::wait_completions`]
     /// or [`Pool::wait_driving`].
     pub fn submit(&self, task: Task) {
-        self.drive(|e| e.submit(task));
+        self.submit_many(vec![task]);
     }
 
     /// Queues several tasks under one lock and dispatches once, so that
-    /// those bound for one worker can share a frame.
+    /// those bound for one worker can share a frame. If the supervisor
+    /// thread holds the engine (handling results, which it also dispatches
+    /// after), they go through the inbox instead of waiting for it: a
+    /// burst of submits waited ~40 µs at each of one in twenty.
     pub fn submit_many(&self, tasks: Vec<Task>) {
-        self.drive(|e| e.submit_many(tasks));
+        let e = match self.engine.try_lock() {
+            Ok(e) => e,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return self.hub.leave_in_inbox(tasks),
+        };
+        let mut e = e;
+        self.hub.take_inbox(&mut e);
+        self.drive_locked(e, |e| e.submit_many(tasks));
     }
 
     /// Makes a function known; tasks refer to it by `id`.
@@ -340,17 +401,17 @@ impl Pool {
     /// A task already sent still finishes (false); its completion is still
     /// delivered.
     pub fn cancel(&self, id: TaskId) -> bool {
-        lock(&self.engine).cancel(id)
+        self.engine().cancel(id)
     }
 
     /// True while the task is with a worker.
     pub fn is_dispatched(&self, id: TaskId) -> bool {
-        lock(&self.engine).is_dispatched(id)
+        self.engine().is_dispatched(id)
     }
 
     /// Drops every task not yet sent to a worker and returns their ids.
     pub fn cancel_pending(&self) -> Vec<TaskId> {
-        lock(&self.engine).cancel_pending()
+        self.engine().cancel_pending()
     }
 
     /// Finishes queued work, then stops the workers. Returns at once.
@@ -511,7 +572,7 @@ impl Pool {
             if let Ok(events) = self.hub.channels.wait(Some(Duration::ZERO)) {
                 if !events.is_empty() {
                     let (mine, wake) = {
-                        let mut e = lock(&self.engine);
+                        let mut e = self.engine();
                         e.on_channels(&events);
                         e.tick();
                         let mine = e.take_done();
@@ -535,7 +596,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> Vec<WorkerStats> {
-        let mut stats = lock(&self.engine).worker_stats();
+        let mut stats = self.engine().worker_stats();
         for s in &mut stats {
             s.rss = crate::platform::resident_bytes(s.pid).unwrap_or(0);
         }
@@ -544,7 +605,7 @@ impl Pool {
 
     /// The pool's task figures now.
     pub fn counts(&self) -> TaskCounts {
-        lock(&self.engine).counts()
+        self.engine().counts()
     }
 
     /// How many items of `function_id` to put in the next `map` chunk.
