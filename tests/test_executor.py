@@ -117,10 +117,70 @@ def test_a_burst_of_submits_runs_in_the_order_submitted():
     # results) leaves its task in an inbox; whoever takes the engine next
     # must queue those before its own, or a later task would overtake them.
     with ironpool.Pool(1) as pool:
-        for _ in range(3):
+        core = pool._backend.core
+        for _ in range(50):  # until some went through the inbox
             futures = [pool.submit(run_number) for _ in range(5000)]
             runs = [f.result(timeout=60) for f in futures]
             assert runs == list(range(runs[0], runs[0] + len(runs)))
+            if core.inboxed():
+                break
+        assert core.inboxed(), "no submit found the engine busy"
+
+
+def test_a_cancelled_future_is_done_for_the_stdlib_wait_and_as_completed(pool, beacon):
+    # The stdlib's wait() counts a cancelled future as done only once it is
+    # notified, which its executors do when they dequeue it; ironpool drops
+    # the task at once, so it must notify then.
+    running = two_running(pool, beacon)
+    cancelled = pool.submit(square, 2)
+    assert cancelled.cancel()
+    done, not_done = cf.wait([cancelled], timeout=30)
+    assert done == {cancelled} and not not_done
+    assert list(cf.as_completed([cancelled], timeout=30)) == [cancelled]
+    withdrawn = [pool.submit(square, i) for i in range(3)]
+    pool.shutdown(wait=False, cancel_futures=True)
+    done, not_done = cf.wait(withdrawn, timeout=30)
+    assert done == set(withdrawn) and all(f.cancelled() for f in withdrawn)
+    beacon.release(2)
+    assert [f.result(timeout=60) for f in running] == [0, 1]
+
+
+def test_a_fork_while_another_thread_settles_futures_does_not_hang_the_child(pool, beacon):
+    # A forked child fails the futures it inherited (they will never settle
+    # there). The lock that settling takes may be held by another thread of
+    # the parent at the fork: the child must not wait for it forever.
+    import select
+
+    from ironpool import _futures
+
+    running = two_running(pool, beacon)
+    held, go = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with _futures._UNCONDITIONED:
+            held.set()
+            go.wait()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert held.wait(30)
+    pid = os.fork()
+    if pid == 0:  # the fork hooks have run: the inherited futures are settled
+        os._exit(0 if all(f.done() for f in running) else 3)
+    go.set()
+    holder.join()
+    exited = os.pidfd_open(pid)
+    try:
+        if not select.select([exited], [], [], 30)[0]:
+            os.kill(pid, 9)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(exited)
+    assert os.waitstatus_to_exitcode(status) == 0
+    beacon.release(2)
+    assert [f.result(timeout=60) for f in running] == [0, 1]
+
+
 
 
 def test_a_future_without_a_condition_has_every_attribute_of_a_stdlib_one():

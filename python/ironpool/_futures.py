@@ -4,6 +4,7 @@ and :class:`ChunkTicket`, the lighter handle a ``map`` gets for each chunk."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,17 @@ class TaskDriver(Protocol):
 #: Guards making a ``TaskFuture``'s condition, and the changes of state made
 #: before one exists, so that the two never interleave.
 _UNCONDITIONED = threading.Lock()
+
+
+def _unlock_after_fork() -> None:
+    # Another thread (the results thread) may have held it at the fork; a
+    # forked child settles its inherited futures (backends.process.orphan).
+    global _UNCONDITIONED
+    _UNCONDITIONED = threading.Lock()
+
+
+# Registered before the backends' own hooks, which run after it.
+os.register_at_fork(after_in_child=_unlock_after_fork)
 _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
 
 
@@ -98,6 +110,9 @@ class TaskFuture(Future):
     def _invoke_callbacks(self) -> None:
         if self._made_callbacks:
             super()._invoke_callbacks()  # type: ignore[misc]
+            # Run once, in a final state (no callback is added after one):
+            # a future the caller keeps does not keep what they hold (a map).
+            self._made_callbacks = None
 
     def _finish_unconditioned(self, value: Any, error: BaseException | None) -> bool:
         """Settles a future no thread has taken the condition of (so none
@@ -157,7 +172,19 @@ class TaskFuture(Future):
         if driver is not None and not self.done() and not driver.cancel_task(self._task_id):
             self.running()  # mark it so
             return False
-        return super().cancel()
+        cancelled = super().cancel()
+        if cancelled and driver is not None:
+            self._notify_cancelled()
+        return cancelled
+
+    def _notify_cancelled(self) -> None:
+        """Moves a cancelled future to the state the stdlib's ``wait`` and
+        ``as_completed`` count as done. A stdlib executor does this when it
+        dequeues the task; a backend that binds its futures dropped the
+        task already, so nothing would."""
+        with self._condition:
+            if self._state == CANCELLED:
+                self.set_running_or_notify_cancel()
 
     def running(self) -> bool:
         driver = self._driver
@@ -203,7 +230,10 @@ class TaskFuture(Future):
 
     def withdrawn(self) -> bool:
         """Marks it cancelled for a task its backend has already dropped."""
-        return Future.cancel(self)
+        cancelled = Future.cancel(self)
+        if cancelled:
+            self._notify_cancelled()
+        return cancelled
 
 
 _PENDING, _FINISHED, _CANCELLED = 0, 1, 2

@@ -408,15 +408,15 @@ def encode(
 
 
 def encode_plain_chunk(items: list, threshold: int) -> bytes | None:
-    """A map chunk's payload when its items are atoms and small ``bytes``
-    (flat or in tuples); None otherwise, for ``encode``. Most of a map of
+    """A map chunk's payload when its items are atoms, or tuples of atoms
+    and small ``bytes``; None otherwise, for ``encode``. Most of a map of
     tiny tasks goes this way, one pickle per chunk and no ``Encoded``."""
     return pickle.dumps(items, protocol=5) if _plain(items, threshold) else None
 
 
 def _plain(call: Any, threshold: int) -> bool:
-    """Whether ``call`` is a call's ``(args, kwargs)`` or a chunk's list of
-    items made only of atoms and small ``bytes``, flat or in tuples."""
+    """Whether ``call`` is a call's ``(args, kwargs)`` of atoms and small
+    ``bytes``, or a chunk's list of atoms or of such argument tuples."""
     if type(call) is tuple:  # (args, kwargs)
         args, kwargs = call
         return _flat_call(args, kwargs, threshold)

@@ -235,6 +235,12 @@ impl PoolCore {
             .collect()
     }
 
+    /// Tasks submitted while the engine was busy, which went through its
+    /// inbox (a diagnostic: the tests check the path runs).
+    fn inboxed(&self) -> u64 {
+        self.pool.inboxed()
+    }
+
     fn generation(&self) -> u64 {
         self.pool.generation()
     }

@@ -402,7 +402,7 @@ class ClusterBackend:
                 withdrawn = []
             pending = [t.future for t in (*self.waiting.values(), *self.running.values())]
         for task in withdrawn:
-            Future.cancel(task.future)
+            task.future.withdrawn()
         if not pending:
             self._close_engine()
         elif wait:
@@ -421,7 +421,7 @@ class ClusterBackend:
         for task in tasks:
             if task.handle is not None:
                 self.engine.cancel(task.handle)
-            if not Future.cancel(task.future):
+            if not task.future.withdrawn():
                 settle(task.future, error=PoolClosed("the pool was terminated while this task ran"))
         self._close_engine()
 

@@ -196,7 +196,7 @@ class ProcessBackend:
         try:
             self.core.submit(task_id, registered.id, parts, call.timeout, call.retries, items, call.chunk, needs=needs)
         except BaseException:
-            self.tasks.pop(task_id, None)
+            self._untrack(task_id)
             if use is None:
                 unhold_all(held)  # never submitted, so never settled
             raise
@@ -231,7 +231,7 @@ class ProcessBackend:
                 self.core.submit_many(use.function.id, batch, first.timeout, first.retries, first.chunk)
             except BaseException:
                 for task_id, *_ in batch:
-                    self.tasks.pop(task_id, None)
+                    self._untrack(task_id)
                 raise
         return tickets
 
@@ -374,7 +374,7 @@ class ProcessBackend:
             if future is None:
                 continue
             call, future._call = future._call, None
-            if future.done():
+            if call is None or future.done():  # None: _untrack_all took it, and settles it
                 continue
             try:
                 value, error = resolve(completion.outcome, completion.attempts, call.describe)
@@ -451,7 +451,7 @@ class ProcessBackend:
         # another thread of the parent may have held the old one.
         self.functions.lock = threading.RLock()
         for future in self._untrack_all():
-            # A ChunkTicket has no condition, nor has a future no thread waited on.
+            # No condition: a ChunkTicket, or a future no thread has waited on.
             condition = getattr(future, "_made_condition", None)
             if condition is None or condition.acquire(blocking=False):
                 if condition is not None:

@@ -411,10 +411,10 @@ impl Engine {
 /// The supervisor thread: sleeps until a descriptor is ready or the nearest
 /// deadline, then drives the engine. Never touches Python.
 pub(super) fn run(hub: Arc<Hub>, engine: Arc<Mutex<Engine>>) {
-    lock(&engine).fill_workers();
+    super::lock_engine(&hub, &engine).fill_workers();
     loop {
         let timeout = {
-            let mut e = super::engine(&hub, &engine);
+            let mut e = super::lock_engine(&hub, &engine);
             e.publish();
             if e.is_finished() {
                 break;
@@ -426,7 +426,8 @@ pub(super) fn run(hub: Arc<Hub>, engine: Arc<Mutex<Engine>>) {
         let Ok(events) = hub.poller.wait(timeout) else {
             break;
         };
-        super::engine(&hub, &engine).handle(&events);
+        super::lock_engine(&hub, &engine).handle(&events);
     }
-    lock(&engine).teardown();
+    // Through the inbox too: tasks left there are dropped with the rest.
+    super::lock_engine(&hub, &engine).teardown();
 }

@@ -255,6 +255,8 @@ struct Hub {
     /// Whether `inbox` may hold tasks (set and cleared under its lock): the
     /// engine's every taker checks it, without locking the inbox.
     inbox_full: AtomicBool,
+    /// Tasks that went through the inbox, ever ([`Pool::inboxed`]).
+    inboxed: AtomicU64,
 }
 
 impl Hub {
@@ -276,11 +278,16 @@ impl Hub {
     /// Leaves tasks for whoever holds the engine, and makes sure the
     /// supervisor thread looks soon (whoever holds it may be past its look).
     fn leave_in_inbox(&self, tasks: Vec<Task>) {
+        self.inboxed
+            .fetch_add(tasks.len() as u64, Ordering::Relaxed);
         let mut inbox = lock(&self.inbox);
         inbox.extend(tasks);
-        self.inbox_full.store(true, Ordering::Release);
+        let woken = self.inbox_full.swap(true, Ordering::Release);
         drop(inbox);
-        self.waker.wake();
+        // Already set: the wake-up written with it has not been taken yet.
+        if !woken {
+            self.waker.wake();
+        }
     }
 }
 
@@ -289,9 +296,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The engine, with the tasks callers left in the inbox queued: every
-/// thread takes the engine through this.
-fn engine<'a>(hub: &Hub, engine: &'a Mutex<Engine>) -> MutexGuard<'a, Engine> {
-    let mut e = lock(engine);
+/// thread takes the engine through this (`Pool::submit_many` too, once it
+/// has it), so what it sees of the queue includes them, in order.
+fn lock_engine<'a>(hub: &Hub, mutex: &'a Mutex<Engine>) -> MutexGuard<'a, Engine> {
+    let mut e = lock(mutex);
     hub.take_inbox(&mut e);
     e
 }
@@ -323,12 +331,13 @@ impl Pool {
             sizer: Mutex::new(ChunkSizer::default()),
             inbox: Mutex::new(Vec::new()),
             inbox_full: AtomicBool::new(false),
+            inboxed: AtomicU64::new(0),
         });
         let engine = Arc::new(Mutex::new(Engine::new(config, init, session, hub.clone())?));
         // Ask for the first workers now, from the caller's thread: a request
         // the caller sends the template next (a warm request) then comes
         // after them, and the template serves forks first.
-        lock(&engine).fill_workers();
+        lock_engine(&hub, &engine).fill_workers();
         let thread = {
             let (hub, engine) = (hub.clone(), engine.clone());
             std::thread::Builder::new()
@@ -350,6 +359,7 @@ impl Pool {
         self.drive_locked(self.engine(), f);
     }
 
+    /// [`Pool::drive`] on an engine already taken, with the inbox queued.
     fn drive_locked(&self, mut e: MutexGuard<'_, Engine>, f: impl FnOnce(&mut Engine)) {
         f(&mut e);
         e.publish();
@@ -361,12 +371,13 @@ impl Pool {
     }
 
     fn engine(&self) -> MutexGuard<'_, Engine> {
-        engine(&self.hub, &self.engine)
+        lock_engine(&self.hub, &self.engine)
     }
 
     /// Queues a task and sends it to a free worker right away, from the
-    /// calling thread. Its completion arrives through [`Pool::wait_completions`]
-    /// or [`Pool::wait_driving`].
+    /// calling thread (unless the engine is busy: see [`Pool::submit_many`]).
+    /// Its completion arrives through [`Pool::wait_completions`] or
+    /// [`Pool::wait_driving`].
     pub fn submit(&self, task: Task) {
         self.submit_many(vec![task]);
     }
@@ -377,14 +388,19 @@ impl Pool {
     /// after), they go through the inbox instead of waiting for it: a
     /// burst of submits waited ~40 µs at each of one in twenty.
     pub fn submit_many(&self, tasks: Vec<Task>) {
-        let e = match self.engine.try_lock() {
+        let mut e = match self.engine.try_lock() {
             Ok(e) => e,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return self.hub.leave_in_inbox(tasks),
         };
-        let mut e = e;
         self.hub.take_inbox(&mut e);
         self.drive_locked(e, |e| e.submit_many(tasks));
+    }
+
+    /// Tasks that were submitted while the engine was busy and went through
+    /// the inbox, since the pool started.
+    pub fn inboxed(&self) -> u64 {
+        self.hub.inboxed.load(Ordering::Relaxed)
     }
 
     /// Makes a function known; tasks refer to it by `id`.
