@@ -27,7 +27,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import _core, _serialize
@@ -371,7 +371,7 @@ class Encoded:
     parts: list  # the pickle stream and its out-of-band buffers
     needs: list[int]  # registered objects it refers to
     held: list[SharedRef]  # handles held for the call: ``unhold_all`` when it is done
-    pinned: dict = field(default_factory=dict)  # objects sent as handles (see ``encode``)
+    pinned: dict  # objects sent as handles (see ``encode``)
 
 
 def encode(
@@ -391,10 +391,6 @@ def encode(
     makes the objects it lists go as the same handles, so that a rerun reads
     what the first run read. The caller must ``unhold_all(encoded.held)``
     once the call is done, or at once if it is never submitted."""
-    if not pinned and _plain(call, threshold):
-        # Nothing in it can be sent once or needs the reducers: the common
-        # small call skips the encoding machinery (a few µs per task).
-        return Encoded([pickle.dumps(call, protocol=5)], [], [], {})
     encoding = Encoding(pool, threshold, since, auto, {} if pinned is None else pinned)
     previous = _serialize.set_encoding(encoding)
     try:
@@ -407,11 +403,12 @@ def encode(
     return Encoded(parts, encoding.ids, encoding.held, encoding.pinned)
 
 
-def encode_plain_chunk(items: list, threshold: int) -> bytes | None:
-    """A map chunk's payload when its items are atoms, or tuples of atoms
-    and small ``bytes``; None otherwise, for ``encode``. Most of a map of
-    tiny tasks goes this way, one pickle per chunk and no ``Encoded``."""
-    return pickle.dumps(items, protocol=5) if _plain(items, threshold) else None
+def encode_plain(call: Any, threshold: int) -> bytes | None:
+    """The payload of a call's ``(args, kwargs)`` or of a chunk's list of
+    items when nothing in it can be sent once or needs the reducers (atoms
+    and small ``bytes``, see ``_plain``); None otherwise, for ``encode``.
+    The common small task skips the encoding machinery (a few µs each)."""
+    return pickle.dumps(call, protocol=5) if _plain(call, threshold) else None
 
 
 def _plain(call: Any, threshold: int) -> bool:
@@ -434,15 +431,6 @@ def _flat(values: Any, threshold: int) -> bool:
 
 def _flat_call(args: tuple, kwargs: dict | None, threshold: int) -> bool:
     return _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold))
-
-
-def encode_small_call(args: tuple, kwargs: dict | None, threshold: int) -> bytes | None:
-    """A call's payload (one part) if its arguments are only atoms and small
-    ``bytes`` (nothing to send once, no reducer to run); None otherwise, for
-    ``encode``. Checked before anything else on ``submit``'s path."""
-    if _flat_call(args, kwargs, threshold):
-        return pickle.dumps((args, kwargs or {}), protocol=5)
-    return None
 
 
 def share_large_bytes(values: tuple, auto: AutoShare, threshold: int) -> tuple:

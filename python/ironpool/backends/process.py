@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -32,8 +32,7 @@ from .._send_once import (
     SharedRef,
     dumps_shared,
     encode,
-    encode_plain_chunk,
-    encode_small_call,
+    encode_plain,
     share_large_bytes,
     unhold_all,
 )
@@ -176,17 +175,10 @@ class ProcessBackend:
         else:
             assert isinstance(use, _Use)
             registered = use.function
-        small = None
-        if not call.chunk and call.rerun_of is None:
-            small = encode_small_call(call.args, call.kwargs, self.threshold)
-        held: list[SharedRef] = []
-        if small is not None:
-            parts, needs = [small], ()
-        else:
-            encoded = self._encode(call, future)
-            if encoded is None:
-                return future
-            parts, needs, held = encoded.parts, encoded.needs, encoded.held
+        encoded = self._encode(call, future)
+        if encoded is None:
+            return future
+        parts, needs, held = encoded
         task_id = self._track(call, future)
         if use is not None:
             use.held.extend(held)
@@ -211,19 +203,14 @@ class ProcessBackend:
         assert isinstance(use, _Use)
         tickets = []
         batch = []
-        threshold = self.threshold
         for call in calls:
             ticket = ChunkTicket()
             tickets.append(ticket)
-            plain = encode_plain_chunk(call.args, threshold) if call.rerun_of is None else None
-            if plain is not None:
-                parts, needs = [plain], ()
-            else:
-                encoded = self._encode(call, ticket)
-                if encoded is None:
-                    continue
-                use.held.extend(encoded.held)
-                parts, needs = encoded.parts, encoded.needs
+            encoded = self._encode(call, ticket)
+            if encoded is None:
+                continue
+            parts, needs, held = encoded
+            use.held.extend(held)
             batch.append((self._track(call, ticket), parts, len(call.args), needs))
         if batch:
             first = calls[0]
@@ -235,15 +222,15 @@ class ProcessBackend:
                 raise
         return tickets
 
-    def _encode(self, call: Call, future: Any) -> Any:
-        """The call's payload, or None once its future holds why it could not be pickled."""
-        args = call.args
-        if call.chunk:
-            what: Any = args
-        else:
-            args = share_large_bytes(args, self.auto_share, self.threshold)
-            what = (args, call.kwargs or {})
+    def _encode(self, call: Call, future: Any) -> tuple[list, Sequence[int], list[SharedRef]] | None:
+        """The call's payload, the registered objects it needs and the handles
+        it holds; None once its future holds why it could not be pickled."""
+        what: Any = call.args if call.chunk else (call.args, call.kwargs or {})
         pinned = call.rerun_of.sent if call.rerun_of is not None else None
+        if not pinned and (plain := encode_plain(what, self.threshold)) is not None:
+            return [plain], (), []  # nothing sent once, nothing held
+        if not call.chunk:
+            what = (share_large_bytes(call.args, self.auto_share, self.threshold), call.kwargs or {})
         try:
             encoded = encode(
                 what, pool=self.token, threshold=self.threshold, since=call.since, auto=self.auto_share, pinned=pinned
@@ -255,7 +242,7 @@ class ProcessBackend:
         # valid for the burst of tasks using them, and a rerun of one of a
         # chunk's items sends the same ones.
         call.sent = encoded.pinned
-        return encoded
+        return encoded.parts, encoded.needs, encoded.held
 
     def _track(self, call: Call, future: Any) -> int:
         """A new task id, bound to ``future`` and remembered until it settles."""
