@@ -217,3 +217,59 @@ def test_p11_a_caller_waiting_on_each_result_does_not_wake_the_supervisor_thread
                 woken += _sleeps_of_tid(supervisor) - before
     assert fast >= 100, f"only {fast} round trips took under 150 µs"
     assert woken < fast // 4, (woken, fast)
+
+
+def _first_item_calls(x: int, address: str) -> int:
+    if x == 0:  # a connection waits in the listener's backlog: no rendezvous, no hang
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(address)
+    return x
+
+
+def test_p11_a_map_s_first_chunk_runs_while_the_rest_of_its_input_is_read(tmp_path):
+    """A slow input (a generator reading a source) and workers overlap: the
+    first chunk is sent as soon as it is cut, not once the whole window is.
+    The generator yields its third item only once the first item has run."""
+    import functools
+    import select
+    import socket
+
+    address = str(tmp_path / "first-ran")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen(4)
+
+    def items():
+        yield 0
+        yield 1
+        readable, _, _ = select.select([listener], [], [], 30)
+        assert readable, "no item ran before the map had read all of its input"
+        yield from range(2, 40)
+
+    try:
+        with ironpool.Pool(2) as pool:
+            fn = functools.partial(_first_item_calls, address=address)
+            assert list(pool.map(fn, items(), chunksize=1)) == list(range(40))
+    finally:
+        listener.close()
+
+
+def test_p11_only_exact_atoms_and_flat_tuples_skip_the_encoder():
+    """The per-item check of a chunk (in Rust, at memory speed) passes
+    exact atoms and tuples of atoms and small bytes, nothing else: a subclass
+    pickles its own way, and a large ``bytes`` is sent once."""
+    import enum
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    assert _core.plain_items([1, 2.5, "s", None, True, (1, b"ab", None)], 16)
+    assert not _core.plain_items([1, Colour.RED], 16)
+    assert not _core.plain_items([(1, b"x" * 16)], 16)
+    assert not _core.plain_items([[1]], 16)
+    assert not _core.plain_items([((1,),)], 16)
+    assert _core.atoms_only([1, "a", None, 0.5, False])
+    assert not _core.atoms_only([1, (1,)])
+    assert not _core.atoms_only([Colour.RED])

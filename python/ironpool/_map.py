@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as _wait
 from typing import Any
 
+from ._core import atoms_only
 from ._insight import MapClock
 from ._progress import Progress, make_progress
 from ._send_once import call_started
@@ -168,6 +169,14 @@ class MapRun:
             if self.remaining is not None:
                 self.remaining -= len(batch)
             calls.append(self._call(batch))
+            if len(self.inflight) < self.backend.workers:
+                # A worker may be idle: it starts on this chunk while the
+                # rest of the window is cut and pickled.
+                self._send(calls)
+                calls = []
+        self._send(calls)
+
+    def _send(self, calls: list[Call]) -> None:
         if not calls:
             return
         # In order, a map waits on one chunk at a time, which the lighter
@@ -191,11 +200,14 @@ class MapRun:
             while self.inflight:
                 values, self.error = self._outcome(*self._take())
                 self._fill()
-                # Handed out by popping, so the iterator keeps no value it
-                # has yielded, inside a chunk too (at C speed).
-                values.reverse()
                 handed_out = time.monotonic()
-                yield itertools.starmap(values.pop, itertools.repeat((), len(values)))
+                if atoms_only(values):  # small values: a plain iterator is quicker
+                    yield iter(values)
+                else:
+                    # Handed out by popping, so the iterator keeps no value it
+                    # has yielded, inside a chunk too (at C speed).
+                    values.reverse()
+                    yield itertools.starmap(values.pop, itertools.repeat((), len(values)))
                 if self.clock is not None:  # the caller's own time, spent on this chunk's values
                     self.clock.caller_seconds += time.monotonic() - handed_out
                 if self.error is not None:

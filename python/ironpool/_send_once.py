@@ -417,9 +417,7 @@ def _plain(call: Any, threshold: int) -> bool:
     if type(call) is tuple:  # (args, kwargs)
         args, kwargs = call
         return _flat_call(args, kwargs, threshold)
-    return type(call) is list and all(
-        type(item) in _ATOMS or (type(item) is tuple and _flat(item, threshold)) for item in call
-    )
+    return type(call) is list and _core.plain_items(call, threshold)
 
 
 def _flat(values: Any, threshold: int) -> bool:

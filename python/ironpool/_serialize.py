@@ -16,6 +16,8 @@ import _thread
 import io
 import sys
 
+from . import _core
+
 TYPE_CHECKING = False  # workers never import typing (see _worker)
 if TYPE_CHECKING:
     from typing import Any
@@ -258,7 +260,7 @@ def dumps_chunk(outcome: tuple, threshold: int) -> list:
     """Pickles a map chunk's ``(values, failure)``; a chunk that returned
     only atoms (tiny tasks' usual result) skips the buffer machinery."""
     values, failure = outcome
-    if failure is None and all(type(v) in _ATOMS for v in values):
+    if failure is None and type(values) is list and _core.atoms_only(values):
         return [pickle.dumps(outcome, protocol=5)]
     return dumps(outcome, threshold)
 

@@ -5,6 +5,7 @@ mod buffers;
 mod errors;
 mod numpy_alloc;
 mod outcome;
+mod plain;
 mod pool;
 mod testing;
 mod worker;
@@ -32,6 +33,8 @@ mod _core {
     use super::outcome::{
         Completion, CrashReport, Crashed, Raised, Returned, StartFailed, TimedOut,
     };
+    #[pymodule_export]
+    use super::plain::{atoms_only, plain_items};
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]

@@ -24,6 +24,10 @@ const OVERDUE_FACTOR: f64 = 4.0;
 const OVERDUE_FLOOR: Duration = Duration::from_micros(200);
 /// How deep tiny tasks queue (with prefetch on).
 pub const DEEP_QUEUE: usize = 32;
+/// A `map`'s tail is cut into chunks of no less work than this: a chunk
+/// costs some 50 µs of sending and answering, so finer pieces would cost
+/// more than the imbalance they remove.
+const MIN_CHUNK_WORK_NS: f64 = 500_000.0;
 
 /// FIFO of tasks not yet sent to a worker. Cancellation is lazy: a cancelled
 /// id is skipped when it reaches the front.
@@ -135,15 +139,19 @@ impl ChunkSizer {
     }
 
     /// Items for the next chunk; `remaining` (if known) keeps the tail of a
-    /// map spread over all workers.
+    /// map spread over all workers, in chunks of at least
+    /// [`MIN_CHUNK_WORK_NS`].
     pub fn next(&mut self, function_id: ObjectId, remaining: Option<usize>) -> usize {
         let Some(&ns) = self.per_item_ns.get(&function_id) else {
             return 1;
         };
-        let by_time = (self.target.as_nanos() as f64 / ns.max(1.0)) as usize;
+        let ns = ns.max(1.0);
+        let by_time = (self.target.as_nanos() as f64 / ns) as usize;
         let mut n = by_time.clamp(1, self.max_chunk);
         if let Some(rem) = remaining {
-            n = n.min(rem.div_ceil(self.workers * 2).max(1));
+            let floor = (MIN_CHUNK_WORK_NS / ns) as usize;
+            let spread = rem.div_ceil(self.workers * 2).max(floor);
+            n = n.min(spread).min(rem).max(1);
         }
         n
     }
@@ -671,7 +679,11 @@ mod tests {
         assert_eq!(s.next(1, None), 1);
         s.record(1, Duration::from_micros(10), 10); // 1 µs per item
         assert!(s.next(1, None) > 1000);
-        assert!(s.next(1, Some(100)) <= 25);
+        // A short tail goes whole: 100 µs of work is not worth splitting...
+        assert_eq!(s.next(1, Some(100)), 100);
+        // ...a long one is spread over both workers, in chunks of ≥ 500 µs.
+        assert_eq!(s.next(1, Some(8_000)), 2_000);
+        assert_eq!(s.next(1, Some(1_200)), 500);
         s.record(2, Duration::from_millis(500), 1);
         assert_eq!(s.next(2, None), 1);
     }
