@@ -76,6 +76,23 @@ def test_without_return_exceptions_the_first_error_ends_the_map(pool):
         next(it)
 
 
+def test_results_that_arrive_together_come_out_in_order_and_before_the_error(pool):
+    """Chunks already returned behind the one taken are handed out with it;
+    values up to a failing item still come first, then its error, and a
+    worker crash further on is met when the map gets there."""
+    for _ in range(3):
+        it = pool.map(mixed, range(12), chunksize=1)
+        assert [next(it) for _ in range(7)] == [x * 10 for x in range(7)]
+        with pytest.raises(ValueError, match="bad 7"):
+            next(it)
+    # 200 tiny chunks, then a crash (13) in the last one.
+    items = [1] * 200 + [13]
+    it = pool.map(mixed, items, chunksize=1, return_exceptions=True)
+    out = list(it)
+    assert out[:200] == [10] * 200
+    assert isinstance(out[200], ironpool.WorkerCrashed)
+
+
 def test_an_item_exception_keeps_its_remote_traceback(pool):
     (err,) = [v for v in pool.map(mixed, [7], return_exceptions=True)]
     assert isinstance(err, ValueError)

@@ -199,6 +199,8 @@ class MapRun:
         try:
             while self.inflight:
                 values, self.error = self._outcome(*self._take())
+                if self.ordered and self.error is None:
+                    self._take_finished(values)
                 self._fill()
                 handed_out = time.monotonic()
                 if atoms_only(values):  # small values: a plain iterator is quicker
@@ -214,6 +216,22 @@ class MapRun:
                     raise self._pop_error()  # no local may hold it: its traceback has this frame
         finally:
             self.close()
+
+    def _take_finished(self, values: list) -> None:
+        """Appends to ``values`` those of the chunks next in line that have
+        already returned, so that a batch of results is handed out at once
+        (tiny chunks arrive in batches). Stops at one that failed as a whole,
+        which ``_take`` and ``_outcome`` then handle."""
+        inflight = self.inflight
+        while inflight:
+            future = inflight[0][0]
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                return
+            more, self.error = future.result()
+            inflight.popleft()
+            values.extend(more)
+            if self.error is not None:
+                return
 
     def _pop_error(self) -> BaseException:
         err, self.error = self.error, None
