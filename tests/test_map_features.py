@@ -76,6 +76,20 @@ def test_without_return_exceptions_the_first_error_ends_the_map(pool):
         next(it)
 
 
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+def test_lists_and_ranges_are_cut_by_slicing_without_losing_an_item(pool, chunksize):
+    """A list or range input is cut into chunks by slicing (a range's chunk
+    travels as a range): every item comes back once, in order, whatever the
+    step, sign or length."""
+    inputs = [range(0), range(1), range(5, 500, 3), range(400, -400, -7), [], list(range(-50, 333)),
+              [("a", 1), None, 2.5] * 40]
+    for items in inputs:
+        assert list(pool.map(repr, items, chunksize=chunksize)) == [repr(x) for x in items]
+    assert sorted(pool.imap_unordered(abs, range(-300, 300, 2), chunksize=chunksize)) == sorted(
+        abs(x) for x in range(-300, 300, 2)
+    )
+
+
 def test_results_that_arrive_together_come_out_in_order_and_before_the_error(pool):
     """Chunks already returned behind the one taken are handed out with it;
     values up to a failing item still come first, then its error, and a

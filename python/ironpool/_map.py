@@ -35,6 +35,13 @@ _ITEM_FAULTS_KEPT = (WorkerCrashed, TaskTimeout, SerializationError)
 _WINDOW_ITEMS = 64
 
 
+def sliceable(iterable: Any) -> Any:
+    """A list or a ``range`` as it is (``MapRun`` cuts its chunks by slicing:
+    a slice of a range is a range, made and pickled without its items),
+    anything else as an iterator."""
+    return iterable if type(iterable) in (list, range) else iter(iterable)
+
+
 def common_len(iterables: tuple) -> int | None:
     """The length ``map`` will have, if the inputs tell it."""
     try:
@@ -78,7 +85,7 @@ class MapRun:
         self,
         backend: Backend,
         fn: Callable[..., Any],
-        items: Iterator[Any],
+        items: Iterator[Any] | list | range,
         *,
         total: int | None,
         timeout: float | None,
@@ -97,6 +104,7 @@ class MapRun:
         self.fn = fn
         self.function: Any = backend.function(fn)
         self.items = items
+        self.cut = 0  # where the next chunk of a list or range input starts
         # recorded: items a checkpoint already holds, which are not run again
         self.remaining = None if total is None else max(0, total - recorded)
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -162,7 +170,7 @@ class MapRun:
         calls: list[Call] = []
         while len(self.inflight) + len(calls) < self.window:
             n = self.chunksize or self.backend.chunk_size(self.function, self.remaining)
-            batch = list(itertools.islice(self.items, n))
+            batch = self._next_items(n)
             if not batch:
                 self.exhausted = True
                 break
@@ -175,6 +183,13 @@ class MapRun:
                 self._send(calls)
                 calls = []
         self._send(calls)
+
+    def _next_items(self, n: int) -> Any:
+        items = self.items
+        if isinstance(items, (list, range)):  # exactly these (see sliceable)
+            start, self.cut = self.cut, self.cut + n
+            return items[start:self.cut]
+        return list(itertools.islice(items, n))
 
     def _send(self, calls: list[Call]) -> None:
         if not calls:

@@ -417,6 +417,8 @@ def _plain(call: Any, threshold: int) -> bool:
     if type(call) is tuple:  # (args, kwargs)
         args, kwargs = call
         return _flat_call(args, kwargs, threshold)
+    if type(call) is range:  # a map chunk of a range input: its items are made in the worker
+        return True
     return type(call) is list and _core.plain_items(call, threshold)
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core, backends
 from ._checkpoint import Checkpoint, Resumed
-from ._map import MapRun, common_len
+from ._map import MapRun, common_len, sliceable
 from ._options import check_map, check_timeout, pool_options
 from ._send_once import Shared, call_started
 from .backends import Call, PoolStats, WorkerInfo, no_counts
@@ -247,7 +247,7 @@ class Pool(Executor):
         check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len(iterables)
         if len(iterables) == 1:
-            items, single = iter(iterables[0]), True
+            items, single = sliceable(iterables[0]), True
         else:
             items, single = zip(*iterables, strict=False), False
         return self._map(
@@ -302,7 +302,7 @@ class Pool(Executor):
         check_map(fn, chunksize, timeout, task_timeout, progress)
         total = common_len((iterable,))
         return self._map(
-            fn, iter(iterable), total, timeout, chunksize, task_timeout, False, True, return_exceptions, progress,
+            fn, sliceable(iterable), total, timeout, chunksize, task_timeout, False, True, return_exceptions, progress,
             "imap_unordered",
         )
 
