@@ -5,9 +5,10 @@ from typing import Any, Literal, TypeAlias, final
 
 __all__ = [
     "Completion", "CrashReport", "Crashed", "LogSender", "PoolCore", "Raised", "RegisteredPayload", "Returned",
-    "SegmentView", "StartFailed", "TimedOut", "WarmRequest", "WorkerChannel", "Zygote", "default_workers",
-    "die_with_parent", "digest", "in_shared_memory", "live_mappings", "open_segments", "set_numpy_handler",
-    "shared_memory_handler", "shared_memory_stats", "worker_main", "zygote_fail", "zygote_serve",
+    "SegmentView", "StartFailed", "TimedOut", "WarmRequest", "WorkerChannel", "Zygote", "atoms_only",
+    "default_workers", "die_with_parent", "digest", "in_shared_memory", "live_mappings", "open_segments",
+    "plain_items", "set_numpy_handler", "shared_memory_handler", "shared_memory_stats", "worker_main",
+    "zygote_fail", "zygote_serve",
 ]
 
 @final
