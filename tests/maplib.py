@@ -38,3 +38,25 @@ def blocked(path: str) -> int:
 def tiny_then_mixed(x: int) -> int:
     """Quick for the first 1000 items, then like ``mixed`` of ``x - 1000``."""
     return x * 10 if x < 1000 else mixed(x - 1000) + 10_000
+
+
+def stop_at_3(x: int) -> int:
+    """Raises ``StopIteration`` on 3, which ``map`` (the builtin) would take for the end."""
+    if x == 3:
+        raise StopIteration("three")
+    return x
+
+
+def big_text(x: int) -> str:
+    return str(x) * 1_000_000
+
+
+class Box:
+    """An item the pool can pickle by reference and a test can hold weakly."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def unbox(b: Box) -> int:
+    return b.n

@@ -14,7 +14,7 @@ import warnings
 
 import ironpool
 import pytest
-from maplib import blocked, mixed, result_unpicklable_at, tiny_then_mixed
+from maplib import Box, big_text, blocked, mixed, result_unpicklable_at, stop_at_3, tiny_then_mixed, unbox
 from tqdm import tqdm
 
 
@@ -88,6 +88,40 @@ def test_lists_and_ranges_are_cut_by_slicing_without_losing_an_item(pool, chunks
     assert sorted(pool.imap_unordered(abs, range(-300, 300, 2), chunksize=chunksize)) == sorted(
         abs(x) for x in range(-300, 300, 2)
     )
+
+
+@pytest.mark.parametrize("chunksize", [1, 5])
+def test_an_item_raising_stopiteration_is_an_error_not_the_end_of_its_chunk(pool, chunksize):
+    it = pool.map(stop_at_3, range(10), chunksize=chunksize)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError) as info:  # a generator's StopIteration, as ProcessPoolExecutor.map gives
+        next(it)
+    assert isinstance(info.value.__cause__, StopIteration)
+    out = list(pool.map(stop_at_3, range(10), chunksize=chunksize, return_exceptions=True))
+    assert out[:3] == [0, 1, 2] and out[4:] == list(range(4, 10))
+    assert isinstance(out[3], StopIteration)
+
+
+def test_a_long_string_handed_out_is_not_kept_by_the_iterator(pool):
+    """Values are let go of as they are handed out, inside a chunk too;
+    only lists of small atoms go out through a plain iterator."""
+    it = iter(pool.map(big_text, range(4), chunksize=4))
+    value = next(it)
+    assert len(value) == 1_000_000
+    assert sys.getrefcount(value) == 2  # this name and the call's argument: the chunk no longer holds it
+
+
+def test_a_list_input_is_let_go_of_once_it_is_cut(pool):
+    import gc
+    import weakref
+
+    boxes = [Box(i) for i in range(50)]
+    refs = [weakref.ref(b) for b in boxes]
+    it = pool.map(unbox, boxes, chunksize=7)
+    del boxes
+    assert list(it) == list(range(50))
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0  # `it` is alive; the items are not
 
 
 def test_results_that_arrive_together_come_out_in_order_and_before_the_error(pool):

@@ -13,7 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as _wait
 from typing import Any
 
-from ._core import atoms_only
+from ._core import small_values
 from ._insight import MapClock
 from ._progress import Progress, make_progress
 from ._send_once import call_started
@@ -177,6 +177,7 @@ class MapRun:
             batch = self._next_items(n)
             if not batch:
                 self.exhausted = True
+                self.items = iter(())  # let go of a list input once it is cut
                 break
             if self.remaining is not None:
                 self.remaining -= len(batch)
@@ -223,9 +224,13 @@ class MapRun:
                 values, self.error = self._outcome(*self._take())
                 if self.ordered and self.error is None:
                     self._take_finished(values)
-                self._fill()
+                try:
+                    self._fill()
+                except BaseException as exc:  # the input raised: the values taken go out first
+                    if self.error is None:
+                        self.error = exc
                 handed_out = time.monotonic()
-                if atoms_only(values):  # small values: a plain iterator is quicker
+                if small_values(values):  # a plain iterator is quicker, and holds only small values
                     yield iter(values)
                 else:
                     # Handed out by popping, so the iterator keeps no value it
@@ -320,6 +325,7 @@ class MapRun:
             future.cancel()
         self.inflight.clear()
         self.exhausted = True
+        self.items = iter(())
         function, self.function = self.function, None
         if function is not None:
             function.release()

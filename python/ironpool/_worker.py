@@ -6,7 +6,6 @@ payloads into calls and results back into payloads.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -213,9 +212,15 @@ def run_chunk(
                 failed.append((i, capture(exc)))
         return results, failed or None
     try:
-        # At C speed; extend appends as it goes, so the length still tells
-        # which item runs (and what finished when one raises).
-        results.extend(map(fn, items) if flags & SINGLE else itertools.starmap(fn, items))
+        # A loop, not list.extend(map(...)): map would take a StopIteration
+        # that fn raises for the end of the items. (As fast: 488 against
+        # 477 µs for 6,250 tiny calls.)
+        if flags & SINGLE:
+            for arg in items:
+                append(fn(arg))
+        else:
+            for args in items:
+                append(fn(*args))
     except BaseException as exc:
         return results, capture(exc)
     return results, None

@@ -41,3 +41,19 @@ pub fn plain_items(items: &Bound<'_, PyList>, threshold: usize) -> bool {
 pub fn atoms_only(values: &Bound<'_, PyList>) -> bool {
     values.iter().all(|v| is_atom(&v))
 }
+
+/// Strings at least this long are not "small" for [`small_values`].
+const SMALL_STR: usize = 256;
+
+/// Whether every value of a list is a small atom: a list of them may be
+/// handed out by a plain iterator, which keeps each value until the list
+/// is used up (a long `str` is let go of as it is handed out instead).
+#[pyfunction]
+pub fn small_values(values: &Bound<'_, PyList>) -> bool {
+    values.iter().all(|v| {
+        if v.is_exact_instance_of::<PyString>() {
+            return v.len().is_ok_and(|n| n < SMALL_STR); // code points, without encoding
+        }
+        is_atom(&v)
+    })
+}
