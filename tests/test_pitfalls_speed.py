@@ -273,3 +273,10 @@ def test_p11_only_exact_atoms_and_flat_tuples_skip_the_encoder():
     assert _core.atoms_only([1, "a", None, 0.5, False])
     assert not _core.atoms_only([1, (1,)])
     assert not _core.atoms_only([Colour.RED])
+    assert not _core.atoms_only(["x" * 16], 16)  # a long str is not small
+    # A submit's (args, kwargs), by the same rule.
+    assert _core.plain_call((1, "a", b"ab"), {"k": None}, 16)
+    assert _core.plain_call((), None, 16)
+    assert not _core.plain_call((1,), {"k": b"x" * 16}, 16)
+    assert not _core.plain_call((Colour.RED,), None, 16)
+    assert not _core.plain_call([1], None, 16)  # not a tuple: the full encoder decides

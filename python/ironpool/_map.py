@@ -13,7 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as _wait
 from typing import Any
 
-from ._core import small_values
+from ._core import atoms_only
 from ._insight import MapClock
 from ._progress import Progress, make_progress
 from ._send_once import call_started
@@ -27,6 +27,10 @@ from .errors import SerializationError, TaskTimeout, WorkerCrashed
 _ITEM_FAULTS = (WorkerCrashed, TaskTimeout)
 _ITEM_FAULTS_KEPT = (WorkerCrashed, TaskTimeout, SerializationError)
 
+
+#: A chunk's values are handed out by a plain iterator, which holds them
+#: all until the last is taken, only if no ``str`` among them is this long.
+_SMALL_STR = 256
 
 #: A chunk of a ``range`` input travels as a range from this many items
 #: (pickling a list of small ints costs ~35 ns an item; a range, a fixed ~3.5 µs).
@@ -230,7 +234,7 @@ class MapRun:
                     if self.error is None:
                         self.error = exc
                 handed_out = time.monotonic()
-                if small_values(values):  # a plain iterator is quicker, and holds only small values
+                if atoms_only(values, _SMALL_STR):  # a plain iterator is quicker, and holds only small values
                     yield iter(values)
                 else:
                     # Handed out by popping, so the iterator keeps no value it

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core, _serialize
-from ._serialize import _ATOMS, FRESH, PRIVATE, REUSE, dumps, serialization_error
+from ._serialize import FRESH, PRIVATE, REUSE, dumps, serialization_error
 from .errors import SerializationError
 
 #: Objects remembered by the automatic cache: this many...
@@ -413,24 +413,14 @@ def encode_plain(call: Any, threshold: int) -> bytes | None:
 
 def _plain(call: Any, threshold: int) -> bool:
     """Whether ``call`` is a call's ``(args, kwargs)`` of atoms and small
-    ``bytes``, or a chunk's list of atoms or of such argument tuples."""
+    ``bytes``, a chunk's list of atoms or of such argument tuples, or a
+    chunk of a range (``_core.plain_call``, ``_core.plain_items``)."""
     if type(call) is tuple:  # (args, kwargs)
         args, kwargs = call
-        return _flat_call(args, kwargs, threshold)
+        return _core.plain_call(args, kwargs or None, threshold)
     if type(call) is range:  # a map chunk of a range input: its items are made in the worker
         return True
     return type(call) is list and _core.plain_items(call, threshold)
-
-
-def _flat(values: Any, threshold: int) -> bool:
-    for v in values:  # a loop, not all(...): most calls have one or two arguments
-        if type(v) not in _ATOMS and not (type(v) is bytes and len(v) < threshold):
-            return False
-    return True
-
-
-def _flat_call(args: tuple, kwargs: dict | None, threshold: int) -> bool:
-    return _flat(args, threshold) and (not kwargs or _flat(kwargs.values(), threshold))
 
 
 def share_large_bytes(values: tuple, auto: AutoShare, threshold: int) -> tuple:

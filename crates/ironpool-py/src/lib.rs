@@ -34,7 +34,7 @@ mod _core {
         Completion, CrashReport, Crashed, Raised, Returned, StartFailed, TimedOut,
     };
     #[pymodule_export]
-    use super::plain::{atoms_only, plain_items, small_values};
+    use super::plain::{atoms_only, plain_call, plain_items};
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]
