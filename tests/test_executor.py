@@ -17,6 +17,15 @@ from conftest import Beacon, two_running, wait_until
 # --- tasks (module level: they go to workers by reference) -----------------
 
 
+def tiny_or_wait(i, beacon=None):
+    """``i`` at once; given a beacon, only once released (a task of a kind
+    the engine knows as tiny that runs long)."""
+    if beacon is not None:
+        beacon.notify(os.getpid())
+        beacon.wait()
+    return i
+
+
 def square(x):
     return x * x
 
@@ -483,6 +492,30 @@ def test_queued_task_does_not_wait_behind_a_long_one_while_a_worker_is_free(pool
     assert {long_a.result(timeout=30), long_b.result(timeout=30)} == {0, 1}
 
 
+def test_results_queued_before_a_long_task_arrive_while_it_runs(beacon):
+    # Tiny tasks go to a worker dozens at a time, in one frame, after which
+    # its channel is muted until it rings (after half of the frame, and at
+    # its end). One that runs long must not hold back those before it.
+    with ironpool.Pool(1) as pool:
+        warm = [pool.submit(tiny_or_wait, i) for i in range(300)]
+        assert [f.result(timeout=30) for f in warm] == list(range(300))
+        # While the worker is held, the 32 wait in the pool; once it is
+        # free, they go to it in one frame.
+        held = pool.submit(blocking, beacon, "held")
+        beacon.started(1)
+        futures = [pool.submit(tiny_or_wait, i, beacon if i == 12 else None) for i in range(32)]
+        beacon.release()
+        try:
+            assert held.result(timeout=10) == "held"
+            beacon.started(1)
+            _, late = cf.wait(futures[:12], timeout=10)
+            assert not late, f"{len(late)} of 12 results held back while a later task ran"
+            assert not futures[12].done()
+        finally:
+            beacon.release()
+        assert [f.result(timeout=30) for f in futures] == list(range(32))
+
+
 def test_shutdown_without_cancel_runs_queued_work():
     pool = ironpool.Pool(1)
     futs = [pool.submit(sleepy_identity, i, 0.01) for i in range(5)]
@@ -527,6 +560,9 @@ def test_initializer_gives_each_worker_its_own_state(tmp_path):
     config = {"mode": "strict", "sep": ";"}
     with ironpool.Pool(2, initializer=make_parser, initargs=(config, str(log))) as pool:
         out = list(pool.map(parse_in_worker, [f"{i};{i + 1}" for i in range(40)], chunksize=1))
+        # A worker can have run its initializer, and no item, before the
+        # template's report of its fork is read (pid 0 until then).
+        assert wait_until(lambda: all(w.pid for w in pool.stats()), timeout=30), list(pool.stats())
         pids_from_stats = {w.pid for w in pool.stats()}
     assert [r[3] for r in out] == [[i, i + 1] for i in range(40)]
     assert {r[2] for r in out} == {"strict"}

@@ -23,6 +23,9 @@ pub enum Source {
     Stdout(WorkerKey),
     /// Supervisor: a worker's stderr pipe.
     Stderr(WorkerKey),
+    /// Supervisor: a worker's doorbell, rung when its channel is muted
+    /// (registered in the channels poller).
+    Doorbell(WorkerKey),
     /// Zygote: the master channel from the process that started it.
     Master,
     /// Zygote: a pidfd on that process (readable once it has died).
@@ -51,6 +54,7 @@ impl Source {
             Source::PoolSession(n) => (7, n),
             Source::Child(pid) => (8, u64::from(pid as u32)),
             Source::Channels => (9, 0),
+            Source::Doorbell(key) => (10, key),
         };
         // Keys and session numbers are counters: 2^56 is never reached.
         debug_assert_eq!(value & !VALUE_MASK, 0, "{self:?} does not fit a token");
@@ -71,6 +75,7 @@ impl Source {
             7 => Source::PoolSession(value),
             8 => Source::Child(value as u32 as i32),
             9 => Source::Channels,
+            10 => Source::Doorbell(value),
             _ => return None,
         };
         Some(source)
@@ -96,6 +101,7 @@ mod tests {
             Source::Child(1),
             Source::Child(i32::MAX),
             Source::Channels,
+            Source::Doorbell(5),
         ];
         for s in all {
             assert_eq!(Source::from_token(s.token()), Some(s));

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use ironpool_core::ipc::channel::RecvError;
-use ironpool_core::ipc::{Kind, Message, RETRYABLE, Recv};
+use ironpool_core::ipc::{Channel, Kind, Message, RETRYABLE, Recv};
+use ironpool_core::platform::Doorbell;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -34,12 +35,29 @@ pub fn worker_main(
         .map_err(|_| Error::Engine("worker channel poisoned".into()))?
         .take()
         .ok_or_else(|| Error::Engine("worker channel already in use".into()))?;
+    let mut bell = Announcer {
+        doorbell: channel
+            .doorbell
+            .lock()
+            .map_err(|_| Error::Engine("worker channel poisoned".into()))?
+            .take(),
+        muted: false,
+        unannounced: false,
+    };
     let mut threshold: usize = handler.getattr("threshold")?.extract()?;
     // Non-blocking, so that it can poll for the next task before sleeping.
     chan.set_nonblocking(true)
         .map_err(|e| Error::io("could not set up the pool's channel", e))?;
     loop {
-        let got = py.detach(|| chan.recv_spinning(IDLE_SPIN));
+        let got = py.detach(|| {
+            if bell.owes_ring() {
+                match chan.recv() {
+                    Ok(Recv::WouldBlock) => bell.out_of_tasks(),
+                    other => return other,
+                }
+            }
+            chan.recv_spinning(IDLE_SPIN)
+        });
         let msg = match got {
             Ok(Recv::Message(m)) => m,
             Ok(Recv::Closed) | Ok(Recv::WouldBlock) => return Ok(()),
@@ -75,11 +93,18 @@ pub fn worker_main(
                 let tasks = msg
                     .unbatch()
                     .map_err(|e| Error::Protocol(format!("bad batch from the pool: {e}")))?;
-                // Each result goes out as soon as it exists: the pool times
-                // the next task from it, and a crash loses no finished one.
-                for task in &tasks {
+                // Each result goes out as soon as it exists, so a crash
+                // loses no finished one. A quiet batch (`ring_every` > 0)
+                // finds the channel muted: ring after every `ring_every`
+                // results and after the last (see `supervisor::quiet`).
+                let ring_every = msg.id;
+                bell.muted |= ring_every > 0;
+                for (done, task) in (1..).zip(&tasks) {
                     let m = run_task(py, &handler, task, threshold)?;
-                    send(py, &chan, &m)?;
+                    bell.send(py, &chan, &m)?;
+                    if ring_every > 0 && (done % ring_every == 0 || done == tasks.len() as u64) {
+                        bell.ring();
+                    }
                 }
                 None
             }
@@ -93,8 +118,55 @@ pub fn worker_main(
             }
         };
         if let Some(m) = reply {
-            send(py, &chan, &m)?;
+            bell.send(py, &chan, &m)?;
         }
+    }
+}
+
+/// The worker's side of a muted channel: its doorbell, and whether what it
+/// sent since the last ring may be sitting unread.
+struct Announcer {
+    doorbell: Option<Doorbell>,
+    /// A quiet batch came since the worker last ran out of tasks: the pool
+    /// may have its channel muted still.
+    muted: bool,
+    unannounced: bool,
+}
+
+impl Announcer {
+    /// Sends `m`. A full socket may be one the pool muted and does not read
+    /// yet: ring before waiting for room.
+    fn send(&mut self, py: Python<'_>, chan: &Channel, m: &Message) -> PyResult<()> {
+        py.detach(|| {
+            if !chan.send(m)? {
+                if self.muted {
+                    self.ring();
+                }
+                chan.send_blocking(m)?;
+            }
+            self.unannounced = true;
+            Ok::<_, std::io::Error>(())
+        })
+        .map_err(|e| Error::io("could not reach the pool", e).into())
+    }
+
+    fn ring(&mut self) {
+        if let Some(bell) = &self.doorbell {
+            bell.ring();
+        }
+        self.unannounced = false;
+    }
+
+    /// What went out since the last ring may sit unread in a muted channel.
+    fn owes_ring(&self) -> bool {
+        self.muted && self.unannounced
+    }
+
+    /// Nothing left to run: what went out since the last ring must not
+    /// wait for the pool's quiet poll.
+    fn out_of_tasks(&mut self) {
+        self.ring();
+        self.muted = false;
     }
 }
 

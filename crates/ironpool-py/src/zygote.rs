@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ironpool_core::ipc::{Channel, Kind};
+use ironpool_core::platform::Doorbell;
 use ironpool_core::zygote::{self, Served};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
@@ -74,6 +75,7 @@ impl Zygote {
 #[pyclass(frozen, module = "ironpool._core")]
 pub struct WorkerChannel {
     pub(crate) chan: Mutex<Option<Channel>>,
+    pub(crate) doorbell: Mutex<Option<Doorbell>>,
 }
 
 #[pymethods]
@@ -172,6 +174,7 @@ pub fn zygote_serve(py: Python<'_>, fd: i32) -> PyResult<Option<WorkerChannel>> 
         Served::Exit => Ok(None),
         Served::Child(child) => Ok(Some(WorkerChannel {
             chan: Mutex::new(Some(child.channel)),
+            doorbell: Mutex::new(child.doorbell),
         })),
     }
 }

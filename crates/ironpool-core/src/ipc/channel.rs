@@ -79,11 +79,13 @@ impl Channel {
     }
 
     /// Sends `tasks` as one [`Kind::Batch`] frame, their bodies gathered
-    /// from where they are (no copy). Same contract as [`Channel::send`];
-    /// the tasks must carry no descriptors and fit in one frame together.
-    pub fn send_batch(&self, tasks: &[&Message]) -> io::Result<bool> {
+    /// from where they are (no copy), asking the worker to ring its
+    /// doorbell after every `ring_every` results (0: never). Same contract
+    /// as [`Channel::send`]; the tasks must carry no descriptors and fit in
+    /// one frame together.
+    pub fn send_batch(&self, tasks: &[&Message], ring_every: u64) -> io::Result<bool> {
         debug_assert!(tasks.iter().all(|t| t.fds.is_empty()));
-        let header = Message::new(Kind::Batch, 0, tasks.len() as u64).header();
+        let header = Message::new(Kind::Batch, ring_every, tasks.len() as u64).header();
         let entries = tasks
             .iter()
             .map(|t| t.batch_entry_header())
@@ -237,11 +239,11 @@ mod tests {
         let (a, mut b) = Channel::pair().unwrap();
         let one = Message::new(Kind::Task, 1, 5).with_body(b"first".to_vec());
         let two = Message::new(Kind::Task, 2, 5).with_body(vec![3; 300]);
-        assert!(a.send_batch(&[&one, &two]).unwrap());
+        assert!(a.send_batch(&[&one, &two], 1).unwrap());
         let Recv::Message(m) = b.recv().unwrap() else {
             panic!("no frame");
         };
-        assert_eq!((m.kind, m.aux), (Kind::Batch, 2));
+        assert_eq!((m.kind, m.id, m.aux), (Kind::Batch, 1, 2));
         let tasks = m.unbatch().unwrap();
         assert_eq!(tasks.iter().map(|t| t.id).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(tasks[1].body, vec![3; 300]);

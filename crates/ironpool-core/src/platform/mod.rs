@@ -36,8 +36,9 @@ pub use os::oom::{OOM_KILL_SIGNAL, OomCounter};
 pub use os::pages::{
     map_private, map_shared, page_size, pages_unmodified, remap_private_in_place, unmap,
 };
-// Readiness over many descriptors, its waker, and single-descriptor waits.
-pub use os::poll::{Poller, Ready, Waker, wait_readable, wait_writable};
+// Readiness over many descriptors, its waker, doorbells between processes,
+// and single-descriptor waits.
+pub use os::poll::{Doorbell, Poller, Ready, Waker, wait_readable, wait_writable};
 // Process handles, dying with the parent, process groups, children, fork hooks.
 #[cfg(test)]
 pub(crate) use os::process::run_in_forked_child;

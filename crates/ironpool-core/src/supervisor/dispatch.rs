@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::event_loop::Engine;
 use super::lock;
+use super::quiet;
 use super::scheduler::{self, Rules, WorkerView};
 use super::worker::{Outgoing, TaskFrame, Worker};
 use crate::ipc::Message;
@@ -151,7 +152,9 @@ impl Engine {
             return;
         };
         let mut failed = false;
+        let mut quiet = false;
         while let Some(next) = w.outbox.front() {
+            let mut batch = false;
             let sent = match next {
                 Outgoing::Owned(m) => w.chan.send(m),
                 Outgoing::Tasks(frame) => {
@@ -164,12 +167,16 @@ impl Engine {
                     match msgs.as_slice() {
                         [] => Ok(true), // none of them is held any more
                         [one] => w.chan.send(one),
-                        many => w.chan.send_batch(many),
+                        many => {
+                            batch = true;
+                            w.chan.send_batch(many, quiet::ring_every(many.len()))
+                        }
                     }
                 }
             };
             match sent {
                 Ok(true) => {
+                    quiet |= batch;
                     w.outbox.pop_front();
                 }
                 Ok(false) => break,
@@ -182,14 +189,18 @@ impl Engine {
         let want = !w.outbox.is_empty() && !failed;
         if want != w.wants_write {
             w.wants_write = want;
-            let _ = self
-                .hub
-                .channels
-                .modify(&w.chan, Source::Channel(key).token(), want);
+            let _ = self.hub.channels.set_interest(
+                &w.chan,
+                Source::Channel(key).token(),
+                !w.muted,
+                want,
+            );
         }
         if failed {
             // The worker is dying; its exit report will settle its tasks.
             self.close_channel(key);
+        } else if quiet {
+            self.mute(key, Instant::now());
         }
     }
 }

@@ -132,13 +132,17 @@ impl Engine {
     /// channels poller) found ready.
     pub(super) fn on_channels(&mut self, events: &[Ready]) {
         for ev in events {
-            if let Some(Source::Channel(key)) = Source::from_token(ev.token) {
-                if ev.writable {
-                    self.flush(key);
+            match Source::from_token(ev.token) {
+                Some(Source::Channel(key)) => {
+                    if ev.writable {
+                        self.flush(key);
+                    }
+                    if ev.readable {
+                        self.on_channel(key);
+                    }
                 }
-                if ev.readable {
-                    self.on_channel(key);
-                }
+                Some(Source::Doorbell(key)) => self.on_doorbell(key),
+                _ => {}
             }
         }
     }
@@ -236,6 +240,7 @@ impl Engine {
                 // EOF would otherwise wake the loop until its exit is reported.
                 if w.outbox.is_empty() {
                     self.hub.channels.delete(&w.chan);
+                    self.hub.channels.delete(&w.doorbell);
                 }
                 return;
             }
@@ -259,6 +264,7 @@ impl Engine {
     pub(super) fn close_channel(&mut self, key: WorkerKey) {
         if let Some(w) = self.workers.get_mut(&key) {
             self.hub.channels.delete(&w.chan);
+            self.hub.channels.delete(&w.doorbell);
             w.close(Instant::now());
         }
     }

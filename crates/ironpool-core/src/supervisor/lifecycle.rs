@@ -10,7 +10,7 @@ use super::event_loop::Engine;
 use super::output::Capture;
 use super::worker::{Outgoing, State, Work, Worker};
 use crate::ipc::{Channel, Kind, Message, Recv};
-use crate::platform::{self, OomCounter, Pidfd};
+use crate::platform::{self, Doorbell, OomCounter, Pidfd};
 use crate::reactor::{Source, WorkerKey};
 use crate::task::{Attempt, Crash, ExitStatus, KillReason, Outcome};
 use crate::zygote::decode_status;
@@ -168,13 +168,24 @@ impl Engine {
         ours.set_nonblocking(true)?;
         let (out_r, out_w) = platform::output_pipe()?;
         let (err_r, err_w) = platform::output_pipe()?;
+        let doorbell = Doorbell::new()?;
         let key = self.next_key;
         self.next_key += 1;
-        let fork = Message::new(Kind::Fork, key, 0).with_fds(vec![theirs.into_fd(), out_w, err_w]);
+        // The doorbell goes first: the template takes the others from the end.
+        let fds = vec![
+            doorbell.try_clone()?.into_fd(),
+            theirs.into_fd(),
+            out_w,
+            err_w,
+        ];
+        let fork = Message::new(Kind::Fork, key, 0).with_fds(fds);
         session.send_blocking(&fork)?;
         self.hub
             .channels
             .add(&ours, Source::Channel(key).token(), false)?;
+        self.hub
+            .channels
+            .add(&doorbell, Source::Doorbell(key).token(), false)?;
         let poller = &self.hub.poller;
         poller.add(&out_r, Source::Stdout(key).token(), false)?;
         poller.add(&err_r, Source::Stderr(key).token(), false)?;
@@ -186,6 +197,9 @@ impl Engine {
             pid: None,
             pidfd: None,
             chan: ours,
+            doorbell,
+            muted: false,
+            quiet_until: None,
             outbox: Default::default(),
             wants_write: false,
             stdout: Capture::new(out_r, false, 0, forward),
@@ -352,6 +366,9 @@ impl Engine {
         let Some(mut w) = self.workers.remove(&key) else {
             return;
         };
+        // The worker's children may hold its doorbell open: unregister it
+        // by hand, or a ring from them would wake the loop for good.
+        self.hub.channels.delete(&w.doorbell);
         if let Some(pid) = w.pid {
             self.pid_to_key.remove(&pid);
         }

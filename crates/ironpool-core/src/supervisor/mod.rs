@@ -11,6 +11,7 @@ mod dispatch;
 mod event_loop;
 mod lifecycle;
 mod output;
+mod quiet;
 mod registry;
 mod scheduler;
 mod stats;

@@ -36,7 +36,8 @@ impl Engine {
     }
 
     /// The nearest of: a running task's time limit, a closing worker's exit
-    /// grace, the next memory poll, the end of a start-failure back-off.
+    /// grace, a muted channel's latest read, the next memory poll, the end
+    /// of a start-failure back-off.
     fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = self.backoff.respawn_at();
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
@@ -47,6 +48,9 @@ impl Engine {
             }
             if let Some(closed) = w.state.closing_since() {
                 consider(closed + EXIT_GRACE);
+            }
+            if let Some(t) = w.quiet_until.filter(|_| w.muted) {
+                consider(t);
             }
             if w.state.running().is_some() && self.cfg.max_memory.is_some() {
                 memory_watch = true;
@@ -62,6 +66,7 @@ impl Engine {
     /// or (polled) the hard memory limit while a task runs.
     pub(super) fn check_timers(&mut self) {
         let now = Instant::now();
+        self.read_due_muted(now);
         let hard = self
             .cfg
             .max_memory

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::output::Capture;
 use crate::ipc::frame::{BATCH_ENTRY_HEADER, HEADER_LEN, MAX_FRAME};
 use crate::ipc::{Channel, Kind, Message};
-use crate::platform::{self, OomCounter, Pidfd};
+use crate::platform::{self, Doorbell, OomCounter, Pidfd};
 use crate::reactor::WorkerKey;
 use crate::task::{KillReason, ObjectId, Task, TaskId};
 
@@ -193,6 +193,12 @@ pub struct Worker {
     pub pid: Option<i32>,
     pub pidfd: Option<Pidfd>,
     pub chan: Channel,
+    /// Rung by the worker while its channel is muted (see `quiet`).
+    pub doorbell: Doorbell,
+    /// Its channel's data wakes nobody: read it when the doorbell rings.
+    pub muted: bool,
+    /// When a muted channel is read at the latest.
+    pub quiet_until: Option<Instant>,
     pub outbox: VecDeque<Outgoing>,
     pub wants_write: bool,
     pub stdout: Capture,

@@ -18,7 +18,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::ipc::{Channel, Kind, Message, Recv};
-use crate::platform::{self, Pidfd, Poller};
+use crate::platform::{self, Doorbell, Pidfd, Poller};
 use crate::reactor::Source;
 
 /// How long one sweep waits for a SIGKILLed process to exit before moving
@@ -67,10 +67,12 @@ pub trait Host {
     }
 }
 
-/// What a forked worker starts with: its channel to the pool supervisor.
-/// stdout and stderr already point at the pool's capture pipes.
+/// What a forked worker starts with: its channel to the pool supervisor,
+/// and the doorbell it rings when the supervisor muted that channel (see
+/// `Kind::Batch`). stdout and stderr already point at the pool's capture pipes.
 pub struct ForkedChild {
     pub channel: Channel,
+    pub doorbell: Option<Doorbell>,
 }
 
 struct State {
@@ -169,7 +171,9 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
                         continue;
                     };
                     match session.recv() {
-                        Ok(Recv::Message(m)) if m.kind == Kind::Fork && m.fds.len() == 3 => {
+                        Ok(Recv::Message(m))
+                            if m.kind == Kind::Fork && matches!(m.fds.len(), 3 | 4) =>
+                        {
                             if let Some(child) = fork_one(&mut st, n, m, host, me)? {
                                 return Ok(Served::Child(child));
                             }
@@ -305,6 +309,7 @@ fn fork_one(
             platform::redirect_stdio(&out, &err)?;
             Ok(Some(ForkedChild {
                 channel: Channel::from_fd(chan),
+                doorbell: req.fds.pop().map(Doorbell::from_fd),
             }))
         }
         Ok(pid) => {

@@ -2,7 +2,7 @@
 //! waker for it (eventfd), and waits on a single descriptor (`poll`).
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -84,10 +84,26 @@ impl Poller {
         })
     }
 
-    pub fn modify(&self, fd: impl AsFd, token: u64, write: bool) -> io::Result<()> {
-        use rustix::event::epoll;
+    /// Sets what wakes this poller's waiters for a registered `fd`: its
+    /// data (`read`) and room to write (`write`). A hang-up or an error is
+    /// reported either way (epoll always watches those).
+    pub fn set_interest(
+        &self,
+        fd: impl AsFd,
+        token: u64,
+        read: bool,
+        write: bool,
+    ) -> io::Result<()> {
+        use rustix::event::epoll::{self, EventFlags};
+        let mut flags = EventFlags::empty();
+        if read {
+            flags |= EventFlags::IN;
+        }
+        if write {
+            flags |= EventFlags::OUT;
+        }
         self.with(|ep| {
-            epoll::modify(ep, fd, epoll::EventData::new_u64(token), Self::flags(write))?;
+            epoll::modify(ep, fd, epoll::EventData::new_u64(token), flags)?;
             Ok(())
         })
     }
@@ -202,6 +218,54 @@ impl Waker {
 
     pub fn close(&self) {
         self.fd.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// A counter one process rings and another watches (an eventfd shared
+/// through a fork): it stays readable from the first ring until cleared,
+/// so a ring between a reader's look and its sleep is never lost.
+#[derive(Debug)]
+pub struct Doorbell {
+    fd: OwnedFd,
+}
+
+impl Doorbell {
+    pub fn new() -> io::Result<Self> {
+        use rustix::event::EventfdFlags;
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Self { fd })
+    }
+
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: super::fd::duplicate_fd(&self.fd)?,
+        })
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Best effort: the only failure of a non-blocking eventfd write is a
+    /// counter near overflow, which is readable anyway.
+    pub fn ring(&self) {
+        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+    }
+
+    /// Clears the rings so far (before reading what they announced).
+    pub fn clear(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut b);
+    }
+}
+
+impl AsFd for Doorbell {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
