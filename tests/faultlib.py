@@ -65,6 +65,15 @@ def whoami(i: int = 0, log_path: str | None = None) -> tuple[int, int]:
     return os.getpid(), i
 
 
+def logged_or_exit(i: int, payload: bytes, exit_at: int, log_path: str | None = None) -> int:
+    """Logs that item ``i`` ran, then returns it; item ``exit_at`` ends the
+    worker instead (``payload`` only makes the task's frame bigger)."""
+    log(log_path, str(i))
+    if i == exit_at:
+        os._exit(7)
+    return i
+
+
 def sleep_for(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()

@@ -41,7 +41,8 @@ pub enum Kind {
     Returned = 6,
     /// [W→P] task `id` raised; `aux` = nanoseconds spent.
     Raised = 7,
-    /// [P→Z] fork a worker; fds: channel, stdout, stderr. `id` = request.
+    /// [P→Z] fork a worker; fds: its doorbell (optional), channel, stdout,
+    /// stderr. `id` = request.
     Fork = 8,
     /// [Z→P] forked request `id` as pid `aux`; fd: its pidfd.
     Forked = 9,
@@ -64,7 +65,9 @@ pub enum Kind {
     /// [Z→P] the warm request is done; body = what was imported or skipped.
     Warmed = 17,
     /// [P→W] several tasks in one frame, run in order; `aux` = how many,
-    /// body = each task's frame header, its body length (u32) and its body.
+    /// `id` = ring the doorbell after every `id` results and the last (0:
+    /// never; see `supervisor/quiet.rs`), body = each task's frame header,
+    /// its body length (u32) and its body.
     /// Never carries descriptors: a task with segments travels alone.
     Batch = 18,
     /// [Z→P] the template is about to kill its workers and exit (a warm-up

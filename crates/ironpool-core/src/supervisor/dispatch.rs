@@ -153,6 +153,7 @@ impl Engine {
         };
         let mut failed = false;
         let mut quiet = false;
+        let mut unmute = false; // a task with descriptors went alone: it cannot ask for a ring
         while let Some(next) = w.outbox.front() {
             let mut batch = false;
             let sent = match next {
@@ -166,7 +167,15 @@ impl Engine {
                         .collect();
                     match msgs.as_slice() {
                         [] => Ok(true), // none of them is held any more
-                        [one] => w.chan.send(one),
+                        // A muted channel's worker must be asked to ring.
+                        [one] if w.muted && one.fds.is_empty() => {
+                            batch = true;
+                            w.chan.send_batch(&[one], 1)
+                        }
+                        [one] => {
+                            unmute |= w.muted;
+                            w.chan.send(one)
+                        }
                         many => {
                             batch = true;
                             w.chan.send_batch(many, quiet::ring_every(many.len()))
@@ -198,7 +207,12 @@ impl Engine {
         }
         if failed {
             // The worker is dying; its exit report will settle its tasks.
+            // Read what it sent first: once closed, its channel is not read,
+            // and a result still in the socket would count as a crash.
+            self.on_channel(key);
             self.close_channel(key);
+        } else if unmute {
+            self.review_mute(key, Instant::now(), true);
         } else if quiet {
             self.mute(key, Instant::now());
         }

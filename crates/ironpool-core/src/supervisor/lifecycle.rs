@@ -183,12 +183,14 @@ impl Engine {
         self.hub
             .channels
             .add(&ours, Source::Channel(key).token(), false)?;
-        self.hub
-            .channels
-            .add(&doorbell, Source::Doorbell(key).token(), false)?;
         let poller = &self.hub.poller;
         poller.add(&out_r, Source::Stdout(key).token(), false)?;
         poller.add(&err_r, Source::Stderr(key).token(), false)?;
+        // Last: the worker holds a copy, so a registration left by a failed
+        // step above would outlive this function.
+        self.hub
+            .channels
+            .add(&doorbell, Source::Doorbell(key).token(), false)?;
         let forward = self.cfg.forward_output;
         let keep = self.cfg.stderr_tail_lines;
         let mut w = Worker {
@@ -366,9 +368,11 @@ impl Engine {
         let Some(mut w) = self.workers.remove(&key) else {
             return;
         };
-        // The worker's children may hold its doorbell open: unregister it
-        // by hand, or a ring from them would wake the loop for good.
+        // Others may hold these open (the worker's children its doorbell, a
+        // forked copy of the caller its channel): unregister them by hand, or
+        // a ring or a hang-up would wake the loop for good.
         self.hub.channels.delete(&w.doorbell);
+        self.hub.channels.delete(&w.chan);
         if let Some(pid) = w.pid {
             self.pid_to_key.remove(&pid);
         }

@@ -11,12 +11,15 @@
 //! loses none (the exit path reads the socket before it settles the
 //! worker's tasks) and log records stay in order before their results.
 //!
-//! The worker also rings when it runs out of tasks, and the reader reads a
+//! A single task sent to a muted channel goes as a one-task batch that asks
+//! for a ring (one with descriptors cannot: it unmutes the channel). The
+//! worker also rings when it runs out of tasks, and the reader reads a
 //! muted channel whenever its doorbell rings, before a time limit is
 //! enforced on it, and at the latest `QUIET_POLL` after it last did; then,
 //! if the worker holds no task, or has not rung by then (a task that was
 //! expected to be tiny runs long), the channel is unmuted, so results are
-//! never held back by more than that.
+//! never held back by more than that (epoll's millisecond timeouts round
+//! it up to 3 ms).
 
 use std::time::{Duration, Instant};
 
@@ -35,13 +38,14 @@ pub(super) fn ring_every(tasks: usize) -> u64 {
 }
 
 impl Engine {
-    /// A batch frame went to the worker: mute its channel until it rings.
+    /// A batch frame went to the worker: mute its channel until it rings
+    /// (a channel muted already keeps the deadline of its last read).
     pub(super) fn mute(&mut self, key: WorkerKey, now: Instant) {
         let Some(w) = self.workers.get_mut(&key) else {
             return;
         };
-        w.quiet_until = Some(now + QUIET_POLL);
         if !w.muted {
+            w.quiet_until = Some(now + QUIET_POLL);
             w.muted = true;
             let _ = self.hub.channels.set_interest(
                 &w.chan,
@@ -87,16 +91,16 @@ impl Engine {
         }
     }
 
-    /// Reads the muted channels that are due: their quiet poll, or a time
-    /// limit about to be judged on what may be a stale view of the worker.
-    pub(super) fn read_due_muted(&mut self, now: Instant) {
+    /// Reads the channels that are due: a muted one's quiet poll, or any
+    /// whose running task's time limit is about to be judged (on a view that
+    /// may be stale: its result may be in the socket, muted or not yet read).
+    pub(super) fn read_due(&mut self, now: Instant) {
         let default_timeout = self.cfg.task_timeout;
         let due: Vec<(WorkerKey, bool)> = self
             .workers
             .values()
-            .filter(|w| w.muted)
             .filter_map(|w| {
-                let overdue = w.quiet_until.is_some_and(|t| now >= t);
+                let overdue = w.muted && w.quiet_until.is_some_and(|t| now >= t);
                 let limit = w.deadline(default_timeout).is_some_and(|(d, _)| now >= d);
                 (overdue || limit).then_some((w.key, overdue))
             })

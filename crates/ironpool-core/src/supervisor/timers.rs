@@ -66,7 +66,7 @@ impl Engine {
     /// or (polled) the hard memory limit while a task runs.
     pub(super) fn check_timers(&mut self) {
         let now = Instant::now();
-        self.read_due_muted(now);
+        self.read_due(now);
         let hard = self
             .cfg
             .max_memory
