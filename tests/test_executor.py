@@ -493,27 +493,25 @@ def test_queued_task_does_not_wait_behind_a_long_one_while_a_worker_is_free(pool
 
 
 def test_results_queued_before_a_long_task_arrive_while_it_runs(beacon):
-    # Tiny tasks go to a worker dozens at a time, in one frame, after which
-    # its channel is muted until it rings (after half of the frame, and at
-    # its end). One that runs long must not hold back those before it.
+    # A map's tiny chunks go to a worker dozens at a time, in one frame, after
+    # which its channel is muted until it rings (after half of the frame, and
+    # at its end). One that runs long must not hold back those before it.
     with ironpool.Pool(1) as pool:
-        warm = [pool.submit(tiny_or_wait, i) for i in range(300)]
-        assert [f.result(timeout=30) for f in warm] == list(range(300))
-        # While the worker is held, the 32 wait in the pool; once it is
-        # free, they go to it in one frame.
+        assert list(pool.starmap(tiny_or_wait, [(i, None) for i in range(300)], chunksize=1)) == list(range(300))
+        # While the worker is held, the map's chunks wait in the pool; once
+        # it is free, they go to it in one frame.
         held = pool.submit(blocking, beacon, "held")
         beacon.started(1)
-        futures = [pool.submit(tiny_or_wait, i, beacon if i == 12 else None) for i in range(32)]
+        items = [(i, beacon if i == 12 else None) for i in range(32)]
+        results = pool.starmap(tiny_or_wait, items, chunksize=1, timeout=20)
         beacon.release()
         try:
             assert held.result(timeout=10) == "held"
             beacon.started(1)
-            _, late = cf.wait(futures[:12], timeout=10)
-            assert not late, f"{len(late)} of 12 results held back while a later task ran"
-            assert not futures[12].done()
+            assert [next(results) for _ in range(12)] == list(range(12))  # TimeoutError if held back
         finally:
             beacon.release()
-        assert [f.result(timeout=30) for f in futures] == list(range(32))
+        assert list(results) == list(range(12, 32))
 
 
 def test_shutdown_without_cancel_runs_queued_work():

@@ -858,6 +858,33 @@ fn arbitrary_datagrams_from_workers_never_break_the_pool() {
 
 #[test]
 fn tasks_that_share_a_frame_keep_their_own_outcomes_and_limits() {
+    shared_frames_keep_outcomes(0);
+}
+
+/// Batches of map chunks mute the worker's channel until it rings; the
+/// fake worker never rings, so these results are read by the quiet poll.
+#[test]
+fn a_muted_channel_whose_worker_never_rings_is_still_read() {
+    let z = zygote();
+    let pool = start(&z, config(1));
+    pool.submit_many((1000..1020).map(|id| task(id, b"warm")).collect());
+    collect(&pool, 20);
+    let chunk = |id: u64| {
+        let mut t = task(id, format!("ok {id}").as_bytes());
+        t.payload.flags = ironpool_core::ipc::MAP_CHUNK;
+        t
+    };
+    pool.submit_many((0..200).map(chunk).collect());
+    let got = collect_within(&pool, 200, Duration::from_secs(10));
+    for id in 0..200 {
+        assert_eq!(returned(&got[&id]), format!("ok {id}").as_bytes());
+    }
+    shutdown(pool);
+    // With limits, crashes and hangs among them, every outcome is its own.
+    shared_frames_keep_outcomes(ironpool_core::ipc::MAP_CHUNK);
+}
+
+fn shared_frames_keep_outcomes(flags: u8) {
     let z = zygote();
     let pool = start(&z, config(1));
     // Known to be tiny: what follows queues deep, topped up in batch frames.
@@ -872,6 +899,7 @@ fn tasks_that_share_a_frame_keep_their_own_outcomes_and_limits() {
                 _ => task(id, format!("ok {id}").as_bytes()),
             };
             t.timeout = Some(Duration::from_millis(300));
+            t.payload.flags = flags;
             t
         })
         .collect();

@@ -22,6 +22,11 @@ pub const BATCH_ENTRY_HEADER: usize = HEADER_LEN + 4;
 /// marks a `map` chunk, whose exceptions travel inside a `Returned`.)
 pub const RETRYABLE: u8 = 1;
 
+/// `Task` flag: the task is a `map` chunk (`CHUNK` in `ironpool/_worker.py`).
+/// The engine reads it for one thing: a batch of chunks is quiet
+/// (`supervisor/quiet.rs`), since a map takes its results in bursts.
+pub const MAP_CHUNK: u8 = 1;
+
 /// Message kinds. Direction in brackets: P = pool supervisor, W = worker,
 /// Z = zygote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,4 +8,4 @@ pub mod frame;
 pub mod payload;
 
 pub use channel::{Channel, Recv};
-pub use frame::{FrameError, Kind, Message, RETRYABLE};
+pub use frame::{FrameError, Kind, MAP_CHUNK, Message, RETRYABLE};

@@ -10,7 +10,7 @@ use super::lock;
 use super::quiet;
 use super::scheduler::{self, Rules, WorkerView};
 use super::worker::{Outgoing, TaskFrame, Worker};
-use crate::ipc::Message;
+use crate::ipc::{MAP_CHUNK, Message};
 use crate::reactor::{Source, WorkerKey};
 
 impl Engine {
@@ -177,8 +177,10 @@ impl Engine {
                             w.chan.send(one)
                         }
                         many => {
-                            batch = true;
-                            w.chan.send_batch(many, quiet::ring_every(many.len()))
+                            let chunks = many.iter().all(|m| m.flags & MAP_CHUNK != 0);
+                            let ring_every = quiet::ring_every(many.len(), chunks, w.muted);
+                            batch = ring_every > 0;
+                            w.chan.send_batch(many, ring_every)
                         }
                     }
                 }

@@ -1,18 +1,21 @@
 //! Where a worker's results are read in bursts: quiet batches.
 //!
-//! A worker running a `Batch` of tiny tasks finishes one every few
+//! A worker running a `Batch` of tiny `map` chunks finishes one every few
 //! microseconds. Woken by each result's write, the reader (the supervisor
 //! thread or a caller driving the engine) spent a context switch per task,
 //! and more time being woken than reading. So when several tasks go out in
-//! one frame, the worker's channel is muted (its data no longer wakes
-//! anyone; a hang-up still does) and the frame asks the worker to ring its
-//! doorbell after every `ring_every` results and after the last. Each
+//! one frame (`QUIET_MIN_TASKS` or more, all of them map chunks: a
+//! submitted task's caller may be waiting on that one result), the worker's channel is muted
+//! (its data no longer wakes anyone; a hang-up still does) and the frame
+//! asks the worker to ring its doorbell after every `ring_every` results
+//! and after the last. Each
 //! result is still written to the socket the moment it exists, so a crash
 //! loses none (the exit path reads the socket before it settles the
 //! worker's tasks) and log records stay in order before their results.
 //!
-//! A single task sent to a muted channel goes as a one-task batch that asks
-//! for a ring (one with descriptors cannot: it unmutes the channel). The
+//! A smaller batch, or a single task, sent to a channel muted already asks
+//! for a ring at its end (a task with descriptors travels alone and cannot:
+//! sending one unmutes the channel). The
 //! worker also rings when it runs out of tasks, and the reader reads a
 //! muted channel whenever its doorbell rings, before a time limit is
 //! enforced on it, and at the latest `QUIET_POLL` after it last did; then,
@@ -31,10 +34,24 @@ use crate::reactor::{Source, WorkerKey};
 /// within it, so it only fires when one of them runs long.
 pub(super) const QUIET_POLL: Duration = Duration::from_millis(2);
 
-/// How often a worker rings within a quiet batch of `tasks`: at half of
-/// it, when the engine tops a deep queue up, and at its end.
-pub(super) fn ring_every(tasks: usize) -> u64 {
-    tasks.div_ceil(2) as u64
+/// The smallest batch that mutes a channel: below it, a mute, two rings and
+/// an unmute cost more system calls than the wake-ups they save.
+pub(super) const QUIET_MIN_TASKS: usize = 8;
+
+/// How often a worker should ring within a batch of `tasks` (0: never, the
+/// batch is not quiet): at half of it, when the engine tops a deep queue
+/// up, and at its end. Only a batch of `map` chunks (`chunks`) is quiet: a
+/// map hands out every result it finds finished at once, while a
+/// submitted task's caller may be waiting on that one. A batch sent to a
+/// channel muted already asks for one ring, at its end.
+pub(super) fn ring_every(tasks: usize, chunks: bool, muted: bool) -> u64 {
+    if chunks && tasks >= QUIET_MIN_TASKS {
+        tasks.div_ceil(2) as u64
+    } else if muted {
+        tasks as u64
+    } else {
+        0
+    }
 }
 
 impl Engine {
@@ -118,8 +135,17 @@ mod tests {
 
     #[test]
     fn a_batch_rings_at_its_half_and_its_end() {
-        assert_eq!(ring_every(2), 1);
-        assert_eq!(ring_every(3), 2);
-        assert_eq!(ring_every(32), 16);
+        assert_eq!(ring_every(QUIET_MIN_TASKS, true, false), 4);
+        assert_eq!(ring_every(9, true, false), 5);
+        assert_eq!(ring_every(32, true, true), 16);
+    }
+
+    #[test]
+    fn a_small_batch_or_one_of_calls_mutes_nothing_but_rings_once_on_a_muted_channel() {
+        assert_eq!(ring_every(2, true, false), 0);
+        assert_eq!(ring_every(QUIET_MIN_TASKS - 1, true, false), 0);
+        assert_eq!(ring_every(32, false, false), 0);
+        assert_eq!(ring_every(3, true, true), 3);
+        assert_eq!(ring_every(32, false, true), 32);
     }
 }

@@ -195,7 +195,7 @@ fn hang() -> ! {
 
 /// Never rings its doorbell: the engine's quiet poll (`supervisor::quiet`)
 /// must still read every result of a batch it muted the channel for, which
-/// `tasks_that_share_a_frame_keep_their_own_outcomes_and_limits` relies on.
+/// `a_muted_channel_whose_worker_never_rings_is_still_read` relies on.
 fn worker(mut chan: Channel) -> ! {
     let mut objects: HashMap<u64, (Vec<u8>, u32)> = HashMap::new();
     loop {
