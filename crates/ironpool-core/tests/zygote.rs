@@ -147,9 +147,17 @@ fn sessions_are_independent_and_a_closed_one_is_harmless() {
     assert_eq!(exited(&mut s2), (w2.pid, ExitStatus::Signal(libc::SIGKILL)));
     assert!(wait_no_children(z.pid(), Duration::from_secs(5)).is_empty());
     assert!(z.is_alive());
-    // Malformed requests are ignored, not fatal.
+    // Malformed requests are not fatal: a fork without its descriptors is
+    // refused (so the pool's slot does not wait for it), the rest ignored.
     s2.send_blocking(&Message::new(Kind::Fork, 3, 0))
         .expect("send");
+    let refused = recv_within(&mut s2, DEADLINE);
+    assert_eq!(
+        (refused.kind, refused.id),
+        (Kind::ForkFailed, 3),
+        "{refused:?}"
+    );
+    assert!(String::from_utf8_lossy(&refused.body).contains("descriptors"));
     s2.send_blocking(&Message::new(Kind::Task, 4, 0))
         .expect("send");
     let w3 = fork_worker(&mut s2, 5);

@@ -178,6 +178,16 @@ pub fn serve(master: OwnedFd, host: &mut dyn Host) -> io::Result<Served> {
                                 return Ok(Served::Child(child));
                             }
                         }
+                        // Answered, so the pool's slot does not wait for it forever.
+                        Ok(Recv::Message(m)) if m.kind == Kind::Fork => {
+                            let why = format!(
+                                "a fork request needs 3 or 4 descriptors, not {}",
+                                m.fds.len()
+                            );
+                            let failed =
+                                Message::new(Kind::ForkFailed, m.id, 0).with_body(why.into_bytes());
+                            let _ = session.send_blocking(&failed);
+                        }
                         Ok(Recv::Message(m)) if m.kind == Kind::Warm => {
                             st.warm_queue.push_back((n, m.body));
                         }
