@@ -3,26 +3,25 @@
 //! A worker running a `Batch` of tiny `map` chunks finishes one every few
 //! microseconds. Woken by each result's write, the reader (the supervisor
 //! thread or a caller driving the engine) spent a context switch per task,
-//! and more time being woken than reading. So when several tasks go out in
-//! one frame (`QUIET_MIN_TASKS` or more, all of them map chunks: a
-//! submitted task's caller may be waiting on that one result), the worker's channel is muted
-//! (its data no longer wakes anyone; a hang-up still does) and the frame
-//! asks the worker to ring its doorbell after every `ring_every` results
-//! and after the last. Each
-//! result is still written to the socket the moment it exists, so a crash
-//! loses none (the exit path reads the socket before it settles the
-//! worker's tasks) and log records stay in order before their results.
+//! and more time being woken than reading. So when `QUIET_MIN_TASKS` or
+//! more map chunks go out in one frame (not submitted tasks: their caller
+//! may be waiting on that one result), the worker's channel is muted (its
+//! data no longer wakes anyone; a hang-up still does) and the frame asks
+//! the worker to ring its doorbell after every `ring_every` results and
+//! after the last. Each result is still written to the socket the moment
+//! it exists, so a crash loses none (the exit path, and a failed write,
+//! read the socket before the worker's tasks are settled) and log records
+//! stay in order before their results.
 //!
 //! A smaller batch, or a single task, sent to a channel muted already asks
 //! for a ring at its end (a task with descriptors travels alone and cannot:
-//! sending one unmutes the channel). The
-//! worker also rings when it runs out of tasks, and the reader reads a
-//! muted channel whenever its doorbell rings, before a time limit is
-//! enforced on it, and at the latest `QUIET_POLL` after it last did; then,
-//! if the worker holds no task, or has not rung by then (a task that was
-//! expected to be tiny runs long), the channel is unmuted, so results are
-//! never held back by more than that (epoll's millisecond timeouts round
-//! it up to 3 ms).
+//! sending one unmutes the channel). The worker also rings when it runs out
+//! of tasks. The reader reads a muted channel whenever its doorbell rings,
+//! before a time limit is enforced on it, and at the latest `QUIET_POLL`
+//! after it last did; then, if the worker holds no task, or has not rung by
+//! then (a task that was expected to be tiny runs long), the channel is
+//! unmuted, so results are never held back by more than that (epoll's
+//! millisecond timeouts round it up to 3 ms).
 
 use std::time::{Duration, Instant};
 
