@@ -78,7 +78,7 @@ pub fn worker_main(
                 } else {
                     let parts = failed.cast_into::<PyList>()?;
                     let m = buffers::encode(py, Kind::InitFailed, 0, 0, &parts, usize::MAX)?;
-                    send(py, &chan, &m)?;
+                    bell.send(py, &chan, &m)?;
                     return Ok(());
                 }
             }
@@ -197,10 +197,4 @@ fn run_task(
         m.flags = RETRYABLE;
     }
     Ok(m)
-}
-
-fn send(py: Python<'_>, chan: &ironpool_core::ipc::Channel, m: &Message) -> PyResult<()> {
-    Ok(py
-        .detach(|| chan.send_blocking(m))
-        .map_err(|e| Error::io("could not reach the pool", e))?)
 }

@@ -153,9 +153,9 @@ impl Engine {
         };
         let mut failed = false;
         let mut quiet = false;
-        let mut unmute = false; // a task with descriptors went alone: it cannot ask for a ring
+        let mut unmute = false;
         while let Some(next) = w.outbox.front() {
-            let mut batch = false;
+            let mut asks_ring = false;
             let sent = match next {
                 Outgoing::Owned(m) => w.chan.send(m),
                 Outgoing::Tasks(frame) => {
@@ -165,29 +165,26 @@ impl Engine {
                         .filter(|t| frame.ids.contains(&t.id))
                         .map(|t| &t.payload)
                         .collect();
+                    // A task with descriptors travels alone: it cannot ask for a ring.
+                    let alone = matches!(msgs.as_slice(), [one] if !one.fds.is_empty());
+                    let chunks = msgs.iter().all(|m| m.flags & MAP_CHUNK != 0);
+                    let ring_every = if alone {
+                        0
+                    } else {
+                        quiet::ring_every(msgs.len(), chunks, w.muted())
+                    };
+                    unmute |= alone && w.muted();
+                    asks_ring = ring_every > 0;
                     match msgs.as_slice() {
                         [] => Ok(true), // none of them is held any more
-                        // A muted channel's worker must be asked to ring.
-                        [one] if w.muted && one.fds.is_empty() => {
-                            batch = true;
-                            w.chan.send_batch(&[one], 1)
-                        }
-                        [one] => {
-                            unmute |= w.muted;
-                            w.chan.send(one)
-                        }
-                        many => {
-                            let chunks = many.iter().all(|m| m.flags & MAP_CHUNK != 0);
-                            let ring_every = quiet::ring_every(many.len(), chunks, w.muted);
-                            batch = ring_every > 0;
-                            w.chan.send_batch(many, ring_every)
-                        }
+                        [one] if ring_every == 0 => w.chan.send(one),
+                        many => w.chan.send_batch(many, ring_every),
                     }
                 }
             };
             match sent {
                 Ok(true) => {
-                    quiet |= batch;
+                    quiet |= asks_ring;
                     w.outbox.pop_front();
                 }
                 Ok(false) => break,
@@ -203,7 +200,7 @@ impl Engine {
             let _ = self.hub.channels.set_interest(
                 &w.chan,
                 Source::Channel(key).token(),
-                !w.muted,
+                !w.muted(),
                 want,
             );
         }

@@ -200,7 +200,6 @@ impl Engine {
             pidfd: None,
             chan: ours,
             doorbell,
-            muted: false,
             quiet_until: None,
             outbox: Default::default(),
             wants_write: false,

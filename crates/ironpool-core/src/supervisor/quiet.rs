@@ -37,12 +37,12 @@ pub(super) const QUIET_POLL: Duration = Duration::from_millis(2);
 /// an unmute cost more system calls than the wake-ups they save.
 pub(super) const QUIET_MIN_TASKS: usize = 8;
 
-/// How often a worker should ring within a batch of `tasks` (0: never, the
-/// batch is not quiet): at half of it, when the engine tops a deep queue
+/// How often a worker should ring within a frame of `tasks` (0: never, the
+/// frame is not quiet): at half of it, when the engine tops a deep queue
 /// up, and at its end. Only a batch of `map` chunks (`chunks`) is quiet: a
 /// map hands out every result it finds finished at once, while a
-/// submitted task's caller may be waiting on that one. A batch sent to a
-/// channel muted already asks for one ring, at its end.
+/// submitted task's caller may be waiting on that one. A frame sent to a
+/// channel muted already, a single task too, asks for one ring, at its end.
 pub(super) fn ring_every(tasks: usize, chunks: bool, muted: bool) -> u64 {
     if chunks && tasks >= QUIET_MIN_TASKS {
         tasks.div_ceil(2) as u64
@@ -60,9 +60,8 @@ impl Engine {
         let Some(w) = self.workers.get_mut(&key) else {
             return;
         };
-        if !w.muted {
+        if !w.muted() {
             w.quiet_until = Some(now + QUIET_POLL);
-            w.muted = true;
             let _ = self.hub.channels.set_interest(
                 &w.chan,
                 Source::Channel(key).token(),
@@ -88,11 +87,10 @@ impl Engine {
         let Some(w) = self.workers.get_mut(&key) else {
             return;
         };
-        if !w.muted {
+        if !w.muted() {
             return;
         }
         if overdue || w.state.in_flight() == 0 || w.state.closing_since().is_some() {
-            w.muted = false;
             w.quiet_until = None;
             if w.state.closing_since().is_none() {
                 let _ = self.hub.channels.set_interest(
@@ -116,7 +114,7 @@ impl Engine {
             .workers
             .values()
             .filter_map(|w| {
-                let overdue = w.muted && w.quiet_until.is_some_and(|t| now >= t);
+                let overdue = w.quiet_until.is_some_and(|t| now >= t);
                 let limit = w.deadline(default_timeout).is_some_and(|(d, _)| now >= d);
                 (overdue || limit).then_some((w.key, overdue))
             })

@@ -49,7 +49,7 @@ impl Engine {
             if let Some(closed) = w.state.closing_since() {
                 consider(closed + EXIT_GRACE);
             }
-            if let Some(t) = w.quiet_until.filter(|_| w.muted) {
+            if let Some(t) = w.quiet_until {
                 consider(t);
             }
             if w.state.running().is_some() && self.cfg.max_memory.is_some() {

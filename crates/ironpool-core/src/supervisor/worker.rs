@@ -195,9 +195,8 @@ pub struct Worker {
     pub chan: Channel,
     /// Rung by the worker while its channel is muted (see `quiet`).
     pub doorbell: Doorbell,
-    /// Its channel's data wakes nobody: read it when the doorbell rings.
-    pub muted: bool,
-    /// When a muted channel is read at the latest.
+    /// Set while its channel is muted (its data wakes nobody; it is read
+    /// when the doorbell rings): when it is read at the latest.
     pub quiet_until: Option<Instant>,
     pub outbox: VecDeque<Outgoing>,
     pub wants_write: bool,
@@ -215,6 +214,10 @@ pub struct Worker {
 }
 
 impl Worker {
+    pub fn muted(&self) -> bool {
+        self.quiet_until.is_some()
+    }
+
     /// The deadline of the running task, if it has a time limit.
     pub fn deadline(&self, default: Option<Duration>) -> Option<(Instant, Duration)> {
         let r = self.state.running()?;

@@ -174,53 +174,6 @@ impl Poller {
     }
 }
 
-/// Wakes a thread blocked in [`Poller::wait`] (eventfd). Closable like the
-/// poller; waking a closed one does nothing.
-#[derive(Debug)]
-pub struct Waker {
-    fd: RwLock<Option<OwnedFd>>,
-}
-
-impl Waker {
-    pub fn new() -> io::Result<Self> {
-        use rustix::event::EventfdFlags;
-        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        Ok(Self {
-            fd: RwLock::new(Some(fd)),
-        })
-    }
-
-    fn with(&self, f: impl FnOnce(&OwnedFd)) {
-        if let Some(fd) = self.fd.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            f(fd);
-        }
-    }
-
-    pub fn wake(&self) {
-        self.with(|fd| {
-            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
-        });
-    }
-
-    pub fn drain(&self) {
-        self.with(|fd| {
-            let mut b = [0u8; 8];
-            let _ = rustix::io::read(fd, &mut b);
-        });
-    }
-
-    /// Registers this waker with `poller` under `token`.
-    pub fn register(&self, poller: &Poller, token: u64) -> io::Result<()> {
-        let guard = self.fd.read().unwrap_or_else(|p| p.into_inner());
-        let fd = guard.as_ref().ok_or_else(closed)?;
-        poller.add(fd, token, false)
-    }
-
-    pub fn close(&self) {
-        self.fd.write().unwrap_or_else(|p| p.into_inner()).take();
-    }
-}
-
 /// A counter one process rings and another watches (an eventfd shared
 /// through a fork): it stays readable from the first ring until cleared,
 /// so a ring between a reader's look and its sleep is never lost.
@@ -266,6 +219,46 @@ impl Doorbell {
 impl AsFd for Doorbell {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// Wakes a thread blocked in [`Poller::wait`]: a [`Doorbell`] within one
+/// process. Closable like the poller; waking a closed one does nothing.
+#[derive(Debug)]
+pub struct Waker {
+    bell: RwLock<Option<Doorbell>>,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            bell: RwLock::new(Some(Doorbell::new()?)),
+        })
+    }
+
+    fn with(&self, f: impl FnOnce(&Doorbell)) {
+        if let Some(bell) = self.bell.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            f(bell);
+        }
+    }
+
+    pub fn wake(&self) {
+        self.with(Doorbell::ring);
+    }
+
+    pub fn drain(&self) {
+        self.with(Doorbell::clear);
+    }
+
+    /// Registers this waker with `poller` under `token`.
+    pub fn register(&self, poller: &Poller, token: u64) -> io::Result<()> {
+        let guard = self.bell.read().unwrap_or_else(|p| p.into_inner());
+        let bell = guard.as_ref().ok_or_else(closed)?;
+        poller.add(bell, token, false)
+    }
+
+    pub fn close(&self) {
+        self.bell.write().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
