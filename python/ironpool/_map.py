@@ -36,6 +36,11 @@ _SMALL_STR = 256
 #: (pickling a list of small ints costs ~35 ns an item; a range, a fixed ~3.5 µs).
 _RANGE_CHUNK_MIN = 128
 
+#: Chunks smaller than this go in lanes (``submit_lane``), where a chunk
+#: costs no ticket or future of its own; larger ones are few enough that
+#: their tickets cost nothing worth saving.
+_LANE_CHUNK_MAX = _RANGE_CHUNK_MIN
+
 #: Items in flight per worker a ``map`` with a small ``chunksize`` keeps at
 #: least: twice what the engine lets a worker hold of tiny tasks
 #: (``DEEP_QUEUE`` in ``supervisor/scheduler.rs``), so that, as a worker's
@@ -132,7 +137,11 @@ class MapRun:
         # caller waits once per batch of results rather than once per chunk.
         per_chunk = chunksize or _WINDOW_ITEMS
         self.window = max(4, 4 * backend.workers, _WINDOW_ITEMS * backend.workers // per_chunk)
-        self.inflight: deque[tuple[Future, Call]] = deque()
+        # In order: (ticket, call) for a chunk sent alone, or a backend's
+        # lane (``submit_lane``) of several; ``pending`` counts their chunks.
+        self.inflight: deque[Any] = deque()
+        self.pending = 0
+        self.submit_lane: Any = None
         self.error: BaseException | None = None
         self.exhausted = False
         self.since = call_started()  # every chunk is part of this one call
@@ -140,6 +149,8 @@ class MapRun:
             self.progress = make_progress(progress, total, name)
             if self.progress is not None:
                 self.progress.advance(recorded)
+            elif ordered and not keep_going:  # a lane has no per-chunk callback, and hands out in order
+                self.submit_lane = getattr(backend, "submit_lane", None)
             self._fill()
         except BaseException:
             self.close()
@@ -173,11 +184,16 @@ class MapRun:
         """Tops the window up once half of it has been taken (all of it at
         first), in one batch: a backend that takes batches (``submit_many``)
         then sends a worker several chunks at once."""
-        if self.exhausted or len(self.inflight) > self.window // 2:
+        if self.exhausted or self.pending > self.window // 2:
             return
         calls: list[Call] = []
-        while len(self.inflight) + len(calls) < self.window:
+        while not self.exhausted and self.pending + len(calls) < self.window:
             n = self.chunksize or self.backend.chunk_size(self.function, self.remaining)
+            if self.submit_lane is not None and n < _LANE_CHUNK_MAX:
+                self._send(calls)  # first: the window stays in input order
+                calls = []
+                self._fill_lane(n)
+                continue
             batch = self._next_items(n)
             if not batch:
                 self.exhausted = True
@@ -186,12 +202,34 @@ class MapRun:
             if self.remaining is not None:
                 self.remaining -= len(batch)
             calls.append(self._call(batch))
-            if len(self.inflight) < self.backend.workers:
+            if self.pending < self.backend.workers:
                 # A worker may be idle: it starts on this chunk while the
                 # rest of the window is cut and pickled.
                 self._send(calls)
                 calls = []
         self._send(calls)
+
+    def _fill_lane(self, n: int) -> None:
+        """Tops the window up with one lane of chunks of ``n`` items, or,
+        if the backend cannot take these items in a lane, with tickets.
+        While a worker may be idle, the lane is of one chunk per such
+        worker: they start on it while the rest of the window is read."""
+        chunks = self.window - self.pending
+        if self.pending < self.backend.workers:
+            chunks = self.backend.workers - self.pending
+        items = self._next_items(chunks * n)
+        if not len(items):
+            self.exhausted = True
+            self.items = iter(())
+            return
+        if self.remaining is not None:
+            self.remaining -= len(items)
+        lane = self.submit_lane(self.function, items, n, self.task_timeout, self.retries, self.flags)
+        if lane is not None:
+            self.inflight.append(lane)
+            self.pending += lane.left
+            return
+        self._send([self._call(list(items[i:i + n])) for i in range(0, len(items), n)])
 
     def _next_items(self, n: int) -> Any:
         items = self.items
@@ -215,6 +253,7 @@ class MapRun:
             handles = [self.backend.submit(call, self.function) for call in calls]
         for handle, call in zip(handles, calls, strict=True):
             self.inflight.append((self._watch(handle), call))
+        self.pending += len(calls)
 
     def results(self) -> Results:
         """What the caller iterates: the values of each chunk in turn."""
@@ -225,7 +264,10 @@ class MapRun:
         taken; withdraws what is left when closed, interrupted or collected."""
         try:
             while self.inflight:
-                values, self.error = self._outcome(*self._take())
+                if type(self.inflight[0]) is tuple:
+                    values, self.error = self._outcome(*self._take())
+                else:
+                    values, self.error = self._take_lane()
                 if self.ordered and self.error is None:
                     self._take_finished(values)
                 try:
@@ -255,14 +297,46 @@ class MapRun:
         which ``_take`` and ``_outcome`` then handle."""
         inflight = self.inflight
         while inflight:
-            future = inflight[0][0]
-            if not future.done() or future.cancelled() or future.exception() is not None:
-                return
-            more, self.error = future.result()
-            inflight.popleft()
+            entry = inflight[0]
+            if type(entry) is not tuple:  # a lane
+                if not entry.done():
+                    return
+                more, self.error = self._take_lane()
+            else:
+                future = entry[0]
+                if not future.done() or future.cancelled() or future.exception() is not None:
+                    return
+                more, self.error = future.result()
+                inflight.popleft()
+                self.pending -= 1
             values.extend(more)
             if self.error is not None:
                 return
+
+    def _take_lane(self) -> tuple[list, BaseException | None]:
+        """The values of the finished chunks at the front of the lane that
+        leads the window (waiting for its next one), up to and including
+        one that failed, handled as a ticket's chunk would be."""
+        lane = self.inflight[0]
+        if not lane.done():
+            lane.wait(self._remaining())
+            if not lane.done():
+                raise TimeoutError("map() results not ready within the timeout")
+        values, taken, stuck = lane.take(self._call)
+        self.pending -= taken
+        if not lane.left:
+            self.inflight.popleft()
+        if stuck is None:
+            return values, None
+        try:
+            more, error = self._outcome(*stuck)
+        except BaseException as exc:  # after the values taken before it
+            return values, exc
+        values.extend(more)
+        return values, error
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def _pop_error(self) -> BaseException:
         err, self.error = self.error, None
@@ -270,7 +344,8 @@ class MapRun:
         return err
 
     def _take(self) -> tuple[Future, Call]:
-        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        remaining = self._remaining()
+        self.pending -= 1  # the chunk taken, or the map ends with a TimeoutError
         if self.ordered:
             future = self.inflight[0][0]
             try:
@@ -325,9 +400,10 @@ class MapRun:
     def close(self) -> None:
         """Withdraws chunks not yet started."""
         cancelled = bool(self.inflight)
-        for future, _call in self.inflight:
-            future.cancel()
+        for entry in self.inflight:
+            (entry[0] if type(entry) is tuple else entry).cancel()
         self.inflight.clear()
+        self.pending = 0
         self.exhausted = True
         self.items = iter(())
         function, self.function = self.function, None

@@ -3,6 +3,7 @@
 
 mod buffers;
 mod errors;
+mod lanes;
 mod numpy_alloc;
 mod outcome;
 mod plain;
@@ -26,6 +27,8 @@ mod _core {
     #[pymodule_export]
     use super::default_workers;
     #[pymodule_export]
+    use super::lanes::MapLane;
+    #[pymodule_export]
     use super::numpy_alloc::{
         in_shared_memory, set_numpy_handler, shared_memory_handler, shared_memory_stats,
     };
@@ -34,7 +37,7 @@ mod _core {
         Completion, CrashReport, Crashed, Raised, Returned, StartFailed, TimedOut,
     };
     #[pymodule_export]
-    use super::plain::{atoms_only, plain_call, plain_items};
+    use super::plain::{atoms_only, lane_pickle, plain_call, plain_items};
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]

@@ -326,7 +326,7 @@ fn attempt(py: Python<'_>, a: Attempt) -> PyResult<Py<PyAny>> {
     outcome(py, a.into())
 }
 
-fn completion(py: Python<'_>, c: task::Completion) -> PyResult<Py<Completion>> {
+pub fn completion(py: Python<'_>, c: task::Completion) -> PyResult<Py<Completion>> {
     let attempts = c
         .attempts
         .into_iter()

@@ -2,9 +2,10 @@
 //! crate; this file converts arguments and outcomes and detaches from the
 //! interpreter whenever it waits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ironpool_core::ipc::Kind;
+use ironpool_core::ipc::{Kind, payload};
 use ironpool_core::supervisor::{Pool, PoolConfig};
 use ironpool_core::task::Task;
 use pyo3::prelude::*;
@@ -12,7 +13,9 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::buffers;
 use crate::errors::Error;
+use crate::lanes::{Lanes, MapLane};
 use crate::outcome::{Completion, completions};
+use crate::plain::pickle_chunk;
 use crate::zygote::Zygote;
 
 fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
@@ -31,6 +34,25 @@ fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
 pub struct PoolCore {
     pool: Pool,
     threshold: usize,
+    lanes: Arc<Lanes>,
+}
+
+impl PoolCore {
+    /// Keeps back a batch's lane completions for `publish_lanes`; the end
+    /// of the pool (None) ends every lane's pending chunks.
+    fn route(
+        &self,
+        batch: Option<Vec<ironpool_core::task::Completion>>,
+    ) -> Option<Vec<ironpool_core::task::Completion>> {
+        match batch {
+            Some(b) => Some(self.lanes.stage(b)),
+            None => {
+                self.lanes.stop_all(false);
+                self.pool.kick();
+                None
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -70,7 +92,11 @@ impl PoolCore {
         let pool = py
             .detach(move || Pool::start(&zygote, config, init))
             .map_err(|e| Error::io("could not start the pool", e))?;
-        Ok(Self { pool, threshold })
+        Ok(Self {
+            pool,
+            threshold,
+            lanes: Arc::default(),
+        })
     }
 
     /// Queues task `task_id` calling function `function_id` with the payload `parts`.
@@ -129,6 +155,69 @@ impl PoolCore {
         Ok(())
     }
 
+    /// Queues `items` (a list or a range) of a `map` of function
+    /// `function_id` as chunks of `chunk` items in one lane (see
+    /// `lanes.rs`); None, with nothing queued, if an item is not one the
+    /// lane's writer pickles (the map then sends them as tickets).
+    #[pyo3(signature = (function_id, items, chunk, timeout=None, retries=0, flags=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_lane(
+        &self,
+        function_id: u64,
+        items: &Bound<'_, PyAny>,
+        chunk: usize,
+        timeout: Option<f64>,
+        retries: u32,
+        flags: u8,
+    ) -> PyResult<Option<MapLane>> {
+        let timeout = seconds(timeout)?;
+        if chunk == 0 {
+            return Err(Error::Value("a lane's chunks need at least one item".into()).into());
+        }
+        let items: Vec<_> = items.try_iter()?.collect::<PyResult<_>>()?;
+        let mut pickles = Vec::with_capacity(items.len().div_ceil(chunk));
+        for part in items.chunks(chunk) {
+            match pickle_chunk(part, self.threshold) {
+                Some(p) => pickles.push((p, part.len())),
+                None => return Ok(None),
+            }
+        }
+        let lane = self.lanes.open(pickles.len());
+        let handle = MapLane::new(lane, self.lanes.clone());
+        let mut tasks = Vec::with_capacity(pickles.len());
+        for (id, (bytes, n)) in handle.ids().zip(pickles) {
+            let mut msg = payload::encode(Kind::Task, id, function_id, &[&bytes], self.threshold)
+                .map_err(|e| Error::io("could not build message", e))?;
+            msg.flags = flags;
+            let mut task = Task::new(id, function_id, msg);
+            task.timeout = timeout;
+            task.retries_left = retries;
+            task.items = n as u32;
+            tasks.push(task);
+        }
+        self.pool.submit_many(tasks);
+        Ok(Some(handle))
+    }
+
+    /// Withdraws a lane's chunks that no worker has taken.
+    fn cancel_lane(&self, lane: &MapLane) {
+        let withdrawn: Vec<_> = lane
+            .unfinished()
+            .into_iter()
+            .filter(|&id| self.pool.cancel(id))
+            .collect();
+        lane.withdrawn(&withdrawn);
+    }
+
+    /// Puts the lane completions of the last wait in their lanes, once the
+    /// logging records before them are handled; wakes callers waiting on
+    /// a lane if there were any.
+    fn publish_lanes(&self) {
+        if self.lanes.publish() {
+            self.pool.kick();
+        }
+    }
+
     /// Makes object `id` (a function or a shared argument) known to the pool;
     /// the engine sends it to each worker once, before the first task that needs it.
     fn register_object(&self, py: Python<'_>, id: u64, parts: &Bound<'_, PyList>) -> PyResult<()> {
@@ -169,7 +258,8 @@ impl PoolCore {
 
     /// Drops all tasks not yet sent to a worker; returns their ids.
     fn cancel_pending(&self, py: Python<'_>) -> Vec<u64> {
-        py.detach(|| self.pool.cancel_pending())
+        self.lanes
+            .withdraw(py.detach(|| self.pool.cancel_pending()))
     }
 
     fn shutdown(&self) {
@@ -177,6 +267,7 @@ impl PoolCore {
     }
 
     fn terminate(&self) {
+        self.lanes.stop_all(true);
         self.pool.terminate();
     }
 
@@ -202,7 +293,8 @@ impl PoolCore {
         timeout: Option<f64>,
     ) -> PyResult<Option<Vec<Py<Completion>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
-        completions(py, py.detach(|| self.pool.wait_completions(timeout)))
+        let batch = py.detach(|| self.pool.wait_completions(timeout));
+        completions(py, self.route(batch))
     }
 
     /// Like `wait_completions`, but for a caller that wants one result now:
@@ -218,10 +310,8 @@ impl PoolCore {
     ) -> PyResult<Option<Vec<Py<Completion>>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         let spin = Duration::from_secs_f64(spin.max(0.0));
-        completions(
-            py,
-            py.detach(|| self.pool.wait_driving(generation, spin, timeout)),
-        )
+        let batch = py.detach(|| self.pool.wait_driving(generation, spin, timeout));
+        completions(py, self.route(batch))
     }
 
     /// Workers' logging records since the last call, oldest first: each a

@@ -36,7 +36,7 @@ from .._send_once import (
     share_large_bytes,
     unhold_all,
 )
-from .._serialize import FRESH, REUSE, dumps
+from .._serialize import FRESH, REUSE, dumps, loads
 from ..errors import PoolClosed, SerializationError, WorkerStartError
 from . import Call, WorkerInfo, current_pid, no_counts, refuse_closed
 from ._functions import Function, Functions
@@ -46,6 +46,9 @@ from ._functions import Function, Functions
 _SPIN_SECONDS = 200e-6
 #: Longest uninterruptible wait inside the engine.
 _WAIT_SLICE = 0.05
+#: Why a task in flight failed with PoolClosed.
+_STOPPED = "the pool stopped before this task finished"
+_TERMINATED = "the pool was terminated while this task ran"
 
 
 def start(options: PoolOptions) -> ProcessBackend | Unstarted:
@@ -222,6 +225,18 @@ class ProcessBackend:
                 raise
         return tickets
 
+    def submit_lane(
+        self, function: Any, items: Any, chunk: int, timeout: float | None, retries: int, flags: int
+    ) -> Lane | None:
+        """Schedules ``items`` of a ``map`` as chunks of ``chunk`` items in
+        one lane (one call into the engine, no ticket per chunk); None,
+        with nothing scheduled, unless every item is an atom or a tuple of
+        plain arguments (``_core.plain_items``)."""
+        self.check_open()
+        assert isinstance(function, _Use)
+        lane = self.core.submit_lane(function.function.id, items, chunk, timeout, retries, flags)
+        return None if lane is None else Lane(self, lane, items, chunk)
+
     def _encode(self, call: Call, future: Any) -> tuple[list, Sequence[int], list[SharedRef]] | None:
         """The call's payload, the registered objects it needs and the handles
         it holds; None once its future holds why it could not be pickled."""
@@ -302,9 +317,11 @@ class ProcessBackend:
     def task_started(self, task_id: int) -> bool:
         return self.core.is_dispatched(task_id)
 
-    def collect_until(self, future: Future, timeout: float | None) -> None:
-        """Collects completions in this thread until ``future`` is done or
-        ``timeout`` passes (the caller then reads the future as usual)."""
+    def collect_until(self, future: Any, timeout: float | None, spin: bool | None = None) -> None:
+        """Collects completions in this thread until ``future`` (anything
+        with ``done()``) is done or ``timeout`` passes (the caller then
+        reads it as usual). ``spin``: whether to poll the workers before
+        sleeping; by default, if no more tasks are in flight than workers."""
         if self.pid != current_pid():
             raise PoolClosed(
                 f"this future belongs to a pool of process {self.pid} and was inherited by fork; "
@@ -327,11 +344,11 @@ class ProcessBackend:
             # Spinning pays off for a lone task; with more in flight than
             # workers, it would take a core from the workers (on a machine
             # with as many cores as workers), and results come in batches.
-            spin = _SPIN_SECONDS if len(self.tasks) <= self.workers else 0.0
-            batch = core.wait_driving(generation, spin, step)
+            spinning = len(self.tasks) <= self.workers if spin is None else spin
+            batch = core.wait_driving(generation, _SPIN_SECONDS if spinning else 0.0, step)
             if batch is None:
                 return
-            _logging.handle_records(core.take_logs)  # a task's records before its result
+            _handle_records(core)
             if batch:
                 self._settle_all(batch)
                 core.kick()
@@ -344,7 +361,7 @@ class ProcessBackend:
             batch = core.wait_completions(None)
             if batch is None:
                 break
-            _logging.handle_records(core.take_logs)  # a task's records before its result
+            _handle_records(core)
             if not batch:  # woken for logging records only
                 continue
             self._settle_all(batch)
@@ -352,7 +369,7 @@ class ProcessBackend:
             core.kick()
             self.functions.forget_dead()
         for future in self._untrack_all():
-            settle(future, error=PoolClosed("the pool stopped before this task finished"))
+            settle(future, error=PoolClosed(_STOPPED))
 
     def _settle_all(self, batch: list) -> None:
         tasks = self.tasks
@@ -363,13 +380,7 @@ class ProcessBackend:
             call, future._call = future._call, None
             if call is None or future.done():  # None: _untrack_all took it, and settles it
                 continue
-            try:
-                value, error = resolve(completion.outcome, completion.attempts, call.describe)
-                if error is None and call.chunk:
-                    value = _chunk_value(*value)
-            except BaseException as exc:  # never lose a result
-                value, error = None, exc
-            settle(future, value, error)
+            _settle_one(future, call, completion)
 
     # Stopping ------------------------------------------------------------
 
@@ -425,7 +436,7 @@ class ProcessBackend:
         self.closed = True
         for future in self._untrack_all():
             if not future.withdrawn():
-                settle(future, error=PoolClosed("the pool was terminated while this task ran"))
+                settle(future, error=PoolClosed(_TERMINATED))
         self.core.terminate()
         self.core.join()
         if threading.current_thread() is not self.thread:
@@ -447,6 +458,81 @@ class ProcessBackend:
                     f"this task was submitted by process {self.pid}; this process is a fork of it "
                     "and will never receive its result"
                 ))
+
+
+def _handle_records(core: Any) -> None:
+    """Workers' logging records, then the lane completions that came with
+    them: a task's records are handled before its result is."""
+    try:
+        _logging.handle_records(core.take_logs)
+    finally:
+        core.publish_lanes()
+
+
+def _settle_one(future: TaskFuture | ChunkTicket, call: Call, completion: Any) -> None:
+    try:
+        value, error = resolve(completion.outcome, completion.attempts, call.describe)
+        if error is None and call.chunk:
+            value = _chunk_value(*value)
+    except BaseException as exc:  # never lose a result
+        value, error = None, exc
+    settle(future, value, error)
+
+
+class Lane:
+    """A ``map``'s handle on a window of its chunks submitted as one lane
+    (``_core.MapLane``): their completions wait in the engine's binding
+    until ``take`` unpickles the values of those finished, in order."""
+
+    __slots__ = ("backend", "chunk", "core", "items")
+
+    def __init__(self, backend: ProcessBackend, core: Any, items: Any, chunk: int) -> None:
+        self.backend = backend
+        self.core = core
+        self.items = items  # kept to run a failed chunk's items again
+        self.chunk = chunk
+
+    @property
+    def left(self) -> int:
+        """Chunks not taken yet."""
+        return self.core.left
+
+    def done(self) -> bool:
+        """Whether the next chunk can be taken."""
+        return self.core.done()
+
+    def wait(self, timeout: float | None) -> None:
+        """Collects completions until the next chunk can be taken or
+        ``timeout`` passes; with many chunks to come, without spinning."""
+        if not self.core.done():
+            spin = self.core.outstanding() <= self.backend.workers
+            self.backend.collect_until(self.core, timeout, spin=spin)
+
+    def take(self, make_call: Callable[[Any], Call]) -> tuple[list, int, tuple[ChunkTicket, Call] | None]:
+        """``(values, taken, stuck)``: the values of the finished chunks at
+        the front, how many chunks they were, and, for one that did not
+        simply return, a settled ticket and a ``Call`` (made by
+        ``make_call`` from its items) to handle as any chunk's."""
+        values, taken, stuck = self.core.take(loads)
+        if stuck is None:
+            return values, taken, None
+        index, what = stuck
+        start = index * self.chunk
+        call = make_call(list(self.items[start:start + self.chunk]))
+        ticket = ChunkTicket()
+        if what == "withdrawn":
+            ticket.withdrawn()
+        elif isinstance(what, str):
+            ticket.set_exception(PoolClosed(_TERMINATED if what == "terminated" else _STOPPED))
+        else:
+            _settle_one(ticket, call, what)
+        return values, taken, (ticket, call)
+
+    def cancel(self) -> None:
+        """Withdraws the chunks no worker has taken (not from a forked
+        child: its copy of the engine has no threads, and may hold a lock)."""
+        if self.backend.pid == current_pid():
+            self.backend.core.cancel_lane(self.core)
 
 
 def _chunk_value(values: list, failure: Any) -> tuple[list, BaseException | None]:

@@ -1,0 +1,160 @@
+"""Map lanes (``crates/ironpool-py/src/lanes.rs``): an ordered ``map``'s
+small chunks of plain items go to the engine in one call per window and
+come back without a ticket or a future each. These tests reach what is
+the lane's own: the pickle it writes for a chunk, its fallback to tickets,
+its place in the window among tickets, and how its chunks end when the
+pool is stopped under it. Errors, crashes and time limits inside a lane
+are the same tests as for any map (``test_executor``, ``test_faults``),
+which run through lanes wherever their chunks are small and plain."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import pickle
+import signal
+from concurrent.futures import CancelledError
+from decimal import Decimal
+
+import ironpool
+import pytest
+from conftest import Beacon
+from ironpool import _core
+from ironpool.errors import PoolClosed
+
+
+def identity(x):
+    return x
+
+
+def pack(*args):
+    return args
+
+
+def segv_at(x, bad):
+    if x == bad:
+        import ctypes
+
+        ctypes.string_at(0)
+    return x
+
+
+def block_from(beacon: Beacon, first: int, x: int) -> int:
+    """Returns at once below ``first``; from it, blocks until released."""
+    if x >= first:
+        beacon.notify(x)
+        beacon.wait()
+    return x
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+
+
+EDGES = [
+    0, 1, 255, 256, 65535, 65536, -1, -256, 2**31 - 1, -(2**31), 2**31, -(2**31) - 1, 2**40, 2**63 - 1, -(2**63),
+    0.0, -0.0, 1.5, -2.25e-300, math.inf, -math.inf,
+    "", "a", "é€😀", "x" * 255, "y" * 256, "z" * 70_000,
+    None, True, False,
+]
+TUPLES = [(), (1,), (1, "a"), (1, 2.0, None), (1, 2, 3, 4), (b"",), (b"ab", 1), (b"q" * 300, "s", True, None, 7)]
+
+
+def same(a: list, b: list) -> bool:
+    """Equal, of the same types, and with the same sign of zero."""
+    return a == b and [type(x) for x in a] == [type(x) for x in b] and all(
+        math.copysign(1, x) == math.copysign(1, y) for x, y in zip(a, b, strict=True) if type(x) is float
+    )
+
+
+@pytest.mark.parametrize("items", [EDGES, TUPLES, [-0.0]], ids=["atoms", "tuples", "one"])
+def test_the_lane_pickle_unpickles_to_the_items_exactly(items):
+    data = _core.lane_pickle(items, 1 << 16)
+    assert data is not None
+    assert same(pickle.loads(data), items)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[2**63], [-(2**63) - 1], ["\ud800"], [(1, (2,))], [[1]], [(b"x" * 16,)], [Colour.RED], [b"bare bytes"], [1.5, {}]],
+    ids=["int-above-64-bits", "int-below-64-bits", "lone-surrogate", "nested-tuple", "list", "bytes-at-threshold",
+         "int-subclass", "bytes-not-in-a-tuple", "dict-after-an-atom"],
+)
+def test_the_lane_pickle_leaves_to_pickle_what_only_it_writes(items):
+    assert _core.lane_pickle(items, 16) is None
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_plain_items_of_every_kind_come_back_as_sent(pool, chunksize):
+    assert same(list(pool.map(identity, EDGES, chunksize=chunksize)), EDGES)
+    assert list(pool.starmap(pack, TUPLES, chunksize=chunksize)) == TUPLES
+    # Refused by the lane writer: the same map sends them as tickets.
+    odd = [2**70, "\ud800", (1, (2,)), Colour.RED, -(2**80)]
+    assert same(list(pool.map(identity, odd, chunksize=chunksize)), odd)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_a_window_of_other_items_between_lanes_keeps_its_place(pool, chunksize):
+    """Windows before and after the one with a Decimal go as lanes, that
+    one as tickets; the map hands everything out in input order."""
+    items: list = list(range(2000))
+    items[700] = Decimal(700)
+    assert list(pool.map(identity, items, chunksize=chunksize)) == items
+    assert list(pool.map(identity, iter(items), chunksize=chunksize)) == items
+
+
+def test_a_crash_in_a_lane_chunk_fails_only_its_item(pool):
+    """A chunk of 4 whose worker died is run again an item at a time: the
+    items before the culprit are values, the culprit is WorkerCrashed."""
+    results = pool.map(segv_at, range(40), [13] * 40, chunksize=4)
+    assert [next(results) for _ in range(13)] == list(range(13))
+    with pytest.raises(ironpool.WorkerCrashed) as info:
+        next(results)
+    assert info.value.signal == signal.SIGSEGV
+    assert list(pool.map(identity, range(100), chunksize=1)) == list(range(100))
+
+
+def test_terminating_the_pool_ends_a_map_in_lanes_with_poolclosed(beacon):
+    pool = ironpool.Pool(2)
+    try:
+        results = pool.map(functools.partial(block_from, beacon, 1), range(100), chunksize=1)
+        assert next(results) == 0
+        beacon.started(2)  # items 1 and 2 are running
+        pool.terminate()
+        with pytest.raises(PoolClosed, match="terminated"):
+            next(results)
+    finally:
+        pool.terminate()
+
+
+def test_cancelling_futures_at_shutdown_withdraws_a_lane_s_queued_chunks(beacon):
+    """What no worker took is withdrawn: the map hands out what ran, in
+    order, then raises CancelledError."""
+    pool = ironpool.Pool(1)
+    try:
+        results = pool.map(functools.partial(block_from, beacon, 1), range(50), chunksize=1)
+        assert next(results) == 0
+        beacon.started(1)
+        pool.shutdown(wait=False, cancel_futures=True)
+        beacon.release(50)
+        values = [0]
+        with pytest.raises(CancelledError):
+            for v in results:
+                values.append(v)
+        assert values == list(range(len(values))) and len(values) < 50
+        pool.shutdown(wait=True)
+    finally:
+        pool.terminate()
+
+
+def test_closing_a_map_withdraws_the_lane_chunks_not_started(beacon):
+    with ironpool.Pool(1) as pool:
+        results = pool.map(functools.partial(block_from, beacon, 0), range(200), chunksize=1)
+        beacon.started(1)
+        results.close()
+        beacon.release(200)
+        with pytest.raises(StopIteration):
+            next(results)
+        pool.shutdown(wait=True)
+        assert sum(w.tasks_done for w in pool.stats()) <= 2
