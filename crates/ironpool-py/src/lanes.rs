@@ -19,6 +19,8 @@ use pyo3::types::{PyList, PyTuple};
 
 use crate::buffers;
 use crate::outcome;
+use crate::plain_pickle;
+use ironpool_core::ipc::payload::{self, Part};
 
 /// The first task id of lanes; Python numbers other tasks from 1.
 pub const FIRST_LANE_ID: TaskId = 1 << 62;
@@ -332,8 +334,18 @@ fn returned_values<'py>(
     let Outcome::Returned(m) = &c.outcome else {
         return None;
     };
-    let parts = buffers::decode(py, m, false).ok()?;
-    let pair = loads.call1((parts,)).ok()?;
+    // A result of atoms (a tiny task's) is one inline part, read here.
+    let inline = match payload::decode(m) {
+        Ok((parts, _)) => match parts.as_slice() {
+            [Part::Inline(r)] => m.body.get(r.clone()),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let pair = match inline.and_then(|bytes| plain_pickle::read(py, bytes)) {
+        Some(pair) => pair,
+        None => loads.call1((buffers::decode(py, m, false).ok()?,)).ok()?,
+    };
     let pair = pair.cast_into::<PyTuple>().ok()?;
     if pair.len() != 2 || !pair.get_item(1).ok()?.is_none() {
         return None;

@@ -7,6 +7,7 @@ mod lanes;
 mod numpy_alloc;
 mod outcome;
 mod plain;
+mod plain_pickle;
 mod pool;
 mod testing;
 mod worker;
@@ -37,7 +38,9 @@ mod _core {
         Completion, CrashReport, Crashed, Raised, Returned, StartFailed, TimedOut,
     };
     #[pymodule_export]
-    use super::plain::{atoms_only, lane_pickle, plain_call, plain_items};
+    use super::plain::{atoms_only, plain_call, plain_items};
+    #[pymodule_export]
+    use super::plain_pickle::{lane_pickle, lane_unpickle};
     #[pymodule_export]
     use super::pool::PoolCore;
     #[pymodule_export]

@@ -15,7 +15,7 @@ use crate::buffers;
 use crate::errors::Error;
 use crate::lanes::{Lanes, MapLane};
 use crate::outcome::{Completion, completions};
-use crate::plain::pickle_chunk;
+use crate::plain_pickle::pickle_chunk;
 use crate::zygote::Zygote;
 
 fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
