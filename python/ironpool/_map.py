@@ -149,7 +149,7 @@ class MapRun:
             self.progress = make_progress(progress, total, name)
             if self.progress is not None:
                 self.progress.advance(recorded)
-            elif ordered and not keep_going:  # a lane has no per-chunk callback, and hands out in order
+            elif ordered:  # a lane has no per-chunk callback, and hands out in order
                 self.submit_lane = getattr(backend, "submit_lane", None)
             self._fill()
         except BaseException:
