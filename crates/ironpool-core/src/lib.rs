@@ -10,6 +10,7 @@
 //! - [`reactor`]: what a poller event came from (one enum for both loops).
 //! - [`task`]: tasks and their outcomes.
 
+pub mod id_hash;
 pub mod ipc;
 pub mod platform;
 pub mod reactor;

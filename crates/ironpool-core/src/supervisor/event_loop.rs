@@ -12,7 +12,7 @@
 //! thread hop) and, while it waits for a result, may poll the same
 //! descriptors itself (see `Pool::wait_driving`).
 
-use std::collections::HashMap;
+use crate::id_hash::IdMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,8 +34,8 @@ pub(super) struct Engine {
     pub(super) cfg: PoolConfig,
     pub(super) hub: Arc<Hub>,
     pub(super) session: Option<Session>,
-    pub(super) workers: HashMap<WorkerKey, Worker>,
-    pub(super) pid_to_key: HashMap<i32, WorkerKey>,
+    pub(super) workers: IdMap<WorkerKey, Worker>,
+    pub(super) pid_to_key: IdMap<i32, WorkerKey>,
     pub(super) next_key: WorkerKey,
     pub(super) pending: Pending,
     pub(super) registry: Registry,
@@ -84,8 +84,8 @@ impl Engine {
             cfg,
             hub,
             session: Some(session),
-            workers: HashMap::new(),
-            pid_to_key: HashMap::new(),
+            workers: IdMap::default(),
+            pid_to_key: IdMap::default(),
             next_key: 1,
             pending: Pending::default(),
             registry: Registry::default(),

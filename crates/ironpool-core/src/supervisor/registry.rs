@@ -3,7 +3,7 @@
 //! is forgotten: once released and no queued or running task needs it, and
 //! then by every worker that holds it too (a `Forget` frame).
 
-use std::collections::{HashMap, HashSet};
+use crate::id_hash::{IdMap, IdSet};
 
 use super::event_loop::Engine;
 use super::worker::Outgoing;
@@ -13,10 +13,10 @@ use crate::task::{ObjectId, Task};
 
 #[derive(Default)]
 pub(super) struct Registry {
-    payloads: HashMap<ObjectId, Message>,
+    payloads: IdMap<ObjectId, Message>,
     /// Released while tasks that need them are queued or running:
     /// forgotten once the last of those tasks is done.
-    releasing: HashSet<ObjectId>,
+    releasing: IdSet<ObjectId>,
 }
 
 impl Registry {

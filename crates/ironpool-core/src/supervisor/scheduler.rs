@@ -2,7 +2,9 @@
 //! be. [`plan`] is a pure function of the engine's state: it decides, the
 //! engine (`dispatch.rs`) writes the frames.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use crate::id_hash::{IdMap, IdSet};
 use std::time::{Duration, Instant};
 
 use super::worker::{Running, State};
@@ -34,7 +36,7 @@ const MIN_CHUNK_WORK_NS: f64 = 500_000.0;
 #[derive(Default)]
 pub struct Pending {
     queue: VecDeque<Task>,
-    cancelled: HashSet<TaskId>,
+    cancelled: IdSet<TaskId>,
 }
 
 impl Pending {
@@ -104,7 +106,7 @@ pub struct ChunkSizer {
     target: Duration,
     max_chunk: usize,
     workers: usize,
-    per_item_ns: HashMap<ObjectId, f64>,
+    per_item_ns: IdMap<ObjectId, f64>,
 }
 
 impl Default for ChunkSizer {
@@ -113,7 +115,7 @@ impl Default for ChunkSizer {
             target: Duration::from_millis(20),
             max_chunk: 16_384,
             workers: 1,
-            per_item_ns: HashMap::new(),
+            per_item_ns: IdMap::default(),
         }
     }
 }
@@ -163,7 +165,7 @@ pub struct WorkerView<'a> {
     pub state: &'a State,
     pub tasks_done: u64,
     /// Registered objects it has been sent.
-    pub has: &'a HashSet<ObjectId>,
+    pub has: &'a IdSet<ObjectId>,
 }
 
 /// The pool settings the choice depends on.
@@ -365,11 +367,13 @@ mod tests {
     };
 
     /// Every worker has been sent `QUICK_FN`, `SLOW_FN` and `UNKNOWN_FN`.
-    fn has_all() -> HashSet<ObjectId> {
-        [QUICK_FN, SLOW_FN, UNKNOWN_FN, MEDIUM_FN].into()
+    fn has_all() -> IdSet<ObjectId> {
+        [QUICK_FN, SLOW_FN, UNKNOWN_FN, MEDIUM_FN]
+            .into_iter()
+            .collect()
     }
 
-    fn view<'a>(key: WorkerKey, state: &'a State, has: &'a HashSet<ObjectId>) -> WorkerView<'a> {
+    fn view<'a>(key: WorkerKey, state: &'a State, has: &'a IdSet<ObjectId>) -> WorkerView<'a> {
         WorkerView {
             key,
             state,
@@ -598,7 +602,7 @@ mod tests {
 
     #[test]
     fn registered_objects_a_worker_lacks_go_first_and_once() {
-        let has: HashSet<ObjectId> = [QUICK_FN].into();
+        let has: IdSet<ObjectId> = [QUICK_FN].into_iter().collect();
         let idle = State::Idle;
         let mut first = task(10, 7);
         first.needs = vec![8, QUICK_FN, 8];

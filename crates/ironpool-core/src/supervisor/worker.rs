@@ -2,7 +2,9 @@
 //! for its socket, and the one [`State`] it is in, which holds the tasks it
 //! has been sent.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use crate::id_hash::IdSet;
 use std::time::{Duration, Instant};
 
 use super::output::Capture;
@@ -204,7 +206,7 @@ pub struct Worker {
     pub stderr: Capture,
     pub state: State,
     /// Registered objects it has been sent.
-    pub objects: HashSet<ObjectId>,
+    pub objects: IdSet<ObjectId>,
     pub tasks_done: u64,
     pub busy_ns: u64,
     pub kill_reason: Option<KillReason>,
