@@ -12,14 +12,16 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import os
 import pickle
 import signal
+import threading
 from concurrent.futures import CancelledError
 from decimal import Decimal
 
 import ironpool
 import pytest
-from conftest import Beacon
+from conftest import Beacon, wait_until
 from ironpool import _core
 from ironpool.errors import PoolClosed
 
@@ -46,6 +48,45 @@ def block_from(beacon: Beacon, first: int, x: int) -> int:
         beacon.notify(x)
         beacon.wait()
     return x
+
+
+def crash_at_13_and_hold_12_when_rerun(beacon: Beacon, flag: str, x: int) -> int:
+    """13 kills its worker; 12 returns at once the first time and, run
+    again alone after that crash, waits for the beacon."""
+    if x == 13:
+        os._exit(3)
+    if x == 12:
+        if os.path.exists(flag):
+            beacon.notify(x)
+            beacon.wait()
+        else:
+            open(flag, "w").close()
+    return x
+
+
+def text_id(text: str, i: int) -> int:
+    return id(text)
+
+
+UNPICKLED = [0]
+
+
+def _rebuilt_marker() -> Marker:
+    UNPICKLED[0] += 1
+    return Marker()
+
+
+class Marker:
+    """Counts, in the caller, how often a result holding one is unpickled."""
+
+    def __reduce__(self):
+        return (_rebuilt_marker, ())
+
+
+def marker_or_raise(x: int) -> Marker:
+    if x == 2:
+        raise ValueError("item 2")
+    return Marker()
 
 
 class Colour(enum.IntEnum):
@@ -115,10 +156,14 @@ def test_a_crash_in_a_lane_chunk_fails_only_its_item(pool):
     assert list(pool.map(identity, range(100), chunksize=1)) == list(range(100))
 
 
-def test_terminating_the_pool_ends_a_map_in_lanes_with_poolclosed(beacon):
+@pytest.mark.parametrize("path", ["lanes", "tickets"])
+def test_terminating_the_pool_ends_a_map_with_poolclosed_on_either_path(beacon, path):
+    """The same error whether the map's chunks went as lanes or as tickets
+    (a progress callback sends them as tickets)."""
+    options = {"progress": lambda done, total: None} if path == "tickets" else {}
     pool = ironpool.Pool(2)
     try:
-        results = pool.map(functools.partial(block_from, beacon, 1), range(100), chunksize=1)
+        results = pool.map(functools.partial(block_from, beacon, 1), range(100), chunksize=1, **options)
         assert next(results) == 0
         beacon.started(2)  # items 1 and 2 are running
         pool.terminate()
@@ -190,3 +235,49 @@ def test_the_lane_reader_leaves_anything_else_to_pickle(data):
     """Other values, and malformed or hostile pickles (a memo index far
     out of range), are left to ``pickle.loads``, which says what is wrong."""
     assert _core.lane_unpickle(data) is None
+
+
+def test_values_ready_before_a_crashed_chunk_do_not_wait_for_its_reruns(pool, beacon, tmp_path):
+    """Chunks 0-11 have returned and the chunk of 12-15 has crashed before
+    the map is read: 0-11 are handed out at once, as with tickets, and
+    only then do 12-15 run again one at a time (12's rerun waits)."""
+    fn = functools.partial(crash_at_13_and_hold_12_when_rerun, beacon, str(tmp_path / "ran-12"))
+    results = pool.map(fn, range(16), chunksize=4)
+    assert wait_until(lambda: pool.stats().done >= 4, timeout=20)
+    got: list = []
+    taker = threading.Thread(target=lambda: got.extend(next(results) for _ in range(12)))
+    taker.start()
+    taker.join(30)  # a failure detector: the rerun is released below either way
+    handed_out_first = not taker.is_alive()
+    beacon.release(1)
+    taker.join()
+    assert handed_out_first, "the values before the crashed chunk waited for its reruns"
+    assert got == list(range(12))
+    assert next(results) == 12
+    with pytest.raises(ironpool.WorkerCrashed):
+        next(results)
+
+
+def test_a_string_repeated_in_a_chunk_is_sent_once():
+    text = "x" * 100_000
+    items = [(text, i) for i in range(50)]
+    data = _core.lane_pickle(items, 1 << 16)
+    assert data is not None and len(data) < 2 * len(text)
+    back = pickle.loads(data)
+    assert back == items and all(t is back[0][0] for t, _ in back)
+
+
+def test_a_worker_gets_one_object_for_a_string_repeated_in_its_chunk(pool):
+    text = "y" * 1000
+    ids = list(pool.starmap(text_id, [(text, i) for i in range(20)], chunksize=20))
+    assert len(set(ids)) == 1
+
+
+def test_a_failed_chunk_s_values_are_unpickled_once(pool):
+    UNPICKLED[0] = 0
+    results = pool.map(marker_or_raise, range(3), chunksize=3)
+    assert [type(next(results)) for _ in range(2)] == [Marker, Marker]
+    with pytest.raises(ValueError, match="item 2"):
+        next(results)
+    assert UNPICKLED[0] == 2
+

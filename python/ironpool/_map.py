@@ -315,8 +315,10 @@ class MapRun:
 
     def _take_lane(self) -> tuple[list, BaseException | None]:
         """The values of the finished chunks at the front of the lane that
-        leads the window (waiting for its next one), up to and including
-        one that failed, handled as a ticket's chunk would be."""
+        leads the window (waiting for its next one). A chunk that failed
+        comes back as a settled ticket: it goes to the front of the window
+        if values were taken before it, else it is handled here, as any
+        ticket's chunk."""
         lane = self.inflight[0]
         if not lane.done():
             lane.wait(self._remaining())
@@ -327,6 +329,12 @@ class MapRun:
         if not lane.left:
             self.inflight.popleft()
         if stuck is None:
+            return values, None
+        if values:
+            # Those go out first; the failed chunk waits at the front of the
+            # window (its reruns, if any, can take a while).
+            self.inflight.appendleft(stuck)
+            self.pending += 1
             return values, None
         try:
             more, error = self._outcome(*stuck)

@@ -22,11 +22,7 @@ def resolve(outcome: Any, attempts: list, describe: Callable[[], str]) -> tuple[
         try:
             return loads(outcome.parts), None
         except BaseException as exc:
-            err = SerializationError(
-                f"the result of {describe()} could not be unpickled: {type(exc).__name__}: {exc}"
-            )
-            err.__cause__ = exc
-            return None, err
+            return None, unpickling_error(exc, describe)
     if isinstance(outcome, _core.Raised):
         raised = unpack_exception(loads(outcome.parts))
         if attempts:
@@ -47,6 +43,13 @@ def resolve(outcome: Any, attempts: list, describe: Callable[[], str]) -> tuple[
     if isinstance(outcome, _core.StartFailed):
         return None, start_error(outcome.parts, outcome.crash)
     return None, RuntimeError(f"ironpool: unknown task outcome {outcome!r}")
+
+
+def unpickling_error(exc: BaseException, describe: Callable[[], str]) -> SerializationError:
+    """The error of a task whose result ``exc`` stopped from being unpickled."""
+    err = SerializationError(f"the result of {describe()} could not be unpickled: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def attempt_record(attempt: Any) -> Attempt:

@@ -9,10 +9,12 @@
 //! Lane task ids start at [`FIRST_LANE_ID`], above any id the Python side
 //! gives a task, so a completion's id says whether a lane waits for it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::{self, ThreadId};
 
+use ironpool_core::ipc::Message;
 use ironpool_core::task::{Completion, Outcome, TaskId};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
@@ -77,10 +79,11 @@ pub struct Lanes {
     next_id: AtomicU64,
     /// By first task id; a lane whose handle is gone is dropped.
     open: Mutex<BTreeMap<TaskId, (usize, Weak<Lane>)>>,
-    /// Lane completions received and not yet put in their slots: they are
-    /// routed after the logging records workers sent before them have been
-    /// handled (`PoolCore.publish_lanes`).
-    staged: Mutex<Vec<Completion>>,
+    /// Lane completions received and not yet put in their slots, by the
+    /// thread whose wait received them: that thread routes them once it
+    /// has handled the logging records received with them
+    /// (`PoolCore.publish_lanes`), so no result shows before its records.
+    staged: Mutex<HashMap<ThreadId, Vec<Completion>>>,
 }
 
 impl Lanes {
@@ -115,15 +118,23 @@ impl Lanes {
         }
         let (lanes, rest): (Vec<_>, Vec<_>) =
             batch.into_iter().partition(|c| c.task_id >= FIRST_LANE_ID);
-        lock(&self.staged).extend(lanes);
+        lock(&self.staged)
+            .entry(thread::current().id())
+            .or_default()
+            .extend(lanes);
         rest
     }
 
-    /// Puts staged completions in their slots; true if there were any.
+    /// Puts the completions this thread staged in their slots; true if
+    /// there were any.
     pub fn publish(&self) -> bool {
-        let staged = std::mem::take(&mut *lock(&self.staged));
-        let any = !staged.is_empty();
-        for c in staged {
+        let staged = lock(&self.staged).remove(&thread::current().id());
+        self.settle_all(staged.unwrap_or_default())
+    }
+
+    fn settle_all(&self, completions: Vec<Completion>) -> bool {
+        let any = !completions.is_empty();
+        for c in completions {
             if let Some(lane) = self.find(c.task_id) {
                 lane.settle(c.task_id, c);
             }
@@ -149,7 +160,8 @@ impl Lanes {
 
     /// The pool stopped: what is still pending never finishes.
     pub fn stop_all(&self, terminated: bool) {
-        self.publish();
+        let staged = std::mem::take(&mut *lock(&self.staged));
+        self.settle_all(staged.into_values().flatten().collect());
         let lanes: Vec<_> = lock(&self.open)
             .values()
             .filter_map(|(_, l)| l.upgrade())
@@ -206,14 +218,11 @@ impl Drop for MapLane {
 
 /// What `MapLane.take` returns: values, chunks taken, and the chunk that
 /// stopped it (its index and why).
-type Taken<'py> = (Bound<'py, PyList>, usize, Option<(usize, Py<PyAny>)>);
-
-/// Why the map's next chunk could not be taken as values.
-enum Stuck {
-    Completion(Completion),
-    Withdrawn,
-    Stopped(bool),
-}
+type Taken<'py> = (
+    Bound<'py, PyList>,
+    usize,
+    Option<(usize, &'static str, Py<PyAny>)>,
+);
 
 #[pymethods]
 impl MapLane {
@@ -249,11 +258,12 @@ impl MapLane {
 
     /// Takes the finished chunks at the front, in order: `(values, taken,
     /// stuck)`. `values` holds the items' values of the chunks that
-    /// returned (unpickled with `loads`); `stuck`, if not None, is
-    /// `(index, what)` for the chunk that stopped the run, counted in
-    /// `taken`: a `Completion` (it did not simply return, or its value
-    /// could not be unpickled here), `"withdrawn"`, `"stopped"` or
-    /// `"terminated"`.
+    /// returned (unpickled with `loads`, each once); `stuck`, if not None,
+    /// is `(index, kind, what)` for the chunk that stopped the run, counted
+    /// in `taken`: `"returned"` and its `(values, failure)`, `"unpicklable"`
+    /// and the exception unpickling raised, `"completion"` and the
+    /// `Completion` of a chunk that did not return, or `"withdrawn"`,
+    /// `"stopped"`, `"terminated"` (what is None).
     fn take<'py>(&self, py: Python<'py>, loads: &Bound<'py, PyAny>) -> PyResult<Taken<'py>> {
         // Taken out under the lock, unpickled without it: unpickling runs
         // Python, which may let the results thread in to publish.
@@ -274,14 +284,24 @@ impl MapLane {
         let mut used = 0;
         for slot in &mut ready {
             used += 1;
-            let done = match std::mem::replace(slot, Slot::Taken) {
-                Slot::Done(c) => c,
+            match std::mem::replace(slot, Slot::Taken) {
+                Slot::Done(c) => match read_chunk(py, c, loads) {
+                    Read::Values(returned) => {
+                        for v in returned.iter() {
+                            values.append(v)?;
+                        }
+                    }
+                    Read::Stuck(kind, what) => {
+                        stuck = Some((kind, what));
+                        break;
+                    }
+                },
                 Slot::Withdrawn => {
-                    stuck = Some(Stuck::Withdrawn);
+                    stuck = Some(("withdrawn", py.None()));
                     break;
                 }
-                Slot::Stopped(t) => {
-                    stuck = Some(Stuck::Stopped(t));
+                Slot::Stopped(terminated) => {
+                    stuck = Some((if terminated { "terminated" } else { "stopped" }, py.None()));
                     break;
                 }
                 other => {
@@ -290,14 +310,6 @@ impl MapLane {
                     used -= 1;
                     break;
                 }
-            };
-            if let Some(returned) = returned_values(py, &done, loads) {
-                for v in returned.iter() {
-                    values.append(v)?;
-                }
-            } else {
-                stuck = Some(Stuck::Completion(done));
-                break;
             }
         }
         // What was taken out and not used goes back.
@@ -308,45 +320,60 @@ impl MapLane {
             }
             s.front = base + used;
         }
-        let stuck = match stuck {
-            None => None,
-            Some(what) => {
-                let what = match what {
-                    Stuck::Completion(c) => outcome::completion(py, c)?.into_any(),
-                    Stuck::Withdrawn => "withdrawn".into_pyobject(py)?.into_any().unbind(),
-                    Stuck::Stopped(false) => "stopped".into_pyobject(py)?.into_any().unbind(),
-                    Stuck::Stopped(true) => "terminated".into_pyobject(py)?.into_any().unbind(),
-                };
-                Some((base + used - 1, what))
-            }
-        };
+        let stuck = stuck.map(|(kind, what)| (base + used - 1, kind, what));
         Ok((values, used, stuck))
     }
 }
 
-/// The values of a chunk that returned with no failure, or `None` for
-/// Python to handle it (a failure, or a value that would not unpickle).
-fn returned_values<'py>(
-    py: Python<'py>,
-    c: &Completion,
-    loads: &Bound<'py, PyAny>,
-) -> Option<Bound<'py, PyList>> {
+/// A finished chunk as the map takes it: the values of its items, or why
+/// Python must handle it (`MapLane.take`).
+enum Read<'py> {
+    Values(Bound<'py, PyList>),
+    Stuck(&'static str, Py<PyAny>),
+}
+
+/// Reads a finished chunk once: its values if it returned with no failure;
+/// else `"returned"` and its unpickled `(values, failure)`, `"unpicklable"`
+/// and the exception unpickling raised, or `"completion"` and the
+/// `Completion` of a chunk that did not return.
+fn read_chunk<'py>(py: Python<'py>, c: Completion, loads: &Bound<'py, PyAny>) -> Read<'py> {
     let Outcome::Returned(m) = &c.outcome else {
-        return None;
+        return match outcome::completion(py, c) {
+            Ok(done) => Read::Stuck("completion", done.into_any()),
+            Err(e) => Read::Stuck("unpicklable", e.into_value(py).into_any()),
+        };
     };
-    // A result of atoms (a tiny task's) is one inline part, read here.
-    let inline = match payload::decode(m) {
-        Ok((parts, _)) => match parts.as_slice() {
-            [Part::Inline(r)] => m.body.get(r.clone()),
-            _ => None,
+    match unpickle(py, m, loads) {
+        Ok(pair) => match plain_values(&pair) {
+            Some(values) => Read::Values(values),
+            None => Read::Stuck("returned", pair.unbind()),
         },
-        Err(_) => None,
-    };
-    let pair = match inline.and_then(|bytes| plain_pickle::read(py, bytes)) {
-        Some(pair) => pair,
-        None => loads.call1((buffers::decode(py, m, false).ok()?,)).ok()?,
-    };
-    let pair = pair.cast_into::<PyTuple>().ok()?;
+        Err(e) => Read::Stuck("unpicklable", e.into_value(py).into_any()),
+    }
+}
+
+/// A returned chunk's `(values, failure)`. A result of atoms (a tiny
+/// task's) is one inline part, read here; anything else goes to `loads`.
+fn unpickle<'py>(
+    py: Python<'py>,
+    m: &Message,
+    loads: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok((parts, _)) = payload::decode(m)
+        && let [Part::Inline(r)] = parts.as_slice()
+        && let Some(pair) = m
+            .body
+            .get(r.clone())
+            .and_then(|b| plain_pickle::read(py, b))
+    {
+        return Ok(pair);
+    }
+    loads.call1((buffers::decode(py, m, false)?,))
+}
+
+/// The values of `(values, None)`; None for any other shape.
+fn plain_values<'py>(pair: &Bound<'py, PyAny>) -> Option<Bound<'py, PyList>> {
+    let pair = pair.cast::<PyTuple>().ok()?;
     if pair.len() != 2 || !pair.get_item(1).ok()?.is_none() {
         return None;
     }

@@ -5,6 +5,7 @@
 //! costs more than the items. Both sides cover a small set of opcodes and
 //! leave anything else to `pickle` (they return `None`).
 
+use ironpool_core::id_hash::IdMap;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
 
@@ -61,38 +62,78 @@ mod op {
 /// plain (see [`crate::plain::plain_items`]) or is an `int` beyond 64 bits, a `str` with
 /// lone surrogates or a size beyond 4 GiB, which `pickle` itself must write.
 pub fn pickle_chunk(items: &[Bound<'_, PyAny>], threshold: usize) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(8 + items.len() * 6);
-    out.extend_from_slice(&[op::PROTO, 5, op::EMPTY_LIST, op::MARK]);
+    let mut w = Writer {
+        out: Vec::with_capacity(8 + items.len() * 6),
+        memo: IdMap::default(),
+    };
+    w.out
+        .extend_from_slice(&[op::PROTO, 5, op::EMPTY_LIST, op::MARK]);
     for item in items {
         if let Ok(t) = item.cast_exact::<PyTuple>() {
-            write_tuple(&mut out, t, threshold)?;
+            write_tuple(&mut w, t, threshold)?;
         } else {
-            write_atom(&mut out, item)?;
+            write_atom(&mut w, item)?;
         }
     }
-    out.extend_from_slice(&[op::APPENDS, op::STOP]);
-    Some(out)
+    w.out.extend_from_slice(&[op::APPENDS, op::STOP]);
+    Some(w.out)
 }
 
-fn write_tuple(out: &mut Vec<u8>, t: &Bound<'_, PyTuple>, threshold: usize) -> Option<()> {
+/// A `str` or `bytes` this long or longer is written once per chunk and
+/// referred to after (pickle's memo): `starmap(f, [(text, i), ...])` sends
+/// `text` once, as `pickle` would, and the worker gets one object.
+const MEMO_MIN: usize = 16;
+
+struct Writer {
+    out: Vec<u8>,
+    /// Memo index by object address (the items hold the objects meanwhile).
+    memo: IdMap<usize, u32>,
+}
+
+impl Writer {
+    /// Writes `data` with `short`/`long`, or a reference to its earlier copy.
+    fn sized(&mut self, v: &Bound<'_, PyAny>, data: &[u8], short: u8, long: u8) -> Option<()> {
+        if data.len() < MEMO_MIN {
+            return write_sized(&mut self.out, data, short, long);
+        }
+        let key = v.as_ptr() as usize;
+        if let Some(&at) = self.memo.get(&key) {
+            match u8::try_from(at) {
+                Ok(b) => self.out.extend_from_slice(&[op::BINGET, b]),
+                Err(_) => {
+                    self.out.push(op::LONG_BINGET);
+                    self.out.extend_from_slice(&at.to_le_bytes());
+                }
+            }
+            return Some(());
+        }
+        write_sized(&mut self.out, data, short, long)?;
+        self.out.push(op::MEMOIZE);
+        let at = u32::try_from(self.memo.len()).ok()?;
+        self.memo.insert(key, at);
+        Some(())
+    }
+}
+
+fn write_tuple(w: &mut Writer, t: &Bound<'_, PyTuple>, threshold: usize) -> Option<()> {
     let n = t.len();
     if n == 0 {
-        out.push(op::EMPTY_TUPLE);
+        w.out.push(op::EMPTY_TUPLE);
         return Some(());
     }
     if n > 3 {
-        out.push(op::MARK);
+        w.out.push(op::MARK);
     }
     for v in t.iter() {
         match v.cast_exact::<PyBytes>() {
             Ok(b) if b.as_bytes().len() < threshold => {
-                write_sized(out, b.as_bytes(), op::SHORT_BINBYTES, op::BINBYTES)?
+                w.sized(&v, b.as_bytes(), op::SHORT_BINBYTES, op::BINBYTES)?
             }
             Ok(_) => return None,
-            Err(_) => write_atom(out, &v)?,
+            Err(_) => write_atom(w, &v)?,
         }
     }
-    out.push(match n {
+    w.out.push(match n {
         1 => op::TUPLE1,
         2 => op::TUPLE2,
         3 => op::TUPLE3,
@@ -101,16 +142,18 @@ fn write_tuple(out: &mut Vec<u8>, t: &Bound<'_, PyTuple>, threshold: usize) -> O
     Some(())
 }
 
-fn write_atom(out: &mut Vec<u8>, v: &Bound<'_, PyAny>) -> Option<()> {
-    if v.is_exact_instance_of::<PyInt>() {
-        write_int(out, v.extract::<i64>().ok()?);
-    } else if let Ok(s) = v.cast_exact::<PyString>() {
-        write_sized(
-            out,
+fn write_atom(w: &mut Writer, v: &Bound<'_, PyAny>) -> Option<()> {
+    if let Ok(s) = v.cast_exact::<PyString>() {
+        return w.sized(
+            v,
             s.to_str().ok()?.as_bytes(),
             op::SHORT_BINUNICODE,
             op::BINUNICODE,
-        )?;
+        );
+    }
+    let out = &mut w.out;
+    if v.is_exact_instance_of::<PyInt>() {
+        write_int(out, v.extract::<i64>().ok()?);
     } else if let Ok(f) = v.cast_exact::<PyFloat>() {
         out.push(op::BINFLOAT);
         out.extend_from_slice(&f.value().to_be_bytes());

@@ -175,6 +175,9 @@ impl PoolCore {
             return Err(Error::Value("a lane's chunks need at least one item".into()).into());
         }
         let items: Vec<_> = items.try_iter()?.collect::<PyResult<_>>()?;
+        if items.is_empty() {
+            return Ok(None); // a lane of no chunks would reserve no ids
+        }
         let mut pickles = Vec::with_capacity(items.len().div_ceil(chunk));
         for part in items.chunks(chunk) {
             match pickle_chunk(part, self.threshold) {

@@ -24,7 +24,7 @@ from typing import Any
 from .. import _core, _logging, _zygote
 from .._futures import ChunkTicket, TaskFuture, settle
 from .._options import PoolOptions
-from .._outcomes import argument_error, resolve, sharing_hint
+from .._outcomes import argument_error, resolve, sharing_hint, unpickling_error
 from .._remote_exception import unpack_exception
 from .._send_once import (
     AutoShare,
@@ -49,6 +49,9 @@ _WAIT_SLICE = 0.05
 #: Why a task in flight failed with PoolClosed.
 _STOPPED = "the pool stopped before this task finished"
 _TERMINATED = "the pool was terminated while this task ran"
+#: A map's chunk, queued or running, when its pool is terminated (either
+#: way the map cannot finish: the same error for both).
+_MAP_TERMINATED = "the pool was terminated before this map finished"
 
 
 def start(options: PoolOptions) -> ProcessBackend | Unstarted:
@@ -435,7 +438,9 @@ class ProcessBackend:
             return
         self.closed = True
         for future in self._untrack_all():
-            if not future.withdrawn():
+            if isinstance(future, ChunkTicket):
+                settle(future, error=PoolClosed(_MAP_TERMINATED))
+            elif not future.withdrawn():
                 settle(future, error=PoolClosed(_TERMINATED))
         self.core.terminate()
         self.core.join()
@@ -516,16 +521,23 @@ class Lane:
         values, taken, stuck = self.core.take(loads)
         if stuck is None:
             return values, taken, None
-        index, what = stuck
+        index, kind, what = stuck
         start = index * self.chunk
         call = make_call(list(self.items[start:start + self.chunk]))
         ticket = ChunkTicket()
-        if what == "withdrawn":
-            ticket.withdrawn()
-        elif isinstance(what, str):
-            ticket.set_exception(PoolClosed(_TERMINATED if what == "terminated" else _STOPPED))
-        else:
+        if kind == "completion":
             _settle_one(ticket, call, what)
+        elif kind == "returned":  # read already: not unpickled twice
+            try:
+                settle(ticket, _chunk_value(*what))
+            except BaseException as exc:  # never lose a result
+                settle(ticket, error=exc)
+        elif kind == "unpicklable":
+            settle(ticket, error=unpickling_error(what, call.describe))
+        elif kind == "withdrawn":
+            ticket.withdrawn()
+        else:
+            settle(ticket, error=PoolClosed(_MAP_TERMINATED if kind == "terminated" else _STOPPED))
         return values, taken, (ticket, call)
 
     def cancel(self) -> None:
