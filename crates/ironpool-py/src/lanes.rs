@@ -3,8 +3,8 @@
 //! future, a ticket or a `Completion` object: its completion waits in its
 //! lane's slot until the map takes the lane's finished chunks in order, and
 //! their values are unpickled straight into one list. A chunk that did not
-//! simply return is handed to Python as a `Completion`, where every
-//! failure is handled as for any other chunk.
+//! simply return is handed to Python with why (`MapLane.take`), where
+//! every failure is handled as for any other chunk.
 //!
 //! Lane task ids start at [`FIRST_LANE_ID`], above any id the Python side
 //! gives a task, so a completion's id says whether a lane waits for it.
@@ -33,9 +33,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 enum Slot {
     Pending,
-    Done(Completion),
+    Finished(Finished),
     /// Out with the map's thread while it unpickles.
     Taken,
+}
+
+/// How a chunk ended, as far as its lane knows.
+enum Finished {
+    Done(Completion),
     /// Cancelled before a worker took it.
     Withdrawn,
     /// The pool stopped (true: it was terminated) before it finished.
@@ -55,21 +60,24 @@ pub struct Lane {
 }
 
 impl Lane {
-    fn settle(&self, id: TaskId, completion: Completion) {
-        let mut s = lock(&self.state);
-        let slot = &mut s.slots[(id - self.first) as usize];
-        if matches!(slot, Slot::Pending) {
-            *slot = Slot::Done(completion);
-        }
+    /// Ends chunk `id` as `how`, unless it has ended already.
+    fn finish(&self, id: TaskId, how: Finished) {
+        finish(
+            &mut lock(&self.state).slots[(id - self.first) as usize],
+            how,
+        );
     }
 
     fn stop(&self, terminated: bool) {
-        let mut s = lock(&self.state);
-        for slot in &mut s.slots {
-            if matches!(slot, Slot::Pending) {
-                *slot = Slot::Stopped(terminated);
-            }
+        for slot in &mut lock(&self.state).slots {
+            finish(slot, Finished::Stopped(terminated));
         }
+    }
+}
+
+fn finish(slot: &mut Slot, how: Finished) {
+    if matches!(slot, Slot::Pending) {
+        *slot = Slot::Finished(how);
     }
 }
 
@@ -136,7 +144,7 @@ impl Lanes {
         let any = !completions.is_empty();
         for c in completions {
             if let Some(lane) = self.find(c.task_id) {
-                lane.settle(c.task_id, c);
+                lane.finish(c.task_id, Finished::Done(c));
             }
         }
         any
@@ -148,11 +156,7 @@ impl Lanes {
         let (lanes, rest): (Vec<_>, Vec<_>) = ids.into_iter().partition(|&id| id >= FIRST_LANE_ID);
         for id in lanes {
             if let Some(lane) = self.find(id) {
-                let mut s = lock(&lane.state);
-                let slot = &mut s.slots[(id - lane.first) as usize];
-                if matches!(slot, Slot::Pending) {
-                    *slot = Slot::Withdrawn;
-                }
+                lane.finish(id, Finished::Withdrawn);
             }
         }
         rest
@@ -200,12 +204,8 @@ impl MapLane {
     }
 
     pub fn withdrawn(&self, ids: &[TaskId]) {
-        let mut s = lock(&self.lane.state);
-        for id in ids {
-            let slot = &mut s.slots[(id - self.lane.first) as usize];
-            if matches!(slot, Slot::Pending) {
-                *slot = Slot::Withdrawn;
-            }
+        for &id in ids {
+            self.lane.finish(id, Finished::Withdrawn);
         }
     }
 }
@@ -267,56 +267,50 @@ impl MapLane {
     fn take<'py>(&self, py: Python<'py>, loads: &Bound<'py, PyAny>) -> PyResult<Taken<'py>> {
         // Taken out under the lock, unpickled without it: unpickling runs
         // Python, which may let the results thread in to publish.
-        let (base, mut ready) = {
+        let (base, ready) = {
             let mut s = lock(&self.lane.state);
             let base = s.front;
             let mut ready = Vec::new();
             for slot in &mut s.slots[base..] {
-                if matches!(slot, Slot::Pending) {
-                    break;
+                match std::mem::replace(slot, Slot::Taken) {
+                    Slot::Finished(how) => ready.push(how),
+                    other => {
+                        *slot = other;
+                        break;
+                    }
                 }
-                ready.push(std::mem::replace(slot, Slot::Taken));
             }
             (base, ready)
         };
         let values = PyList::empty(py);
         let mut stuck = None;
         let mut used = 0;
-        for slot in &mut ready {
+        let mut ready = ready.into_iter();
+        for how in ready.by_ref() {
             used += 1;
-            match std::mem::replace(slot, Slot::Taken) {
-                Slot::Done(c) => match read_chunk(py, c, loads) {
-                    Read::Values(returned) => {
-                        for v in returned.iter() {
-                            values.append(v)?;
-                        }
+            let read = match how {
+                Finished::Done(c) => read_chunk(py, c, loads),
+                Finished::Withdrawn => Read::Stuck("withdrawn", py.None()),
+                Finished::Stopped(true) => Read::Stuck("terminated", py.None()),
+                Finished::Stopped(false) => Read::Stuck("stopped", py.None()),
+            };
+            match read {
+                Read::Values(returned) => {
+                    for v in returned.iter() {
+                        values.append(v)?;
                     }
-                    Read::Stuck(kind, what) => {
-                        stuck = Some((kind, what));
-                        break;
-                    }
-                },
-                Slot::Withdrawn => {
-                    stuck = Some(("withdrawn", py.None()));
-                    break;
                 }
-                Slot::Stopped(terminated) => {
-                    stuck = Some((if terminated { "terminated" } else { "stopped" }, py.None()));
-                    break;
-                }
-                other => {
-                    // Not finished after all (never so: only finished slots were taken).
-                    *slot = other;
-                    used -= 1;
+                Read::Stuck(kind, what) => {
+                    stuck = Some((kind, what));
                     break;
                 }
             }
         }
-        // What was taken out and not used goes back.
+        // What was taken out and not read goes back.
         {
             let mut s = lock(&self.lane.state);
-            for (i, slot) in ready.into_iter().enumerate().skip(used) {
-                s.slots[base + i] = slot;
+            for (i, how) in (base + used..).zip(ready) {
+                s.slots[i] = Slot::Finished(how);
             }
             s.front = base + used;
         }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ironpool_core::ipc::{Kind, payload};
+use ironpool_core::ipc::{Kind, Message, payload};
 use ironpool_core::supervisor::{Pool, PoolConfig};
 use ironpool_core::task::Task;
 use pyo3::prelude::*;
@@ -17,6 +17,22 @@ use crate::lanes::{Lanes, MapLane};
 use crate::outcome::{Completion, completions};
 use crate::plain_pickle::pickle_chunk;
 use crate::zygote::Zygote;
+
+/// A task of `function_id` with its limits; `payload` carries the flags.
+fn task(
+    id: u64,
+    function_id: u64,
+    payload: Message,
+    timeout: Option<Duration>,
+    retries: u32,
+    items: u32,
+) -> Task {
+    let mut task = Task::new(id, function_id, payload);
+    task.timeout = timeout;
+    task.retries_left = retries;
+    task.items = items;
+    task
+}
 
 fn seconds(s: Option<f64>) -> PyResult<Option<Duration>> {
     match s {
@@ -117,10 +133,14 @@ impl PoolCore {
         let mut payload =
             buffers::encode(py, Kind::Task, task_id, function_id, parts, self.threshold)?;
         payload.flags = flags;
-        let mut task = Task::new(task_id, function_id, payload);
-        task.timeout = seconds(timeout)?;
-        task.retries_left = retries;
-        task.items = items;
+        let mut task = task(
+            task_id,
+            function_id,
+            payload,
+            seconds(timeout)?,
+            retries,
+            items,
+        );
         task.needs = needs;
         self.pool.submit(task);
         Ok(())
@@ -144,10 +164,7 @@ impl PoolCore {
             let mut payload =
                 buffers::encode(py, Kind::Task, task_id, function_id, &parts, self.threshold)?;
             payload.flags = flags;
-            let mut task = Task::new(task_id, function_id, payload);
-            task.timeout = timeout;
-            task.retries_left = retries;
-            task.items = items;
+            let mut task = task(task_id, function_id, payload, timeout, retries, items);
             task.needs = needs;
             queued.push(task);
         }
@@ -192,11 +209,7 @@ impl PoolCore {
             let mut msg = payload::encode(Kind::Task, id, function_id, &[&bytes], self.threshold)
                 .map_err(|e| Error::io("could not build message", e))?;
             msg.flags = flags;
-            let mut task = Task::new(id, function_id, msg);
-            task.timeout = timeout;
-            task.retries_left = retries;
-            task.items = n as u32;
-            tasks.push(task);
+            tasks.push(task(id, function_id, msg, timeout, retries, n as u32));
         }
         self.pool.submit_many(tasks);
         Ok(Some(handle))
