@@ -256,7 +256,8 @@ def test_hint_when_chunks_are_far_shorter_than_dispatch(pool, monkeypatch):
     from ironpool import _insight
 
     monkeypatch.setattr(_insight, "_given", set())
-    # Long enough to be judged (MIN_WALL_SECONDS) at >100k items/s.
+    # Long enough to be judged (MIN_WALL_SECONDS, lowered here) up to ~500k items/s.
+    monkeypatch.setattr(_insight, "MIN_WALL_SECONDS", 0.12)
     with pytest.warns(ironpool.PerformanceHint, match="chunks of 1 item"):
         for _ in pool.map(abs, range(60_000), chunksize=1):
             pass

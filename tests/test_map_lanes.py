@@ -1,6 +1,6 @@
-"""Map lanes (``crates/ironpool-py/src/lanes.rs``): an ordered ``map``'s
-small chunks of plain items go to the engine in one call per window and
-come back without a ticket or a future each. These tests reach what is
+"""Map lanes (``crates/ironpool-py/src/lanes.rs``): a ``map``'s or an
+``imap_unordered``'s small chunks of plain items go to the engine in one
+call per window and come back without a ticket or a future each. These tests reach what is
 the lane's own: the pickle it writes for a chunk, its fallback to tickets,
 its place in the window among tickets, and how its chunks end when the
 pool is stopped under it. Errors, crashes and time limits inside a lane
@@ -45,6 +45,14 @@ def segv_at(x, bad):
 def block_from(beacon: Beacon, first: int, x: int) -> int:
     """Returns at once below ``first``; from it, blocks until released."""
     if x >= first:
+        beacon.notify(x)
+        beacon.wait()
+    return x
+
+
+def hold_first(beacon: Beacon, first: object, x: object) -> object:
+    """Blocks on ``first`` until released; every other item returns at once."""
+    if x == first:
         beacon.notify(x)
         beacon.wait()
     return x
@@ -156,14 +164,15 @@ def test_a_crash_in_a_lane_chunk_fails_only_its_item(pool):
     assert list(pool.map(identity, range(100), chunksize=1)) == list(range(100))
 
 
-@pytest.mark.parametrize("path", ["lanes", "tickets"])
+@pytest.mark.parametrize("path", ["lanes", "tickets", "unordered"])
 def test_terminating_the_pool_ends_a_map_with_poolclosed_on_either_path(beacon, path):
     """The same error whether the map's chunks went as lanes or as tickets
-    (a progress callback sends them as tickets)."""
+    (a progress callback sends them as tickets), in order or not."""
     options = {"progress": lambda done, total: None} if path == "tickets" else {}
     pool = ironpool.Pool(2)
+    run = pool.imap_unordered if path == "unordered" else pool.map
     try:
-        results = pool.map(functools.partial(block_from, beacon, 1), range(100), chunksize=1, **options)
+        results = run(functools.partial(block_from, beacon, 1), range(100), chunksize=1, **options)
         assert next(results) == 0
         beacon.started(2)  # items 1 and 2 are running
         pool.terminate()
@@ -193,9 +202,11 @@ def test_cancelling_futures_at_shutdown_withdraws_a_lane_s_queued_chunks(beacon)
         pool.terminate()
 
 
-def test_closing_a_map_withdraws_the_lane_chunks_not_started(beacon):
+@pytest.mark.parametrize("ordered", [True, False], ids=["map", "imap_unordered"])
+def test_closing_a_map_withdraws_the_lane_chunks_not_started(beacon, ordered):
     with ironpool.Pool(1) as pool:
-        results = pool.map(functools.partial(block_from, beacon, 0), range(200), chunksize=1)
+        run = pool.map if ordered else pool.imap_unordered
+        results = run(functools.partial(block_from, beacon, 0), range(200), chunksize=1)
         beacon.started(1)
         results.close()
         beacon.release(200)
@@ -281,3 +292,53 @@ def test_a_failed_chunk_s_values_are_unpickled_once(pool):
         next(results)
     assert UNPICKLED[0] == 2
 
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_imap_unordered_hands_out_every_value_once(pool, chunksize):
+    got = list(pool.imap_unordered(identity, range(5000), chunksize=chunksize))
+    assert sorted(got) == list(range(5000))
+    edges = list(pool.imap_unordered(identity, EDGES, chunksize=chunksize))
+    assert sorted(map(repr, edges)) == sorted(map(repr, EDGES))
+    odd = [Decimal(i) for i in range(300)]  # no lane: tickets, waited for together
+    assert sorted(pool.imap_unordered(identity, odd, chunksize=chunksize)) == odd
+
+
+@pytest.mark.parametrize("kind", ["lanes", "tickets"])
+def test_imap_unordered_hands_out_what_finished_while_an_earlier_chunk_runs(pool, beacon, kind):
+    """Item 2 blocks on one worker; results of the other worker, of the
+    same lane as item 2 (the map's second: the first holds a chunk per
+    worker) and of later ones (or tickets, for Decimals), are handed out
+    before it. (Some items may wait behind item 2 in its worker's queue,
+    sent there before it turned out long.)"""
+    items = list(range(200)) if kind == "lanes" else [Decimal(i) for i in range(200)]
+    results = pool.imap_unordered(functools.partial(hold_first, beacon, items[2]), items, chunksize=1)
+    # Of the window's 128 items, up to 32 (DEEP_QUEUE) may wait behind item 2.
+    assert wait_until(lambda: pool.stats().done >= 60, timeout=20)
+    got: list = []
+    taker = threading.Thread(target=lambda: got.extend(next(results) for _ in range(60)))
+    taker.start()
+    taker.join(30)  # a failure detector: item 0 is released below either way
+    handed_out_first = not taker.is_alive()
+    beacon.release(1)
+    taker.join()
+    assert handed_out_first, "finished results waited for an earlier chunk"
+    assert items[2] not in got
+    assert sorted(got + list(results)) == items
+
+
+def test_imap_unordered_times_out_while_every_chunk_runs(pool, beacon):
+    results = pool.imap_unordered(functools.partial(block_from, beacon, 0), range(10), chunksize=1, timeout=0.3)
+    with pytest.raises(TimeoutError):
+        next(results)
+    beacon.release(10)
+
+
+def test_a_crash_in_an_unordered_lane_chunk_fails_only_its_item(pool):
+    results = list(pool.imap_unordered(functools.partial(segv_at, bad=13), range(40), chunksize=4,
+                                       return_exceptions=True))
+    crashed = [r for r in results if isinstance(r, ironpool.WorkerCrashed)]
+    assert len(crashed) == 1 and crashed[0].signal == signal.SIGSEGV
+    assert sorted(r for r in results if not isinstance(r, Exception)) == [x for x in range(40) if x != 13]
+    with pytest.raises(ironpool.WorkerCrashed):
+        list(pool.imap_unordered(functools.partial(segv_at, bad=13), range(40), chunksize=4))

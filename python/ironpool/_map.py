@@ -142,6 +142,9 @@ class MapRun:
         self.inflight: deque[Any] = deque()
         self.pending = 0
         self.submit_lane: Any = None
+        # Out of order, a backend that waits for any of a map's entries
+        # lets it send tickets (``submit_many``), not futures.
+        self.wait_any: Any = getattr(backend, "wait_any", None)
         self.error: BaseException | None = None
         self.exhausted = False
         self.since = call_started()  # every chunk is part of this one call
@@ -149,7 +152,7 @@ class MapRun:
             self.progress = make_progress(progress, total, name)
             if self.progress is not None:
                 self.progress.advance(recorded)
-            elif ordered:  # a lane has no per-chunk callback, and hands out in order
+            else:  # a lane has no per-chunk callback
                 self.submit_lane = getattr(backend, "submit_lane", None)
             self._fill()
         except BaseException:
@@ -224,7 +227,7 @@ class MapRun:
             return
         if self.remaining is not None:
             self.remaining -= len(items)
-        lane = self.submit_lane(self.function, items, n, self.task_timeout, self.retries, self.flags)
+        lane = self.submit_lane(self.function, items, n, self.task_timeout, self.retries, self.flags, self.ordered)
         if lane is not None:
             self.inflight.append(lane)
             self.pending += lane.left
@@ -245,8 +248,9 @@ class MapRun:
         if not calls:
             return
         # In order, a map waits on one chunk at a time, which the lighter
-        # tickets of submit_many allow; out of order it waits on any (real futures).
-        submit_many = getattr(self.backend, "submit_many", None) if self.ordered else None
+        # tickets of submit_many allow; out of order it waits on any, with
+        # the backend's wait_any, or else on real futures.
+        submit_many = getattr(self.backend, "submit_many", None) if self.ordered or self.wait_any else None
         if submit_many is not None:
             handles = submit_many(calls, self.function)
         else:
@@ -264,10 +268,12 @@ class MapRun:
         taken; withdraws what is left when closed, interrupted or collected."""
         try:
             while self.inflight:
-                if type(self.inflight[0]) is tuple:
+                if not self.ordered:
+                    values, self.error = self._take_any()
+                elif type(self.inflight[0]) is tuple:
                     values, self.error = self._outcome(*self._take())
                 else:
-                    values, self.error = self._take_lane()
+                    values, self.error = self._take_lane(self.inflight[0])
                 if self.ordered and self.error is None:
                     self._take_finished(values)
                 try:
@@ -301,7 +307,7 @@ class MapRun:
             if type(entry) is not tuple:  # a lane
                 if not entry.done():
                     return
-                more, self.error = self._take_lane()
+                more, self.error = self._take_lane(entry)
             else:
                 future = entry[0]
                 if not future.done() or future.cancelled() or future.exception() is not None:
@@ -313,13 +319,40 @@ class MapRun:
             if self.error is not None:
                 return
 
-    def _take_lane(self) -> tuple[list, BaseException | None]:
-        """The values of the finished chunks at the front of the lane that
-        leads the window (waiting for its next one). A chunk that failed
+    def _take_any(self) -> tuple[list, BaseException | None]:
+        """Out of order: the values of an entry in flight that finished
+        (waiting for one), taken as ``_take_lane`` or ``_outcome`` take
+        them. Entries mostly finish in the order they were sent, so the
+        search for a finished one is short; only a wait looks at them all."""
+        inflight = self.inflight
+        index = self._first_done()
+        if index is None:
+            if self.wait_any is not None:
+                self.wait_any(inflight, self._remaining())
+            else:
+                _wait([future for future, _ in inflight], self._remaining(), return_when=FIRST_COMPLETED)
+            index = self._first_done()
+            if index is None:
+                raise TimeoutError("map() results not ready within the timeout")
+        entry = inflight[index]
+        if type(entry) is not tuple:
+            return self._take_lane(entry)
+        del inflight[index]
+        self.pending -= 1
+        return self._outcome(*entry)
+
+    def _first_done(self) -> int | None:
+        for i, entry in enumerate(self.inflight):
+            if entry[0].done() if type(entry) is tuple else entry.done():
+                return i
+        return None
+
+    def _take_lane(self, lane: Any) -> tuple[list, BaseException | None]:
+        """The values of the finished chunks of ``lane`` (waiting for one):
+        at its front, in order, or any, out of order. A chunk that failed
         comes back as a settled ticket: it goes to the front of the window
         if values were taken before it, else it is handled here, as any
         ticket's chunk."""
-        lane = self.inflight[0]
         if not lane.done():
             lane.wait(self._remaining())
             if not lane.done():
@@ -327,7 +360,10 @@ class MapRun:
         values, taken, stuck = lane.take(self._call)
         self.pending -= taken
         if not lane.left:
-            self.inflight.popleft()
+            for i, entry in enumerate(self.inflight):
+                if entry is lane:
+                    del self.inflight[i]
+                    break
         if stuck is None:
             return values, None
         if values:
@@ -352,26 +388,16 @@ class MapRun:
         return err
 
     def _take(self) -> tuple[Future, Call]:
-        remaining = self._remaining()
+        """The chunk at the front, in order, once it is done."""
         self.pending -= 1  # the chunk taken, or the map ends with a TimeoutError
-        if self.ordered:
-            future = self.inflight[0][0]
-            try:
-                future.exception(remaining)  # the backend may deliver in this thread while it waits
-            except TimeoutError:
-                raise TimeoutError("map() results not ready within the timeout") from None
-            except CancelledError:
-                pass
-            return self.inflight.popleft()
-        done, _ = _wait([f for f, _ in self.inflight], remaining, return_when=FIRST_COMPLETED)
-        if not done:
-            raise TimeoutError("map() results not ready within the timeout")
-        for i, (future, _call) in enumerate(self.inflight):
-            if future in done:
-                taken = self.inflight[i]
-                del self.inflight[i]
-                return taken
-        raise AssertionError("a finished chunk is not in flight")
+        future = self.inflight[0][0]
+        try:
+            future.exception(self._remaining())  # the backend may deliver in this thread while it waits
+        except TimeoutError:
+            raise TimeoutError("map() results not ready within the timeout") from None
+        except CancelledError:
+            pass
+        return self.inflight.popleft()
 
     def _outcome(self, future: Future, call: Call) -> tuple[list, BaseException | None]:
         """The values a chunk produced and the error at its end, if any

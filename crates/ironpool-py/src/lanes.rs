@@ -49,8 +49,24 @@ enum Finished {
 
 struct LaneState {
     slots: Vec<Slot>,
-    /// The next chunk the map takes.
+    /// The first slot not taken yet.
     front: usize,
+    /// Slots taken (those before `front` and, out of order, some after).
+    taken: usize,
+    /// Whether the map takes chunks in order; else any finished one.
+    ordered: bool,
+}
+
+impl LaneState {
+    /// Whether a chunk can be taken now (the next one, in order).
+    fn ready(&self) -> bool {
+        let ended = |slot: &Slot| matches!(slot, Slot::Finished(_));
+        if self.ordered {
+            self.slots.get(self.front).is_some_and(ended)
+        } else {
+            self.slots[self.front..].iter().any(ended)
+        }
+    }
 }
 
 /// One lane's chunks, shared by the map's handle and the pool's router.
@@ -95,14 +111,17 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// Room for `chunks` task ids, and the lane that waits for them.
-    pub fn open(&self, chunks: usize) -> Arc<Lane> {
+    /// Room for `chunks` task ids, and the lane that waits for them
+    /// (`ordered`: taken in order, else as they finish).
+    pub fn open(&self, chunks: usize, ordered: bool) -> Arc<Lane> {
         let first = FIRST_LANE_ID + self.next_id.fetch_add(chunks as u64, Ordering::Relaxed);
         let lane = Arc::new(Lane {
             first,
             state: Mutex::new(LaneState {
                 slots: (0..chunks).map(|_| Slot::Pending).collect(),
                 front: 0,
+                taken: 0,
+                ordered,
             }),
         });
         lock(&self.open).insert(first, (chunks, Arc::downgrade(&lane)));
@@ -236,15 +255,13 @@ impl MapLane {
     #[getter]
     fn left(&self) -> usize {
         let s = lock(&self.lane.state);
-        s.slots.len() - s.front
+        s.slots.len() - s.taken
     }
 
-    /// Whether the next chunk can be taken (it finished, or never will).
+    /// Whether a chunk can be taken (it finished, or never will): the
+    /// next one, or, out of order, any.
     fn done(&self) -> bool {
-        let s = lock(&self.lane.state);
-        s.slots
-            .get(s.front)
-            .is_some_and(|slot| !matches!(slot, Slot::Pending))
+        lock(&self.lane.state).ready()
     }
 
     /// Chunks from the front that have not finished yet.
@@ -256,37 +273,39 @@ impl MapLane {
             .count()
     }
 
-    /// Takes the finished chunks at the front, in order: `(values, taken,
-    /// stuck)`. `values` holds the items' values of the chunks that
-    /// returned (unpickled with `loads`, each once); `stuck`, if not None,
-    /// is `(index, kind, what)` for the chunk that stopped the run, counted
-    /// in `taken`: `"returned"` and its `(values, failure)`, `"unpicklable"`
-    /// and the exception unpickling raised, `"completion"` and the
-    /// `Completion` of a chunk that did not return, or `"withdrawn"`,
-    /// `"stopped"`, `"terminated"` (what is None).
+    /// Takes the finished chunks at the front, in order (out of order:
+    /// every finished chunk): `(values, taken, stuck)`. `values` holds the
+    /// items' values of the chunks that returned (unpickled with `loads`,
+    /// each once); `stuck`, if not None, is `(index, kind, what)` for the
+    /// chunk that stopped the run, counted in `taken`: `"returned"` and its
+    /// `(values, failure)`, `"unpicklable"` and the exception unpickling
+    /// raised, `"completion"` and the `Completion` of a chunk that did not
+    /// return, or `"withdrawn"`, `"stopped"`, `"terminated"` (what is None).
     fn take<'py>(&self, py: Python<'py>, loads: &Bound<'py, PyAny>) -> PyResult<Taken<'py>> {
         // Taken out under the lock, unpickled without it: unpickling runs
         // Python, which may let the results thread in to publish.
-        let (base, ready) = {
+        let ready = {
             let mut s = lock(&self.lane.state);
-            let base = s.front;
+            let (front, ordered) = (s.front, s.ordered);
             let mut ready = Vec::new();
-            for slot in &mut s.slots[base..] {
+            for (i, slot) in s.slots.iter_mut().enumerate().skip(front) {
                 match std::mem::replace(slot, Slot::Taken) {
-                    Slot::Finished(how) => ready.push(how),
+                    Slot::Finished(how) => ready.push((i, how)),
                     other => {
                         *slot = other;
-                        break;
+                        if ordered {
+                            break;
+                        }
                     }
                 }
             }
-            (base, ready)
+            ready
         };
         let values = PyList::empty(py);
         let mut stuck = None;
         let mut used = 0;
         let mut ready = ready.into_iter();
-        for how in ready.by_ref() {
+        for (index, how) in ready.by_ref() {
             used += 1;
             let read = match how {
                 Finished::Done(c) => read_chunk(py, c, loads),
@@ -301,20 +320,20 @@ impl MapLane {
                     }
                 }
                 Read::Stuck(kind, what) => {
-                    stuck = Some((kind, what));
+                    stuck = Some((index, kind, what));
                     break;
                 }
             }
         }
         // What was taken out and not read goes back.
-        {
-            let mut s = lock(&self.lane.state);
-            for (i, how) in (base + used..).zip(ready) {
-                s.slots[i] = Slot::Finished(how);
-            }
-            s.front = base + used;
+        let mut s = lock(&self.lane.state);
+        for (i, how) in ready {
+            s.slots[i] = Slot::Finished(how);
         }
-        let stuck = stuck.map(|(kind, what)| (base + used - 1, kind, what));
+        s.taken += used;
+        while matches!(s.slots.get(s.front), Some(Slot::Taken)) {
+            s.front += 1;
+        }
         Ok((values, used, stuck))
     }
 }

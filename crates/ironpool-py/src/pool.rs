@@ -176,7 +176,8 @@ impl PoolCore {
     /// `function_id` as chunks of `chunk` items in one lane (see
     /// `lanes.rs`); None, with nothing queued, if an item is not one the
     /// lane's writer pickles (the map then sends them as tickets).
-    #[pyo3(signature = (function_id, items, chunk, timeout=None, retries=0, flags=0))]
+    /// `ordered`: the map takes the chunks in order; else as they finish.
+    #[pyo3(signature = (function_id, items, chunk, timeout=None, retries=0, flags=0, ordered=true))]
     #[allow(clippy::too_many_arguments)]
     fn submit_lane(
         &self,
@@ -186,6 +187,7 @@ impl PoolCore {
         timeout: Option<f64>,
         retries: u32,
         flags: u8,
+        ordered: bool,
     ) -> PyResult<Option<MapLane>> {
         let timeout = seconds(timeout)?;
         if chunk == 0 {
@@ -202,7 +204,7 @@ impl PoolCore {
                 None => return Ok(None),
             }
         }
-        let lane = self.lanes.open(pickles.len());
+        let lane = self.lanes.open(pickles.len(), ordered);
         let handle = MapLane::new(lane, self.lanes.clone());
         let mut tasks = Vec::with_capacity(pickles.len());
         for (id, (bytes, n)) in handle.ids().zip(pickles) {

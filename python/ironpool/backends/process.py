@@ -229,15 +229,17 @@ class ProcessBackend:
         return tickets
 
     def submit_lane(
-        self, function: Any, items: Any, chunk: int, timeout: float | None, retries: int, flags: int
+        self, function: Any, items: Any, chunk: int, timeout: float | None, retries: int, flags: int,
+        ordered: bool = True,
     ) -> Lane | None:
         """Schedules ``items`` of a ``map`` as chunks of ``chunk`` items in
-        one lane (one call into the engine, no ticket per chunk); None,
-        with nothing scheduled, unless every item is an atom or a tuple of
+        one lane (one call into the engine, no ticket per chunk), to be
+        taken in order or, unless ``ordered``, as they finish; None, with
+        nothing scheduled, unless every item is an atom or a tuple of
         plain arguments (``_core.plain_items``)."""
         self.check_open()
         assert isinstance(function, _Use)
-        lane = self.core.submit_lane(function.function.id, items, chunk, timeout, retries, flags)
+        lane = self.core.submit_lane(function.function.id, items, chunk, timeout, retries, flags, ordered)
         return None if lane is None else Lane(self, lane, items, chunk)
 
     def _encode(self, call: Call, future: Any) -> tuple[list, Sequence[int], list[SharedRef]] | None:
@@ -319,6 +321,14 @@ class ProcessBackend:
 
     def task_started(self, task_id: int) -> bool:
         return self.core.is_dispatched(task_id)
+
+    def wait_any(self, entries: Any, timeout: float | None) -> None:
+        """Collects completions until any of a map's ``entries`` in flight
+        (lanes and ``(ticket or future, call)`` pairs) is done or
+        ``timeout`` passes; with many chunks to come, without spinning."""
+        waited = _AnyDone(entries)
+        if not waited.done():
+            self.collect_until(waited, timeout, spin=waited.outstanding() <= self.workers)
 
     def collect_until(self, future: Any, timeout: float | None, spin: bool | None = None) -> None:
         """Collects completions in this thread until ``future`` (anything
@@ -484,10 +494,26 @@ def _settle_one(future: TaskFuture | ChunkTicket, call: Call, completion: Any) -
     settle(future, value, error)
 
 
+class _AnyDone:
+    """Done once any of a map's entries in flight is (``wait_any``)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: Any) -> None:
+        self.entries = entries
+
+    def done(self) -> bool:
+        return any(entry[0].done() if type(entry) is tuple else entry.done() for entry in self.entries)
+
+    def outstanding(self) -> int:
+        return sum(1 if type(entry) is tuple else entry.core.outstanding() for entry in self.entries)
+
+
 class Lane:
     """A ``map``'s handle on a window of its chunks submitted as one lane
     (``_core.MapLane``): their completions wait in the engine's binding
-    until ``take`` unpickles the values of those finished, in order."""
+    until ``take`` unpickles the values of those finished, in order (or,
+    for ``imap_unordered``, as they finish)."""
 
     __slots__ = ("backend", "chunk", "core", "items")
 
@@ -503,19 +529,20 @@ class Lane:
         return self.core.left
 
     def done(self) -> bool:
-        """Whether the next chunk can be taken."""
+        """Whether a chunk can be taken: the next one, or, out of order, any."""
         return self.core.done()
 
     def wait(self, timeout: float | None) -> None:
-        """Collects completions until the next chunk can be taken or
-        ``timeout`` passes; with many chunks to come, without spinning."""
+        """Collects completions until a chunk can be taken or ``timeout``
+        passes; with many chunks to come, without spinning."""
         if not self.core.done():
             spin = self.core.outstanding() <= self.backend.workers
             self.backend.collect_until(self.core, timeout, spin=spin)
 
     def take(self, make_call: Callable[[Any], Call]) -> tuple[list, int, tuple[ChunkTicket, Call] | None]:
         """``(values, taken, stuck)``: the values of the finished chunks at
-        the front, how many chunks they were, and, for one that did not
+        the front (out of order: of every finished chunk), how many chunks
+        they were, and, for one that did not
         simply return, a settled ticket and a ``Call`` (made by
         ``make_call`` from its items) to handle as any chunk's."""
         values, taken, stuck = self.core.take(loads)
