@@ -106,6 +106,7 @@ class Peer:
     name = "?"
     how_submit = "submit"
     how_map = "map"
+    how_unordered = "as_completed(submit)"
 
     def submit(self, fn, *args) -> Handle:
         raise NotImplementedError
@@ -156,6 +157,14 @@ class Peer:
         handles = [self.submit(fn, *a) for a in arglist]
         return [h.result() for h in handles]
 
+    def unordered(self, fn, items, chunksize: int | None = None) -> list:
+        """``fn`` over ``items``, results as they finish: the library's
+        unordered map, or (futures only) ``as_completed`` over a submit per item."""
+        from concurrent.futures import as_completed
+
+        futures = [self.submit(fn, x).obj for x in items]
+        return [f.result() for f in as_completed(futures)]
+
 
 def describe(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
@@ -176,6 +185,11 @@ class Ironpool(Peer):
 
     def map(self, fn, items, chunksize=None) -> list:
         return list(self.pool.map(fn, items, chunksize=chunksize))
+
+    how_unordered = "imap_unordered"
+
+    def unordered(self, fn, items, chunksize=None) -> list:
+        return list(self.pool.imap_unordered(fn, items, chunksize=chunksize))
 
     def close(self, force=False) -> None:
         if force:
@@ -224,6 +238,11 @@ class MP(Peer):
     def map(self, fn, items, chunksize=None) -> list:
         return self.pool.map(fn, items, chunksize=chunksize)
 
+    how_unordered = "imap_unordered"
+
+    def unordered(self, fn, items, chunksize=None) -> list:
+        return list(self.pool.imap_unordered(fn, items, chunksize=chunksize or 1))
+
     def close(self, force=False) -> None:
         if force:
             self.pool.terminate()
@@ -258,6 +277,14 @@ class Joblib(Peer):
         from joblib import delayed
 
         return self.par(delayed(fn)(*a) for a in arglist)
+
+    how_unordered = "Parallel(return_as='generator_unordered', batch_size)"
+
+    def unordered(self, fn, items, chunksize=None) -> list:
+        from joblib import Parallel, delayed
+
+        par = Parallel(n_jobs=WORKERS, backend="loky", return_as="generator_unordered", batch_size=chunksize or "auto")
+        return list(par(delayed(fn)(x) for x in items))
 
     def batch(self, fn, arglist, deadline, timeout=None) -> list[tuple]:
         """One Parallel call returning a generator: results up to the first
@@ -334,6 +361,12 @@ class Mpire(Peer):
         return self.pool.map(fn, items, chunk_size=chunksize, worker_lifespan=self.lifespan,
                              task_timeout=self.timeout)
 
+    how_unordered = "imap_unordered"
+
+    def unordered(self, fn, items, chunksize=None) -> list:
+        return list(self.pool.imap_unordered(fn, items, chunk_size=chunksize, worker_lifespan=self.lifespan,
+                                             task_timeout=self.timeout))
+
     def close(self, force=False) -> None:
         if force:
             self.pool.terminate()
@@ -385,6 +418,11 @@ class Ray(Peer):
 
     def map(self, fn, items, chunksize=None) -> list:
         return self.pool.map(fn, items, chunksize=chunksize)
+
+    how_unordered = "imap_unordered"
+
+    def unordered(self, fn, items, chunksize=None) -> list:
+        return list(self.pool.imap_unordered(fn, items, chunksize=chunksize or 1))
 
     def close(self, force=False) -> None:
         # The ray runtime stays up (a second pool reuses it); finish() stops it.

@@ -184,6 +184,34 @@ TINY_C1 = Scenario(
 )
 
 
+def tiny_unordered(case: str, ctx: Ctx) -> dict:
+    square = _main_square()
+    pool = peers.make(case)
+    # Start the workers with the same call (mpire's kept-alive workers fail
+    # an imap_unordered after a map).
+    pool.unordered(square, range(200), chunksize=1)
+    expected = sum(x * x for x in range(PER_TASK_N))
+    times, out = repeat(lambda: pool.unordered(square, range(PER_TASK_N), chunksize=1), runs=3,
+                        budget=8.0 if ctx.quick else 25.0)
+    ok = len(out) == PER_TASK_N and sum(out) == expected
+    pool.close()
+    sec = median(times)
+    return {"seconds": sec, "per_s": PER_TASK_N / sec, "runs": len(times), "ok": ok, "call": pool.how_unordered}
+
+
+TINY_UNORDERED = Scenario(
+    name="tiny_unordered",
+    title="tiny_unordered: 20,000 squares as they finish, chunksize=1, square defined in __main__",
+    run=tiny_unordered,
+    cases=lambda quick: list(peers.ALL),
+    columns=[*_ITEM_COLUMNS, Column("call used", "call", "text")],
+    ratio_key="seconds",
+    timeout=lambda quick: 120.0,
+    notes=["Each library's unordered map; ProcessPoolExecutor, loky and pebble have none: as_completed over a "
+           "submit per item. joblib: batch_size=1."],
+)
+
+
 def submit_many(case: str, ctx: Ctx) -> dict:
     square = _main_square()
     pool = peers.make(case)
@@ -209,4 +237,4 @@ SUBMIT_MANY = Scenario(
     notes=["joblib has no submit: its row is one Parallel call over the 20,000 calls."],
 )
 
-SCENARIOS = [ROUNDTRIP, STARTUP, TINY_MAP, TINY_C1, SUBMIT_MANY]
+SCENARIOS = [ROUNDTRIP, STARTUP, TINY_MAP, TINY_C1, TINY_UNORDERED, SUBMIT_MANY]
