@@ -97,6 +97,23 @@ def marker_or_raise(x: int) -> Marker:
     return Marker()
 
 
+def _rebuild_in(pid: int) -> int:
+    if os.getpid() != pid:
+        raise ValueError("this result rebuilds only in its worker")
+    return pid
+
+
+class Unreadable:
+    """Pickles in a worker, fails to unpickle in the caller."""
+
+    def __reduce__(self):
+        return (_rebuild_in, (os.getpid(),))
+
+
+def unreadable_at_5(x: int) -> object:
+    return Unreadable() if x == 5 else x
+
+
 class Colour(enum.IntEnum):
     RED = 1
 
@@ -342,3 +359,61 @@ def test_a_crash_in_an_unordered_lane_chunk_fails_only_its_item(pool):
     assert sorted(r for r in results if not isinstance(r, Exception)) == [x for x in range(40) if x != 13]
     with pytest.raises(ironpool.WorkerCrashed):
         list(pool.imap_unordered(functools.partial(segv_at, bad=13), range(40), chunksize=4))
+
+
+class Counts:
+    """A progress callback: every ``done`` it was called with."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        with self.lock:
+            self.seen.append(done)
+
+    def last(self) -> int:
+        with self.lock:
+            return self.seen[-1] if self.seen else 0
+
+
+def test_progress_counts_lane_chunks_as_they_finish_not_as_they_are_taken(pool, beacon):
+    """Item 2 blocks an ordered map, so nothing is taken; the count still
+    moves with the chunks that finished behind it."""
+    counts = Counts()
+    results = pool.map(functools.partial(hold_first, beacon, 2), range(200), chunksize=1, progress=counts)
+    # Of the window's 128 items, up to 32 (DEEP_QUEUE) may wait behind item 2.
+    moved = wait_until(lambda: counts.last() >= 60, timeout=20)
+    beacon.release(1)
+    assert moved, f"the count waited for the map to be read: {counts.last()}"
+    assert list(results) == list(range(200))
+    assert counts.last() == 200 and counts.seen == sorted(counts.seen)
+
+
+def test_progress_counts_a_lane_chunk_run_again_item_by_item_once(pool):
+    """The chunk of items 4-7 returned (counted) but does not unpickle in
+    the caller: it runs again an item at a time, and the count ends at 12."""
+    counts = Counts()
+    out = list(pool.map(unreadable_at_5, range(12), chunksize=4, return_exceptions=True, progress=counts))
+    assert isinstance(out[5], ironpool.SerializationError)
+    assert out[:5] + out[6:] == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert counts.last() == 12 and counts.seen == sorted(counts.seen)
+
+
+def broken_bar(done: int, total: int | None) -> None:
+    raise RuntimeError("the bar broke")
+
+
+@pytest.mark.parametrize("kind", ["lanes", "tickets"])
+def test_a_progress_callback_that_raises_ends_the_map_and_nothing_else(pool, kind):
+    """Counted in the thread that delivers every result, the callback's
+    error must not end that thread: the map raises it, the pool goes on."""
+    items = list(range(300)) if kind == "lanes" else [Decimal(i) for i in range(300)]
+    results = pool.map(identity, items, chunksize=1, progress=broken_bar)
+    assert wait_until(lambda: pool.stats().done >= 100, timeout=20)  # delivered while nobody reads the map
+    got: list = []
+    with pytest.raises(RuntimeError, match="the bar broke"):
+        got.extend(results)
+    assert got == items[:len(got)]
+    assert any(t.name == "ironpool-results" and t.is_alive() for t in threading.enumerate())
+    assert list(pool.map(identity, items, chunksize=1)) == items

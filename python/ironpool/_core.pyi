@@ -1,6 +1,6 @@
 """Types of ``ironpool._core``, the compiled half of ironpool (``crates/ironpool-py``)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeAlias, final
 
 __all__ = [
@@ -195,6 +195,7 @@ class PoolCore:
         retries: int = 0,
         flags: int = 0,
         ordered: bool = True,
+        progress: Callable[[int], object] | None = None,
     ) -> MapLane | None: ...
     def cancel_lane(self, lane: MapLane) -> None: ...
     def publish_lanes(self) -> None: ...

@@ -152,8 +152,7 @@ class MapRun:
             self.progress = make_progress(progress, total, name)
             if self.progress is not None:
                 self.progress.advance(recorded)
-            else:  # a lane has no per-chunk callback
-                self.submit_lane = getattr(backend, "submit_lane", None)
+            self.submit_lane = getattr(backend, "submit_lane", None)
             self._fill()
         except BaseException:
             self.close()
@@ -227,7 +226,9 @@ class MapRun:
             return
         if self.remaining is not None:
             self.remaining -= len(items)
-        lane = self.submit_lane(self.function, items, n, self.task_timeout, self.retries, self.flags, self.ordered)
+        lane = self.submit_lane(
+            self.function, items, n, self.task_timeout, self.retries, self.flags, self.ordered, self.progress
+        )
         if lane is not None:
             self.inflight.append(lane)
             self.pending += lane.left
@@ -276,6 +277,8 @@ class MapRun:
                     values, self.error = self._take_lane(self.inflight[0])
                 if self.ordered and self.error is None:
                     self._take_finished(values)
+                if self.progress is not None and self.progress.error is not None and self.error is None:
+                    self.error, self.progress.error = self.progress.error, None
                 try:
                     self._fill()
                 except BaseException as exc:  # the input raised: the values taken go out first

@@ -28,13 +28,18 @@ class Progress:
     callback of its future, so from the thread that settles it (the
     caller's or the one delivering results): once per chunk, never per item."""
 
-    __slots__ = ("_bar", "_callback", "_changed", "_owned", "_unsettled", "done", "total")
+    __slots__ = ("_bar", "_callback", "_changed", "_owed", "_owned", "_unsettled", "done", "error", "total")
 
     def __init__(self, progress: Any, total: int | None, desc: str) -> None:
         self.done = 0
         self.total = total
         self._changed = threading.Condition(threading.Lock())
         self._unsettled = 0  # chunks submitted whose callback has not run
+        self._owed = 0  # items counted already that will be counted again
+        #: What the bar or the callback raised: counting stops, and the map
+        #: raises it once the values taken before are handed out. Never
+        #: raised here, which may be the thread that delivers every result.
+        self.error: BaseException | None = None
         self._bar: Any = None
         self._callback: Callable[[int, int | None], Any] | None = None
         self._owned = False
@@ -68,14 +73,30 @@ class Progress:
         with self._changed:
             self._advance(items)
 
+    def owe(self, items: int) -> None:
+        """``items`` counted already will be counted again (a lane chunk
+        counted as it returned, run again item by item): the next ones
+        counted are not."""
+        with self._changed:
+            self._owed += items
+
     def _advance(self, items: int) -> None:
+        paid = min(items, self._owed)
+        self._owed -= paid
+        items -= paid
         if items <= 0:
             return
         self.done += items
-        if self._bar is not None:
-            self._bar.update(items)
-        elif self._callback is not None:
-            self._callback(self.done, self.total)
+        try:
+            if self._bar is not None:
+                self._bar.update(items)
+            elif self._callback is not None:
+                self._callback(self.done, self.total)
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            self._bar = self._callback = None
+            self._owned = False
 
     def close(self, finished: bool) -> None:
         """Ends an ironpool-made bar (the caller's own bar is left open, redrawn).

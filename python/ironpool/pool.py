@@ -229,8 +229,9 @@ class Pool(Executor):
         ``progress=True`` draws a tqdm bar (``pip install 'ironpool[progress]'``;
         the notebook widget under Jupyter); ``progress=`` also takes your own
         tqdm instance, or a callable ``(done, total)`` (total is None for an
-        input without a length), called once per finished chunk, from the
-        thread that delivers results.
+        input without a length), called as chunks finish (at most once per
+        chunk), from the thread that delivers results. A bar or callback
+        that raises ends the map with its error.
 
         ``checkpoint=path`` records each result in ``path`` as it is handed
         out; run the same map again after a crash, Ctrl-C or a killed process

@@ -73,15 +73,27 @@ impl LaneState {
 pub struct Lane {
     first: TaskId,
     state: Mutex<LaneState>,
+    /// Items per chunk (the last may have fewer) and in all.
+    chunk: usize,
+    items: usize,
+    /// The map's progress count, called with the items of the chunks that
+    /// returned as they are put in their slots.
+    progress: Option<Py<PyAny>>,
 }
 
 impl Lane {
-    /// Ends chunk `id` as `how`, unless it has ended already.
-    fn finish(&self, id: TaskId, how: Finished) {
-        finish(
-            &mut lock(&self.state).slots[(id - self.first) as usize],
-            how,
-        );
+    /// Ends chunk `id` as `how`, unless it has ended already; the items it
+    /// counts for progress (those of a chunk that returned).
+    fn finish(&self, id: TaskId, how: Finished) -> usize {
+        let index = (id - self.first) as usize;
+        let returned =
+            matches!(&how, Finished::Done(c) if matches!(c.outcome, Outcome::Returned(_)));
+        let ended = finish(&mut lock(&self.state).slots[index], how);
+        if ended && returned {
+            self.chunk.min(self.items - index * self.chunk)
+        } else {
+            0
+        }
     }
 
     fn stop(&self, terminated: bool) {
@@ -91,10 +103,13 @@ impl Lane {
     }
 }
 
-fn finish(slot: &mut Slot, how: Finished) {
-    if matches!(slot, Slot::Pending) {
+/// Whether the slot was pending and now holds `how`.
+fn finish(slot: &mut Slot, how: Finished) -> bool {
+    let pending = matches!(slot, Slot::Pending);
+    if pending {
         *slot = Slot::Finished(how);
     }
+    pending
 }
 
 /// Every open lane of one pool, and completions waiting to be routed.
@@ -111,12 +126,23 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// Room for `chunks` task ids, and the lane that waits for them
-    /// (`ordered`: taken in order, else as they finish).
-    pub fn open(&self, chunks: usize, ordered: bool) -> Arc<Lane> {
+    /// Room for the task ids of `items` items in chunks of `chunk`, and
+    /// the lane that waits for them (`ordered`: taken in order, else as
+    /// they finish; `progress`: called with the items of chunks that return).
+    pub fn open(
+        &self,
+        items: usize,
+        chunk: usize,
+        ordered: bool,
+        progress: Option<Py<PyAny>>,
+    ) -> Arc<Lane> {
+        let chunks = items.div_ceil(chunk);
         let first = FIRST_LANE_ID + self.next_id.fetch_add(chunks as u64, Ordering::Relaxed);
         let lane = Arc::new(Lane {
             first,
+            chunk,
+            items,
+            progress,
             state: Mutex::new(LaneState {
                 slots: (0..chunks).map(|_| Slot::Pending).collect(),
                 front: 0,
@@ -152,21 +178,44 @@ impl Lanes {
         rest
     }
 
-    /// Puts the completions this thread staged in their slots; true if
-    /// there were any.
-    pub fn publish(&self) -> bool {
+    /// Puts the completions this thread staged in their slots (true if
+    /// there were any: `wake` then runs), then counts their items in their
+    /// maps' progress. A count that raises is reported as unraisable, as a
+    /// future's failing done callback is logged: results are not held up.
+    pub fn publish(&self, py: Python<'_>, wake: impl FnOnce()) {
         let staged = lock(&self.staged).remove(&thread::current().id());
-        self.settle_all(staged.unwrap_or_default())
-    }
-
-    fn settle_all(&self, completions: Vec<Completion>) -> bool {
-        let any = !completions.is_empty();
-        for c in completions {
-            if let Some(lane) = self.find(c.task_id) {
-                lane.finish(c.task_id, Finished::Done(c));
+        let (any, counts) = self.settle_all(staged.unwrap_or_default());
+        if any {
+            wake();
+        }
+        for (lane, items) in counts {
+            if let Some(progress) = &lane.progress
+                && let Err(e) = progress.call1(py, (items,))
+            {
+                e.write_unraisable(py, Some(progress.bind(py)));
             }
         }
-        any
+    }
+
+    /// Puts `completions` in their slots: whether there were any, and the
+    /// items each lane with a progress count has to count.
+    fn settle_all(&self, completions: Vec<Completion>) -> (bool, Vec<(Arc<Lane>, usize)>) {
+        let any = !completions.is_empty();
+        let mut counts: Vec<(Arc<Lane>, usize)> = Vec::new();
+        for c in completions {
+            let Some(lane) = self.find(c.task_id) else {
+                continue;
+            };
+            let items = lane.finish(c.task_id, Finished::Done(c));
+            if items == 0 || lane.progress.is_none() {
+                continue;
+            }
+            match counts.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &lane)) {
+                Some((_, n)) => *n += items,
+                None => counts.push((lane, items)),
+            }
+        }
+        (any, counts)
     }
 
     /// Ids of `ids` that are not lane tasks; those that are are marked
@@ -175,16 +224,17 @@ impl Lanes {
         let (lanes, rest): (Vec<_>, Vec<_>) = ids.into_iter().partition(|&id| id >= FIRST_LANE_ID);
         for id in lanes {
             if let Some(lane) = self.find(id) {
-                lane.finish(id, Finished::Withdrawn);
+                let _ = lane.finish(id, Finished::Withdrawn);
             }
         }
         rest
     }
 
-    /// The pool stopped: what is still pending never finishes.
+    /// The pool stopped: what is still pending never finishes (and
+    /// what had finished is not counted: the maps end).
     pub fn stop_all(&self, terminated: bool) {
         let staged = std::mem::take(&mut *lock(&self.staged));
-        self.settle_all(staged.into_values().flatten().collect());
+        let _ = self.settle_all(staged.into_values().flatten().collect());
         let lanes: Vec<_> = lock(&self.open)
             .values()
             .filter_map(|(_, l)| l.upgrade())
@@ -224,7 +274,7 @@ impl MapLane {
 
     pub fn withdrawn(&self, ids: &[TaskId]) {
         for &id in ids {
-            self.lane.finish(id, Finished::Withdrawn);
+            let _ = self.lane.finish(id, Finished::Withdrawn);
         }
     }
 }

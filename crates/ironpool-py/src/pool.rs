@@ -177,7 +177,9 @@ impl PoolCore {
     /// `lanes.rs`); None, with nothing queued, if an item is not one the
     /// lane's writer pickles (the map then sends them as tickets).
     /// `ordered`: the map takes the chunks in order; else as they finish.
-    #[pyo3(signature = (function_id, items, chunk, timeout=None, retries=0, flags=0, ordered=true))]
+    /// `progress`: called with the number of items of chunks that returned,
+    /// from the thread that puts them in the lane (`publish_lanes`).
+    #[pyo3(signature = (function_id, items, chunk, timeout=None, retries=0, flags=0, ordered=true, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit_lane(
         &self,
@@ -188,6 +190,7 @@ impl PoolCore {
         retries: u32,
         flags: u8,
         ordered: bool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Option<MapLane>> {
         let timeout = seconds(timeout)?;
         if chunk == 0 {
@@ -204,7 +207,7 @@ impl PoolCore {
                 None => return Ok(None),
             }
         }
-        let lane = self.lanes.open(pickles.len(), ordered);
+        let lane = self.lanes.open(items.len(), chunk, ordered, progress);
         let handle = MapLane::new(lane, self.lanes.clone());
         let mut tasks = Vec::with_capacity(pickles.len());
         for (id, (bytes, n)) in handle.ids().zip(pickles) {
@@ -230,10 +233,8 @@ impl PoolCore {
     /// Puts the lane completions of the last wait in their lanes, once the
     /// logging records before them are handled; wakes callers waiting on
     /// a lane if there were any.
-    fn publish_lanes(&self) {
-        if self.lanes.publish() {
-            self.pool.kick();
-        }
+    fn publish_lanes(&self, py: Python<'_>) {
+        self.lanes.publish(py, || self.pool.kick());
     }
 
     /// Makes object `id` (a function or a shared argument) known to the pool;

@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _core, _logging, _zygote
 from .._futures import ChunkTicket, TaskFuture, settle
@@ -40,6 +40,9 @@ from .._serialize import FRESH, REUSE, dumps, loads
 from ..errors import PoolClosed, SerializationError, WorkerStartError
 from . import Call, WorkerInfo, current_pid, no_counts, refuse_closed
 from ._functions import Function, Functions
+
+if TYPE_CHECKING:
+    from .._progress import Progress
 
 #: How long a caller waiting in ``result()`` polls the workers itself before
 #: sleeping. Tiny tasks answer within this, saving two thread wake-ups.
@@ -230,17 +233,19 @@ class ProcessBackend:
 
     def submit_lane(
         self, function: Any, items: Any, chunk: int, timeout: float | None, retries: int, flags: int,
-        ordered: bool = True,
+        ordered: bool = True, progress: Progress | None = None,
     ) -> Lane | None:
         """Schedules ``items`` of a ``map`` as chunks of ``chunk`` items in
         one lane (one call into the engine, no ticket per chunk), to be
-        taken in order or, unless ``ordered``, as they finish; None, with
-        nothing scheduled, unless every item is an atom or a tuple of
-        plain arguments (``_core.plain_items``)."""
+        taken in order or, unless ``ordered``, as they finish, with the
+        items of chunks that return counted in ``progress`` as they come
+        in; None, with nothing scheduled, unless every item is an atom or a
+        tuple of plain arguments (``_core.plain_items``)."""
         self.check_open()
         assert isinstance(function, _Use)
-        lane = self.core.submit_lane(function.function.id, items, chunk, timeout, retries, flags, ordered)
-        return None if lane is None else Lane(self, lane, items, chunk)
+        count = None if progress is None else progress.advance
+        lane = self.core.submit_lane(function.function.id, items, chunk, timeout, retries, flags, ordered, count)
+        return None if lane is None else Lane(self, lane, items, chunk, progress)
 
     def _encode(self, call: Call, future: Any) -> tuple[list, Sequence[int], list[SharedRef]] | None:
         """The call's payload, the registered objects it needs and the handles
@@ -515,13 +520,14 @@ class Lane:
     until ``take`` unpickles the values of those finished, in order (or,
     for ``imap_unordered``, as they finish)."""
 
-    __slots__ = ("backend", "chunk", "core", "items")
+    __slots__ = ("backend", "chunk", "core", "items", "progress")
 
-    def __init__(self, backend: ProcessBackend, core: Any, items: Any, chunk: int) -> None:
+    def __init__(self, backend: ProcessBackend, core: Any, items: Any, chunk: int, progress: Progress | None) -> None:
         self.backend = backend
         self.core = core
         self.items = items  # kept to run a failed chunk's items again
         self.chunk = chunk
+        self.progress = progress
 
     @property
     def left(self) -> int:
@@ -561,6 +567,8 @@ class Lane:
                 settle(ticket, error=exc)
         elif kind == "unpicklable":
             settle(ticket, error=unpickling_error(what, call.describe))
+            if self.progress is not None:  # counted as it returned; its reruns count it again
+                self.progress.owe(len(call.args))
         elif kind == "withdrawn":
             ticket.withdrawn()
         else:
