@@ -10,7 +10,7 @@
 //! gives a task, so a completion's id says whether a lane waits for it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::{self, ThreadId};
 
@@ -79,6 +79,8 @@ pub struct Lane {
     /// The map's progress count, called with the items of the chunks that
     /// returned as they are put in their slots.
     progress: Option<Py<PyAny>>,
+    /// The pool's count of lane chunks not finished (`Lanes::pending`).
+    pending: Arc<AtomicUsize>,
 }
 
 impl Lane {
@@ -88,7 +90,7 @@ impl Lane {
         let index = (id - self.first) as usize;
         let returned =
             matches!(&how, Finished::Done(c) if matches!(c.outcome, Outcome::Returned(_)));
-        let ended = finish(&mut lock(&self.state).slots[index], how);
+        let ended = self.end(&mut lock(&self.state).slots[index], how);
         if ended && returned {
             self.chunk.min(self.items - index * self.chunk)
         } else {
@@ -96,20 +98,22 @@ impl Lane {
         }
     }
 
-    fn stop(&self, terminated: bool) {
+    /// Ends every pending chunk as `how`.
+    fn end_all(&self, how: impl Fn() -> Finished) {
         for slot in &mut lock(&self.state).slots {
-            finish(slot, Finished::Stopped(terminated));
+            self.end(slot, how());
         }
     }
-}
 
-/// Whether the slot was pending and now holds `how`.
-fn finish(slot: &mut Slot, how: Finished) -> bool {
-    let pending = matches!(slot, Slot::Pending);
-    if pending {
-        *slot = Slot::Finished(how);
+    /// Whether the slot was pending and now holds `how`.
+    fn end(&self, slot: &mut Slot, how: Finished) -> bool {
+        let pending = matches!(slot, Slot::Pending);
+        if pending {
+            *slot = Slot::Finished(how);
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        pending
     }
-    pending
 }
 
 /// Every open lane of one pool, and completions waiting to be routed.
@@ -123,6 +127,9 @@ pub struct Lanes {
     /// has handled the logging records received with them
     /// (`PoolCore.publish_lanes`), so no result shows before its records.
     staged: Mutex<HashMap<ThreadId, Vec<Completion>>>,
+    /// Chunks of open lanes not finished yet: in flight, as far as a
+    /// waiting caller's choice to spin goes.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Lanes {
@@ -138,11 +145,13 @@ impl Lanes {
     ) -> Arc<Lane> {
         let chunks = items.div_ceil(chunk);
         let first = FIRST_LANE_ID + self.next_id.fetch_add(chunks as u64, Ordering::Relaxed);
+        self.pending.fetch_add(chunks, Ordering::Relaxed);
         let lane = Arc::new(Lane {
             first,
             chunk,
             items,
             progress,
+            pending: self.pending.clone(),
             state: Mutex::new(LaneState {
                 slots: (0..chunks).map(|_| Slot::Pending).collect(),
                 front: 0,
@@ -154,8 +163,15 @@ impl Lanes {
         lane
     }
 
+    /// The map let go of `lane`: its chunks are no longer waited for.
     pub fn close(&self, lane: &Lane) {
         lock(&self.open).remove(&lane.first);
+        lane.end_all(|| Finished::Withdrawn);
+    }
+
+    /// Chunks of open lanes not finished yet.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     fn find(&self, id: TaskId) -> Option<Arc<Lane>> {
@@ -240,7 +256,7 @@ impl Lanes {
             .filter_map(|(_, l)| l.upgrade())
             .collect();
         for lane in lanes {
-            lane.stop(terminated);
+            lane.end_all(|| Finished::Stopped(terminated));
         }
     }
 }

@@ -230,6 +230,11 @@ impl PoolCore {
         lane.withdrawn(&withdrawn);
     }
 
+    /// Chunks of the pool's lanes not finished yet.
+    fn lane_chunks_pending(&self) -> usize {
+        self.lanes.pending()
+    }
+
     /// Puts the lane completions of the last wait in their lanes, once the
     /// logging records before them are handled; wakes callers waiting on
     /// a lane if there were any.

@@ -362,7 +362,9 @@ class ProcessBackend:
             # Spinning pays off for a lone task; with more in flight than
             # workers, it would take a core from the workers (on a machine
             # with as many cores as workers), and results come in batches.
-            spinning = len(self.tasks) <= self.workers if spin is None else spin
+            spinning = spin
+            if spinning is None:  # a map's lane chunks are in flight too
+                spinning = len(self.tasks) + core.lane_chunks_pending() <= self.workers
             batch = core.wait_driving(generation, _SPIN_SECONDS if spinning else 0.0, step)
             if batch is None:
                 return
