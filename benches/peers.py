@@ -271,6 +271,7 @@ class Joblib(Peer):
     def map(self, fn, items, chunksize=None) -> list:
         from joblib import delayed
 
+        self.par.batch_size = chunksize or "auto"  # joblib's chunksize
         return self.par(delayed(fn)(x) for x in items)
 
     def calls(self, fn, arglist: list[tuple]) -> list:

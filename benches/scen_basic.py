@@ -180,7 +180,7 @@ TINY_C1 = Scenario(
     columns=_ITEM_COLUMNS,
     ratio_key="seconds",
     timeout=lambda quick: 120.0,
-    notes=["One item per message for every library (joblib has no chunksize: its batch_size='auto')."],
+    notes=["One item per message for every library (joblib: batch_size=1; it was 'auto' up to session 25)."],
 )
 
 
