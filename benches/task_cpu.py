@@ -3,6 +3,7 @@ tiny tasks of a ``__main__`` function with pandas imported by the caller.
 
     .venv/bin/python -W ignore benches/task_cpu.py map      # map(chunksize=1)
     .venv/bin/python -W ignore benches/task_cpu.py submit   # submit + result
+    .venv/bin/python -W ignore benches/task_cpu.py as_completed  # submit, as_completed
     R=25 ...                                                 # rounds of 20,000
 
 Python threads are named by their Python name (``MainThread``,
@@ -15,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import as_completed
 
 import ironpool
 import pandas  # noqa: F401  (the caller's real imports)
@@ -64,6 +66,9 @@ def main() -> None:
         for _ in range(rounds):
             if mode == "map":
                 list(pool.map(square, range(N), chunksize=1))
+            elif mode == "as_completed":
+                futures = [pool.submit(square, i) for i in range(N)]
+                [f.result() for f in as_completed(futures)]
             else:
                 futures = [pool.submit(square, i) for i in range(N)]
                 [f.result() for f in futures]

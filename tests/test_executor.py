@@ -113,6 +113,44 @@ def test_as_completed_yields_every_future(pool):
     assert got == {i: i * i for i in range(20)}
 
 
+def test_wait_and_as_completed_in_several_threads_over_done_pending_and_cancelled_futures(pool, beacon):
+    """The stdlib locks every future it is given; a future done before any
+    thread asked for its condition shares one that locks nothing (its state
+    never changes again). Threads waiting on overlapping futures, done,
+    pending and cancelled, all finish and see every future once."""
+    done_early = [pool.submit(square, i) for i in range(50)]
+    assert wait_until(lambda: all(f.done() for f in done_early), 30)  # settled, no condition asked for
+    running = two_running(pool, beacon)  # both workers held: the rest waits
+    queued = [pool.submit(square, i) for i in range(50, 100)]
+    cancelled = queued[::10]
+    assert all(f.cancel() for f in cancelled)
+    futures = done_early + queued + running
+    seen: list[list] = []
+    lock = threading.Lock()
+
+    def waiter(kind: str, offset: int) -> None:
+        mine = futures[offset:] + futures[:offset]
+        if kind == "wait":
+            done, not_done = cf.wait(mine, timeout=60)
+            got = list(done) + list(not_done)
+        else:
+            got = list(cf.as_completed(mine, timeout=60))
+        with lock:
+            seen.append(got)
+
+    kinds = ["wait", "as_completed"] * 3
+    threads = [threading.Thread(target=waiter, args=(kind, 7 * i)) for i, kind in enumerate(kinds)]
+    for thread in threads:
+        thread.start()
+    beacon.release(2)
+    for thread in threads:
+        thread.join(90)
+    assert not any(thread.is_alive() for thread in threads), "a waiting thread hung"
+    assert len(seen) == 6 and all(sorted(map(id, got)) == sorted(map(id, futures)) for got in seen)
+    assert [f.result() for f in done_early] == [i * i for i in range(50)]
+    assert all(f.cancelled() for f in cancelled)
+
+
 _runs = itertools.count()
 
 

@@ -48,6 +48,41 @@ def _unlock_after_fork() -> None:
 # Registered before the backends' own hooks, which run after it.
 os.register_at_fork(after_in_child=_unlock_after_fork)
 _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
+#: States no future leaves (a cancelled one is still to be notified).
+_FINAL = frozenset({CANCELLED_AND_NOTIFIED, FINISHED})
+
+
+class _FinalCondition:
+    """The condition of a ``TaskFuture`` that was in a final state before any
+    thread asked for one: its state never changes again and no thread waits
+    on it (the stdlib waits only on a future not yet done), so there is
+    nothing to lock or to wake. One object serves every such future."""
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+    def notify(self, n: int = 1) -> None:
+        pass
+
+    def notify_all(self) -> None:
+        pass
+
+
+_FINAL_CONDITION = _FinalCondition()
 
 
 class TaskFuture(Future):
@@ -90,6 +125,10 @@ class TaskFuture(Future):
             with _UNCONDITIONED:
                 made = self._made_condition
                 if made is None:
+                    if self._state in _FINAL:
+                        # wait() and as_completed() lock every future they
+                        # are given, most of them done: ~4 µs a future.
+                        return _FINAL_CONDITION  # type: ignore[return-value]
                     made = self._made_condition = threading.Condition()
         return made
 
