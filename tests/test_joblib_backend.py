@@ -350,6 +350,36 @@ def test_loky_would_have_memmapped_the_same_call(tmp_path):
     assert out.stdout.split() == ["True", "True"]
 
 
+def array_total(a):
+    return float(a.sum())
+
+
+def test_a_kept_open_parallel_sends_an_array_changed_between_calls():
+    arr = np.ones(1_000_000)  # over max_nbytes: sent once per burst, checked on every re-send
+    with Parallel(n_jobs=2, backend="ironpool") as par:
+        assert par(delayed(array_total)(arr) for _ in range(2)) == [1e6, 1e6]
+        arr[:] = 2.0
+        assert par(delayed(array_total)(arr) for _ in range(2)) == [2e6, 2e6]
+
+
+def test_loky_would_have_sent_the_old_contents():
+    # The check above can fail: a kept-open loky Parallel finds the array it
+    # memory-mapped before by identity and sends that file again unread.
+    code = textwrap.dedent("""
+        import numpy as np
+        from joblib import Parallel, delayed
+        from test_joblib_backend import array_total
+        arr = np.ones(1_000_000)
+        with Parallel(n_jobs=2, backend="loky") as par:
+            par(delayed(array_total)(arr) for _ in range(2))
+            arr[:] = 2.0
+            print(par(delayed(array_total)(arr) for _ in range(2)))
+    """)
+    out = run_python("-c", code, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[1000000.0, 1000000.0]"
+
+
 # --- seed 001: a joblib threads backend in a non-thread-safe native library ------------------
 
 SEED_001 = """
