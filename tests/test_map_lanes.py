@@ -449,3 +449,32 @@ def test_a_caller_waiting_on_a_submit_does_not_spin_while_a_lane_map_runs(pool):
         stop.set()
         thread.join()
     assert cpu < 0.25 * wall, f"the waiting caller used {cpu:.3f} s of CPU in {wall:.3f} s"
+
+
+def test_a_lane_count_that_comes_after_the_map_ended_still_completes_the_count(pool, beacon, monkeypatch):
+    """The thread that delivers a lane's last chunk fills its slot, wakes the
+    map, then counts it. Here it is held between the two (as when it loses
+    the CPU there) until the map has taken the value and ended: the map's
+    end still brings the count to the total (it was 19 of 20 before)."""
+    from ironpool._progress import Progress
+
+    entered, ended = threading.Event(), threading.Event()
+    original = Progress.advance
+
+    def held(self, items):
+        if threading.current_thread().name == "ironpool-results" and self.done + items >= (self.total or 0):
+            entered.set()
+            ended.wait(20)
+        original(self, items)
+
+    monkeypatch.setattr(Progress, "advance", held)
+    counts = Counts()
+    results = pool.map(functools.partial(hold_first, beacon, 19), range(20), chunksize=1, progress=counts)
+    got = [next(results) for _ in range(19)]
+    beacon.release(1)
+    assert entered.wait(20), "the last chunk was not counted by the results thread"
+    got.extend(results)
+    last = counts.last()
+    ended.set()
+    assert got == list(range(20))
+    assert last == 20, f"the count ended at {last} of 20"

@@ -130,6 +130,7 @@ class MapRun:
             self.flags |= KEEP_GOING
         self.faults = _ITEM_FAULTS_KEPT if keep_going else _ITEM_FAULTS
         self.progress: Progress | None = None
+        self.reached = recorded  # items handed out, for the progress count's end
         self.name = name
         self.clock: MapClock | None = MapClock(backend)
         # Chunks in flight: enough that a worker always has the next one
@@ -285,6 +286,7 @@ class MapRun:
                     if self.error is None:
                         self.error = exc
                 handed_out = time.monotonic()
+                self.reached += len(values)
                 if atoms_only(values, _SMALL_STR):  # a plain iterator is quicker, and holds only small values
                     yield iter(values)
                 else:
@@ -447,7 +449,7 @@ class MapRun:
         if function is not None:
             function.release()
         if self.progress is not None:
-            self.progress.close(finished=not cancelled)
+            self.progress.close(finished=not cancelled, reached=self.reached)
         clock, self.clock = self.clock, None
         if clock is not None and not cancelled and self.error is None:
             clock.advise(f"{self.name}({describe_call(self.fn)[:-2]})", self.chunksize, self.backend.workers)

@@ -98,13 +98,19 @@ class Progress:
             self._bar = self._callback = None
             self._owned = False
 
-    def close(self, finished: bool) -> None:
+    def close(self, finished: bool, reached: int | None = None) -> None:
         """Ends an ironpool-made bar (the caller's own bar is left open, redrawn).
         ``finished``: every chunk is done, so wait the moment it takes their
-        last callbacks to run, and the count ends complete."""
+        last callbacks to run, and the count ends complete: at least
+        ``reached``, the items the map handed out (a lane's last count may
+        still be on its way from the thread that delivered it, after the
+        map took the values: it is not counted again once closed)."""
         with self._changed:
             if finished:
                 self._changed.wait_for(lambda: self._unsettled <= 0, timeout=1.0)
+                if reached is not None and self.done < reached:
+                    self._owed = 0
+                    self._advance(reached - self.done)
             bar, self._bar = self._bar, None
             self._callback = None
         if bar is None:
