@@ -95,7 +95,12 @@ class Progress:
         except Exception as exc:
             if self.error is None:
                 self.error = exc
-            self._bar = self._callback = None
+            bar, self._bar, self._callback = self._bar, None, None
+            if bar is not None and self._owned:
+                try:
+                    bar.close()
+                except Exception:  # broken already; the map raises the first error
+                    pass
             self._owned = False
 
     def close(self, finished: bool, reached: int | None = None) -> None:

@@ -16,6 +16,7 @@ use std::thread::{self, ThreadId};
 
 use ironpool_core::ipc::Message;
 use ironpool_core::task::{Completion, Outcome, TaskId};
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
@@ -196,21 +197,33 @@ impl Lanes {
 
     /// Puts the completions this thread staged in their slots (true if
     /// there were any: `wake` then runs), then counts their items in their
-    /// maps' progress. A count that raises is reported as unraisable, as a
-    /// future's failing done callback is logged: results are not held up.
-    pub fn publish(&self, py: Python<'_>, wake: impl FnOnce()) {
+    /// maps' progress. `Progress` keeps a failing bar's error for its map;
+    /// an `Exception` that still gets out is reported as unraisable, as a
+    /// future's failing done callback is logged, and results are not held
+    /// up. Anything else (a `KeyboardInterrupt` in the caller's thread) is
+    /// raised, once every count is made.
+    pub fn publish(&self, py: Python<'_>, wake: impl FnOnce()) -> PyResult<()> {
         let staged = lock(&self.staged).remove(&thread::current().id());
         let (any, counts) = self.settle_all(staged.unwrap_or_default());
         if any {
             wake();
         }
+        let mut interrupt = None;
         for (lane, items) in counts {
-            if let Some(progress) = &lane.progress
-                && let Err(e) = progress.call1(py, (items,))
-            {
-                e.write_unraisable(py, Some(progress.bind(py)));
+            let Some(progress) = &lane.progress else {
+                continue;
+            };
+            match progress.call1(py, (items,)) {
+                Err(e) if e.is_instance_of::<PyException>(py) => {
+                    e.write_unraisable(py, Some(progress.bind(py)));
+                }
+                Err(e) => {
+                    interrupt.get_or_insert(e);
+                }
+                Ok(_) => {}
             }
         }
+        interrupt.map_or(Ok(()), Err)
     }
 
     /// Puts `completions` in their slots: whether there were any, and the
@@ -266,11 +279,19 @@ impl Lanes {
 pub struct MapLane {
     lane: Arc<Lane>,
     lanes: Arc<Lanes>,
+    /// The process that made it: a forked child's copy leaves the lanes
+    /// alone, since another thread of the parent may have held their locks
+    /// at the fork.
+    pid: u32,
 }
 
 impl MapLane {
     pub fn new(lane: Arc<Lane>, lanes: Arc<Lanes>) -> Self {
-        Self { lane, lanes }
+        Self {
+            lane,
+            lanes,
+            pid: std::process::id(),
+        }
     }
 
     /// The task ids of the lane's chunks, in order.
@@ -297,7 +318,9 @@ impl MapLane {
 
 impl Drop for MapLane {
     fn drop(&mut self) {
-        self.lanes.close(&self.lane);
+        if std::process::id() == self.pid {
+            self.lanes.close(&self.lane);
+        }
     }
 }
 

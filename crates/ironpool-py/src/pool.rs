@@ -238,8 +238,8 @@ impl PoolCore {
     /// Puts the lane completions of the last wait in their lanes, once the
     /// logging records before them are handled; wakes callers waiting on
     /// a lane if there were any.
-    fn publish_lanes(&self, py: Python<'_>) {
-        self.lanes.publish(py, || self.pool.kick());
+    fn publish_lanes(&self, py: Python<'_>) -> PyResult<()> {
+        self.lanes.publish(py, || self.pool.kick())
     }
 
     /// Makes object `id` (a function or a shared argument) known to the pool;
