@@ -295,3 +295,59 @@ def test_caller_modules_are_third_party_top_level_packages():
     names = _zygote.caller_modules()
     assert "pytest" not in names and "ironpool" not in names  # tooling, ourselves
     assert not [n for n in names if "." in n or n.startswith("_") or n in sys.stdlib_module_names], names
+
+
+def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path):
+    """A caller that never imports ``ip_task_only``, whose tasks do: the
+    worker reports it, the template imports it, and the next pool's worker
+    holds it before any of its tasks runs (imported in the template, not
+    in the worker)."""
+    write_packages(tmp_path, {"ip_task_only": "import os\nIMPORTED_IN = os.getpid()\n"})
+    out = run_caller("""
+        import json, os, sys
+        sys.path.insert(0, sys.argv[1])
+        import ironpool
+
+        def uses_it():
+            import ip_task_only
+            return os.getpid(), ip_task_only.IMPORTED_IN
+
+        def looks():
+            return os.getpid(), "ip_task_only" in sys.modules, sys.modules["ip_task_only"].IMPORTED_IN
+
+        with ironpool.Pool(1) as first:
+            ran = first.submit(uses_it).result()
+            info = first.template_info(timeout=100)
+        with ironpool.Pool(1) as later:
+            seen = later.submit(looks).result()
+        print(json.dumps({"warm": info.warm, "pending": info.pending, "template": info.pid, "ran": ran,
+                          "seen": seen, "caller_has_it": "ip_task_only" in sys.modules}))
+    """, str(tmp_path))
+    assert not out["caller_has_it"], out
+    (pid, imported_in) = out["ran"]
+    assert pid == imported_in, out  # the first worker imported it itself
+    assert "ip_task_only" in out["warm"] and out["pending"] == [], out
+    later_pid, held, later_imported_in = out["seen"]
+    assert held and later_imported_in == out["template"] != later_pid, out
+
+
+def test_warm_false_does_not_warm_what_the_tasks_imported(tmp_path):
+    write_packages(tmp_path, {"ip_task_cold": "VALUE = 1\n"})
+    out = run_caller("""
+        import json, sys
+        sys.path.insert(0, sys.argv[1])
+        import ironpool
+
+        def uses_it():
+            import ip_task_cold
+            return ip_task_cold.VALUE
+
+        def looks():
+            return "ip_task_cold" in sys.modules
+
+        with ironpool.Pool(1, warm=False, max_tasks_per_worker=1) as cold:
+            runs = [cold.submit(uses_it).result(), cold.submit(looks).result()]
+            info = cold.template_info(timeout=5)
+        print(json.dumps({"runs": runs, "warm": info.warm, "pending": info.pending}))
+    """, str(tmp_path))
+    assert out["runs"] == [1, False] and out["warm"] == [] and out["pending"] == [], out

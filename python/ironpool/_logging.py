@@ -33,6 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ._imported import IMPORTED
+
 #: Attributes every record has; anything else came from ``extra=``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -124,15 +126,21 @@ def install(sender: Any, threshold: int, caller_levels: dict, task: Callable[[],
 _handling = threading.RLock()
 
 
-def handle_records(take: Callable[[], list]) -> None:
+def handle_records(take: Callable[[], list], imported: Callable[[list[str]], None] | None = None) -> None:
     """Takes the records workers sent (``take``: the engine's ``take_logs``)
-    and lets the caller's loggers handle them. A record that cannot be
-    rebuilt or whose filter raises is reported on stderr; the thread
-    delivering results goes on."""
+    and lets the caller's loggers handle them; a worker's report of the
+    packages its tasks imported (``(IMPORTED, names)``) goes to
+    ``imported``. A record that cannot be rebuilt or whose filter raises is
+    reported on stderr; the thread delivering results goes on."""
     with _handling:
         for parts in take():
             try:
-                record = logging.makeLogRecord(pickle.loads(parts[0]))
+                state = pickle.loads(parts[0])
+                if type(state) is tuple:  # a report, not a record
+                    if imported is not None and state[0] == IMPORTED:
+                        imported(state[1])
+                    continue
+                record = logging.makeLogRecord(state)
                 logger = logging.getLogger(record.name) if record.name != "root" else logging.getLogger()
                 if logger.isEnabledFor(record.levelno):
                     logger.handle(record)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import _core, _state
+from . import _core, _imported, _state
 from ._remote_exception import pack_exception
 from ._serialize import REGISTRY, Registered, describe_call, dumps, dumps_chunk, loads, serialization_error
 
@@ -43,6 +43,9 @@ class Handler:
     def __init__(self, log_sender: Any = None) -> None:
         self.objects = REGISTRY
         self.log_sender = log_sender
+        #: ``sys.modules`` entries the pool knows of: what the template
+        #: held at the fork, then what this worker reported.
+        self.modules_seen = len(sys.modules)
         #: What runs now, for logging records: ``(fn, args, kwargs)``, or a
         #: map chunk's ``(fn, items, single, results)``; None between tasks.
         self.running: tuple | None = None
@@ -120,6 +123,26 @@ class Handler:
         """``(status, parts)``: RETURNED with the pickled value, else RAISED
         or RETRYABLE with the pickled exception. A map chunk's exceptions
         travel inside its value, so a chunk is never RETRYABLE."""
+        outcome = self._run(task_id, function_id, flags, parts)
+        if len(sys.modules) != self.modules_seen:
+            self._report_imports()
+        return outcome
+
+    def _report_imports(self) -> None:
+        """Tells the pool, before this task's result, which packages the
+        tasks imported since the fork (or the last report), so that its
+        template imports them too and later workers start with them."""
+        names = _imported.third_party_modules(self.modules_seen)
+        self.modules_seen = len(sys.modules)
+        if names and self.log_sender is not None:
+            import pickle
+
+            try:
+                self.log_sender.send([pickle.dumps((_imported.IMPORTED, names), 5)], self.threshold)
+            except OSError:  # the pool is gone
+                pass
+
+    def _run(self, task_id: int, function_id: int, flags: int, parts: list) -> tuple[int, list]:
         retry_on = () if flags & CHUNK else self.retry_on
         entry = self.objects.get(function_id)
         if entry is None:

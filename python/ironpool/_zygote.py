@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import _core
+from ._imported import third_party_modules
 from ._template import WARM_MODULE_SECONDS, WARM_TOTAL_SECONDS, fields
 
 #: Thread-pool sizes of native libraries, set before anything is imported.
@@ -46,14 +47,6 @@ _BOOT = (
 
 #: At most this many modules are imported automatically into one template.
 WARM_MAX_MODULES = 48
-
-#: Tooling of the caller rather than of its tasks (test runners, shells,
-#: debuggers, coverage, packaging): never imported automatically.
-NOT_WARMED = frozenset({
-    "pytest", "py", "pluggy", "iniconfig", "xdist", "hypothesis", "IPython", "ipykernel", "jupyter_client",
-    "jupyter_core", "traitlets", "zmq", "tornado", "debugpy", "pydevd", "coverage", "pip", "setuptools",
-    "pkg_resources", "wheel", "mypy", "ruff", "maturin", "ironpool",
-})
 
 _lock = _thread.allocate_lock()
 _zygotes: dict[tuple, _core.Zygote] = {}
@@ -134,11 +127,12 @@ def get(preload: tuple[str, ...], thread_limit: int | None, warm: bool = True) -
         return z
 
 
-def warm(preload: tuple[str, ...], thread_limit: int | None) -> None:
+def warm(preload: tuple[str, ...], thread_limit: int | None, also: tuple[str, ...] = ()) -> None:
     """Asks the (warm) template for these settings to import, in the
-    background, the caller's modules it was not asked for yet. Call it once
-    the pool has asked for its first workers: the template serves those
-    fork requests first. A thread of this process waits for the report."""
+    background, the caller's modules it was not asked for yet, and ``also``
+    (what a worker's tasks imported, ``_worker.Handler``). Call it once the
+    pool has asked for its first workers: the template serves those fork
+    requests first. A thread of this process waits for the report."""
     key = (preload, thread_limit, True)
     with _lock:
         z = _zygotes.get(key)
@@ -150,7 +144,7 @@ def warm(preload: tuple[str, ...], thread_limit: int | None) -> None:
         room = WARM_MAX_MODULES - len(w.held) - len(w.pending)
         # cloudpickle first: what rebuilds `__main__` classes, whether or
         # not this process has pickled one yet.
-        wanted = dict.fromkeys(["cloudpickle", *caller_modules()])
+        wanted = dict.fromkeys(["cloudpickle", *caller_modules(), *also])
         names = [n for n in wanted if n not in w.asked and n not in _refused][: max(room, 0)]
         if not names:
             return
@@ -182,21 +176,9 @@ def info(preload: tuple[str, ...], thread_limit: int | None, warm: bool, timeout
 
 
 def caller_modules() -> list[str]:
-    """The top-level packages this process imported that a task may need:
-    from site-packages or another ``sys.path`` entry, not the standard
-    library, not private (``_name``), not tooling (``NOT_WARMED``), in the
-    order they were imported."""
-    roots = tuple(os.path.join(os.path.abspath(p or os.curdir), "") for p in sys.path if isinstance(p, str))
-    stdlib = sys.stdlib_module_names
-    found = []
-    for name, module in list(sys.modules.items()):
-        if "." in name or name.startswith("_") or name in stdlib or name in NOT_WARMED:
-            continue
-        spec = getattr(module, "__spec__", None)
-        origin = getattr(spec, "origin", None)
-        if getattr(spec, "name", None) == name and isinstance(origin, str) and origin.startswith(roots):
-            found.append(name)
-    return found
+    """The top-level packages this process imported that a task may need
+    (``_imported.third_party_modules``)."""
+    return third_party_modules()
 
 
 def _warm_request(names: list[str]) -> bytes:

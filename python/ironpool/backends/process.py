@@ -313,6 +313,15 @@ class ProcessBackend:
     def counts(self) -> dict[str, Any]:
         return self.core.counts()
 
+    def warm_imported(self, names: list[str]) -> None:
+        """A worker's tasks imported ``names``: its template imports them
+        too, in the background, unless this pool opted out (``warm=False``),
+        so that later workers (replacements, recycled ones, the next pool's)
+        start with them."""
+        preload, thread_limit, warm = self.template_key
+        if warm:
+            _zygote.warm(preload, thread_limit, tuple(names))
+
     def template_info(self, timeout: float) -> _zygote.TemplateInfo:
         return _zygote.info(*self.template_key, timeout)
 
@@ -368,7 +377,7 @@ class ProcessBackend:
             batch = core.wait_driving(generation, _SPIN_SECONDS if spinning else 0.0, step)
             if batch is None:
                 return
-            _handle_records(core)
+            _handle_records(core, self.warm_imported)
             if batch:
                 self._settle_all(batch)
                 core.kick()
@@ -381,7 +390,7 @@ class ProcessBackend:
             batch = core.wait_completions(None)
             if batch is None:
                 break
-            _handle_records(core)
+            _handle_records(core, self.warm_imported)
             if not batch:  # woken for logging records only
                 continue
             self._settle_all(batch)
@@ -482,11 +491,12 @@ class ProcessBackend:
                 ))
 
 
-def _handle_records(core: Any) -> None:
-    """Workers' logging records, then the lane completions that came with
-    them: a task's records are handled before its result is."""
+def _handle_records(core: Any, imported: Callable[[list[str]], None]) -> None:
+    """Workers' logging records (and reports of what their tasks imported),
+    then the lane completions that came with them: a task's records are
+    handled before its result is."""
     try:
-        _logging.handle_records(core.take_logs)
+        _logging.handle_records(core.take_logs, imported)
     finally:
         core.publish_lanes()
 
