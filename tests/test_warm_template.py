@@ -297,11 +297,13 @@ def test_caller_modules_are_third_party_top_level_packages():
     assert not [n for n in names if "." in n or n.startswith("_") or n in sys.stdlib_module_names], names
 
 
-def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path):
+@pytest.mark.parametrize("recycling", [False, True])
+def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path, recycling):
     """A caller that never imports ``ip_task_only``, whose tasks do: the
-    worker reports it, the template imports it, and the next pool's worker
-    holds it before any of its tasks runs (imported in the template, not
-    in the worker)."""
+    worker reports it, and the template imports it, at once for a pool that
+    recycles its workers, else once the pool is shut down (never taking a
+    CPU from its tasks); a worker forked after that holds it before any of
+    its tasks runs (imported in the template, not in the worker)."""
     write_packages(tmp_path, {"ip_task_only": "import os\nIMPORTED_IN = os.getpid()\n"})
     out = run_caller("""
         import json, os, sys
@@ -313,22 +315,32 @@ def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path):
             return os.getpid(), ip_task_only.IMPORTED_IN
 
         def looks():
-            return os.getpid(), "ip_task_only" in sys.modules, sys.modules["ip_task_only"].IMPORTED_IN
+            module = sys.modules.get("ip_task_only")
+            return os.getpid(), getattr(module, "IMPORTED_IN", None)
 
-        with ironpool.Pool(1) as first:
+        recycling = sys.argv[2] == "True"
+        with ironpool.Pool(1, max_tasks_per_worker=1 if recycling else None) as first:
             ran = first.submit(uses_it).result()
-            info = first.template_info(timeout=100)
-        with ironpool.Pool(1) as later:
-            seen = later.submit(looks).result()
-        print(json.dumps({"warm": info.warm, "pending": info.pending, "template": info.pid, "ran": ran,
+            during = first.template_info(timeout=100 if recycling else 2)
+            if recycling:  # the worker after the next forks from the warm template
+                seen = [first.submit(looks).result() for _ in range(2)][-1]
+        if not recycling:
+            with ironpool.Pool(1, max_tasks_per_worker=1) as later:
+                later.template_info(timeout=100)
+                seen = [later.submit(looks).result() for _ in range(2)][-1]
+        print(json.dumps({"during": [during.warm, during.pending], "template": during.pid, "ran": ran,
                           "seen": seen, "caller_has_it": "ip_task_only" in sys.modules}))
-    """, str(tmp_path))
+    """, str(tmp_path), str(recycling))
     assert not out["caller_has_it"], out
     (pid, imported_in) = out["ran"]
     assert pid == imported_in, out  # the first worker imported it itself
-    assert "ip_task_only" in out["warm"] and out["pending"] == [], out
-    later_pid, held, later_imported_in = out["seen"]
-    assert held and later_imported_in == out["template"] != later_pid, out
+    warm, pending = out["during"]
+    if recycling:
+        assert "ip_task_only" in warm and pending == [], out
+    else:
+        assert "ip_task_only" not in warm and "ip_task_only" not in pending, out
+    later_pid, later_imported_in = out["seen"]
+    assert later_imported_in == out["template"] != later_pid, out
 
 
 def test_warm_false_does_not_warm_what_the_tasks_imported(tmp_path):

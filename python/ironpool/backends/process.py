@@ -147,6 +147,10 @@ class ProcessBackend:
         self.workers = options.workers
         self.threshold = options.buffer_threshold
         self.template_key = (options.preload, options.thread_limit, options.warm)
+        # What workers' tasks imported, for the template once it serves
+        # new workers (see warm_imported).
+        self.recycles = options.max_tasks_per_worker is not None
+        self.imported: dict[str, None] = {}
         # Task id -> its future; the future carries its Call (``_call``), so
         # a task in flight costs no object of its own.
         self.tasks: dict[int, TaskFuture | ChunkTicket] = {}
@@ -316,10 +320,19 @@ class ProcessBackend:
     def warm_imported(self, names: list[str]) -> None:
         """A worker's tasks imported ``names``: its template imports them
         too, in the background, unless this pool opted out (``warm=False``),
-        so that later workers (replacements, recycled ones, the next pool's)
-        start with them."""
-        preload, thread_limit, warm = self.template_key
-        if warm:
+        so that later workers start with them. A pool that recycles its
+        workers asks at once; any other asks once it is shut down (for the
+        next pool), so the imports never take a CPU from its own tasks."""
+        if not self.template_key[2]:
+            return
+        self.imported.update(dict.fromkeys(names))
+        if self.recycles or self.closed:
+            self._warm_imported()
+
+    def _warm_imported(self) -> None:
+        names, self.imported = list(self.imported), {}
+        if names:
+            preload, thread_limit, _ = self.template_key
             _zygote.warm(preload, thread_limit, tuple(names))
 
     def template_info(self, timeout: float) -> _zygote.TemplateInfo:
@@ -422,6 +435,7 @@ class ProcessBackend:
             if cancel_futures:
                 self.cancel_pending()
             self.core.shutdown()
+            self._warm_imported()
         except KeyboardInterrupt as exc:  # the first Ctrl-C, before the wait began
             interrupted = exc
             self.cancel_pending()
