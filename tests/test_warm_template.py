@@ -304,7 +304,9 @@ def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path, recycling
     recycles its workers, else once the pool is shut down (never taking a
     CPU from its tasks); a worker forked after that holds it before any of
     its tasks runs (imported in the template, not in the worker)."""
-    write_packages(tmp_path, {"ip_task_only": "import os\nIMPORTED_IN = os.getpid()\n"})
+    installed = tmp_path / "site-packages"  # installed packages only: not the user's own code
+    installed.mkdir()
+    write_packages(installed, {"ip_task_only": "import os\nIMPORTED_IN = os.getpid()\n"})
     out = run_caller("""
         import json, os, sys
         sys.path.insert(0, sys.argv[1])
@@ -330,7 +332,7 @@ def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path, recycling
                 seen = [later.submit(looks).result() for _ in range(2)][-1]
         print(json.dumps({"during": [during.warm, during.pending], "template": during.pid, "ran": ran,
                           "seen": seen, "caller_has_it": "ip_task_only" in sys.modules}))
-    """, str(tmp_path), str(recycling))
+    """, str(installed), str(recycling))
     assert not out["caller_has_it"], out
     (pid, imported_in) = out["ran"]
     assert pid == imported_in, out  # the first worker imported it itself
@@ -344,7 +346,11 @@ def test_what_the_tasks_imported_is_warmed_for_later_workers(tmp_path, recycling
 
 
 def test_warm_false_does_not_warm_what_the_tasks_imported(tmp_path):
-    write_packages(tmp_path, {"ip_task_cold": "VALUE = 1\n"})
+    """A warm template for the same settings is open in the same caller: a
+    report of a ``warm=False`` pool's tasks must not reach it."""
+    installed = tmp_path / "site-packages"
+    installed.mkdir()
+    write_packages(installed, {"ip_task_cold": "VALUE = 1\n"})
     out = run_caller("""
         import json, sys
         sys.path.insert(0, sys.argv[1])
@@ -354,12 +360,70 @@ def test_warm_false_does_not_warm_what_the_tasks_imported(tmp_path):
             import ip_task_cold
             return ip_task_cold.VALUE
 
-        def looks():
-            return "ip_task_cold" in sys.modules
+        with ironpool.Pool(1) as warm_pool:
+            warm_pool.template_info(timeout=100)
+            with ironpool.Pool(1, warm=False, max_tasks_per_worker=1) as cold:
+                runs = [cold.submit(uses_it).result() for _ in range(2)]
+                cold_info = cold.template_info(timeout=2)
+            info = warm_pool.template_info(timeout=100)
+        print(json.dumps({"runs": runs, "warm": info.warm, "pending": info.pending, "cold": cold_info.warm}))
+    """, str(installed))
+    assert out["runs"] == [1, 1] and out["cold"] == [], out
+    assert "ip_task_cold" not in out["warm"] and "ip_task_cold" not in out["pending"], out
 
-        with ironpool.Pool(1, warm=False, max_tasks_per_worker=1) as cold:
-            runs = [cold.submit(uses_it).result(), cold.submit(looks).result()]
-            info = cold.template_info(timeout=5)
-        print(json.dumps({"runs": runs, "warm": info.warm, "pending": info.pending}))
+
+def test_the_users_own_modules_are_not_warmed_so_an_edit_shows_in_the_next_pool(tmp_path):
+    """A helper beside the script (not an installed package), edited between
+    two pools: the second pool runs the edited one."""
+    (tmp_path / "ip_own_helper.py").write_text("VALUE = 1\n")
+    out = run_caller("""
+        import json, os, sys
+        sys.path.insert(0, sys.argv[1])
+        import ironpool
+
+        def uses_it():
+            import ip_own_helper
+            return ip_own_helper.VALUE
+
+        with ironpool.Pool(1) as first:
+            one = first.submit(uses_it).result()
+        with ironpool.Pool(1) as between:  # whatever the first pool asked for is imported before the edit
+            between.template_info(timeout=100)
+        path = os.path.join(sys.argv[1], "ip_own_helper.py")
+        with open(path, "w") as f:
+            f.write("VALUE = 2\\n")
+        os.utime(path, (0, 2_000_000_000))  # newer than its cached bytecode
+        with ironpool.Pool(1, max_tasks_per_worker=1) as later:
+            info = later.template_info(timeout=100)
+            two = [later.submit(uses_it).result() for _ in range(2)]
+        print(json.dumps({"values": [one, *two], "warm": info.warm}))
     """, str(tmp_path))
-    assert out["runs"] == [1, False] and out["warm"] == [] and out["pending"] == [], out
+    assert out["values"] == [1, 2, 2] and "ip_own_helper" not in out["warm"], out
+
+
+def put_the_working_directory_on_sys_path() -> None:
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+
+
+def leave_a_deleted_directory_and_import():
+    import tempfile
+
+    gone = tempfile.mkdtemp()
+    os.chdir(gone)
+    os.rmdir(gone)
+    import colorsys  # noqa: F401 - something new in sys.modules
+
+    return "ok"
+
+
+def test_a_task_that_leaves_a_deleted_working_directory_still_returns():
+    """'' on sys.path (python -c, a REPL, Jupyter) needs the working
+    directory to tell what the task imported: its report is given up, not
+    the task's result."""
+    import ironpool
+
+    with ironpool.Pool(1) as pool:
+        pool.submit(put_the_working_directory_on_sys_path).result(timeout=60)
+        assert pool.submit(leave_a_deleted_directory_and_import).result(timeout=60) == "ok"
+        assert pool.submit(os.getpid).result(timeout=60) > 0

@@ -132,15 +132,17 @@ class Handler:
         """Tells the pool, before this task's result, which packages the
         tasks imported since the fork (or the last report), so that its
         template imports them too and later workers start with them."""
-        names = _imported.third_party_modules(self.modules_seen)
-        self.modules_seen = len(sys.modules)
-        if names and self.log_sender is not None:
-            import pickle
+        seen, self.modules_seen = self.modules_seen, len(sys.modules)
+        if self.log_sender is None:
+            return
+        try:  # a hint, never a reason to lose the task's result
+            names = _imported.third_party_modules(seen, installed_only=True)
+            if names:
+                import pickle
 
-            try:
                 self.log_sender.send([pickle.dumps((_imported.IMPORTED, names), 5)], self.threshold)
-            except OSError:  # the pool is gone
-                pass
+        except Exception:
+            pass
 
     def _run(self, task_id: int, function_id: int, flags: int, parts: list) -> tuple[int, list]:
         retry_on = () if flags & CHUNK else self.retry_on

@@ -318,7 +318,7 @@ class ProcessBackend:
         return self.core.counts()
 
     def warm_imported(self, names: list[str]) -> None:
-        """A worker's tasks imported ``names``: its template imports them
+        """A worker's tasks imported ``names`` (installed packages): its template imports them
         too, in the background, unless this pool opted out (``warm=False``),
         so that later workers start with them. A pool that recycles its
         workers asks at once; any other asks once it is shut down (for the
@@ -327,7 +327,9 @@ class ProcessBackend:
             return
         self.imported.update(dict.fromkeys(names))
         if self.recycles or self.closed:
-            self._warm_imported()
+            # Not from here (the results thread, records lock held): asking
+            # may wait for another template's start-up.
+            threading.Thread(target=self._warm_imported, name="ironpool-warm", daemon=True).start()
 
     def _warm_imported(self) -> None:
         names, self.imported = list(self.imported), {}
