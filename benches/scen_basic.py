@@ -113,14 +113,15 @@ def tiny_map(case: str, ctx: Ctx) -> dict:
         chunksize = int(case.split("=")[1].split()[0])
     pool = peers.make(case)
     pool.map(workloads.square, range(200), chunksize=min(chunksize or 50, 50))  # start the workers
-    return _time_squares(pool, workloads.square, n, chunksize, ctx)
+    return _time_squares(pool, pool.map, workloads.square, n, chunksize, ctx)
 
 
-def _time_squares(pool, square, n: int, chunksize: int | None, ctx: Ctx) -> dict:
-    """Times ``pool.map(square, range(n))`` on a started pool, checks the
-    values, and closes the pool."""
+def _time_squares(pool, call, square, n: int, chunksize: int | None, ctx: Ctx) -> dict:
+    """Times ``call(square, range(n), chunksize=chunksize)`` (``pool.map``,
+    ``pool.unordered``) on a started pool, checks the values in any order,
+    and closes the pool."""
     expected = sum(x * x for x in range(n))
-    times, out = repeat(lambda: pool.map(square, range(n), chunksize=chunksize), runs=3,
+    times, out = repeat(lambda: call(square, range(n), chunksize=chunksize), runs=3,
                         budget=8.0 if ctx.quick else 25.0)
     ok = len(out) == n and sum(out) == expected
     pool.close()
@@ -169,7 +170,7 @@ def tiny_c1(case: str, ctx: Ctx) -> dict:
     square = _main_square()
     pool = peers.make(case)
     pool.map(square, range(200), chunksize=1)  # start the workers
-    return _time_squares(pool, square, PER_TASK_N, 1, ctx)
+    return _time_squares(pool, pool.map, square, PER_TASK_N, 1, ctx)
 
 
 TINY_C1 = Scenario(
@@ -190,13 +191,7 @@ def tiny_unordered(case: str, ctx: Ctx) -> dict:
     # Start the workers with the same call (mpire's kept-alive workers fail
     # an imap_unordered after a map).
     pool.unordered(square, range(200), chunksize=1)
-    expected = sum(x * x for x in range(PER_TASK_N))
-    times, out = repeat(lambda: pool.unordered(square, range(PER_TASK_N), chunksize=1), runs=3,
-                        budget=8.0 if ctx.quick else 25.0)
-    ok = len(out) == PER_TASK_N and sum(out) == expected
-    pool.close()
-    sec = median(times)
-    return {"seconds": sec, "per_s": PER_TASK_N / sec, "runs": len(times), "ok": ok, "call": pool.how_unordered}
+    return {**_time_squares(pool, pool.unordered, square, PER_TASK_N, 1, ctx), "call": pool.how_unordered}
 
 
 TINY_UNORDERED = Scenario(

@@ -1,6 +1,6 @@
 """``progress=`` of ``map``, ``starmap`` and ``imap_unordered``: a tqdm bar,
-the caller's own tqdm, or a ``(done, total)`` callback, advanced once per
-finished chunk (never once per item)."""
+the caller's own tqdm, or a ``(done, total)`` callback, advanced as chunks
+finish, at most once per chunk (never once per item)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ def _is_bar(obj: Any) -> bool:
 
 
 class Progress:
-    """Counts finished items for one map. A chunk is counted by a done
-    callback of its future, so from the thread that settles it (the
-    caller's or the one delivering results): once per chunk, never per item."""
+    """Counts finished items for one map, from the thread that delivers a
+    chunk (the caller's or the results thread): a ticket's chunk by its done
+    callback, a lane's chunks by the binding as it puts them in their slots
+    (``Lanes::publish``), a batch of them at a time."""
 
     __slots__ = ("_bar", "_callback", "_changed", "_owed", "_owned", "_unsettled", "done", "error", "total")
 

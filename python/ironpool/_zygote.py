@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import _core
-from ._imported import third_party_modules
+from ._imported import third_party_modules as caller_modules  # what the caller imported
 from ._template import WARM_MODULE_SECONDS, WARM_TOTAL_SECONDS, fields
 
 #: Thread-pool sizes of native libraries, set before anything is imported.
@@ -173,12 +173,6 @@ def info(preload: tuple[str, ...], thread_limit: int | None, warm: bool, timeout
         while w.pending and time.monotonic() < end:
             w.changed.wait(end - time.monotonic())
         return TemplateInfo(pid, preload, tuple(w.held), dict(w.skipped), tuple(w.pending))
-
-
-def caller_modules() -> list[str]:
-    """The top-level packages this process imported that a task may need
-    (``_imported.third_party_modules``)."""
-    return third_party_modules()
 
 
 def _warm_request(names: list[str]) -> bytes:

@@ -332,7 +332,9 @@ class ProcessBackend:
             threading.Thread(target=self._warm_imported, name="ironpool-warm", daemon=True).start()
 
     def _warm_imported(self) -> None:
-        names, self.imported = list(self.imported), {}
+        names = list(self.imported)
+        for name in names:  # not clear(): a report may come in meanwhile
+            self.imported.pop(name, None)
         if names:
             preload, thread_limit, _ = self.template_key
             _zygote.warm(preload, thread_limit, tuple(names))
