@@ -243,6 +243,46 @@ def test_a_future_without_a_condition_has_every_attribute_of_a_stdlib_one():
         assert type(getattr(ours, name)) is type(getattr(theirs, name))
 
 
+def test_a_future_without_a_condition_moves_through_its_states_as_a_stdlib_one():
+    # A threads worker marks a TaskFuture running with no condition made;
+    # settling it twice (terminate and the worker racing) once deadlocked:
+    # the error's repr() took the lock its raiser held.
+    from ironpool._futures import TaskFuture
+
+    def lifecycle(make):
+        seen = []
+        f = make()
+        seen.append(f.set_running_or_notify_cancel())
+        seen.append(f.running())
+        f.set_result(1)
+        for again in (lambda: f.set_result(2), lambda: f.set_exception(ValueError()), f.set_running_or_notify_cancel):
+            try:
+                again()
+            except (cf.InvalidStateError, RuntimeError) as exc:
+                seen.append(type(exc).__name__)
+        seen.append(f.result())
+        h = make()  # never marked running, as the processes backend's futures
+        h.set_result(1)
+        try:
+            h.set_result(2)
+        except cf.InvalidStateError as exc:
+            seen.append(type(exc).__name__)
+        g = make()
+        seen.append(g.cancel())
+        seen.append(g.set_running_or_notify_cancel())
+        seen.append(g._state)
+        return seen
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(lifecycle(TaskFuture)), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "a TaskFuture settled twice hung"
+    assert out == [lifecycle(cf.Future)]
+    assert out[0][2:5] == ["InvalidStateError", "InvalidStateError", "RuntimeError"]
+    assert out[0][6] == "InvalidStateError"
+
+
 def test_a_task_in_flight_gives_the_collector_two_objects_to_track(pool, beacon):
     # Every container a task in flight holds is one more object each
     # collection walks, and thousands in flight set off full collections

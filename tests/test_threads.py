@@ -24,6 +24,10 @@ def wait_for(started: threading.Event, release: threading.Event, done: threading
     return value
 
 
+def wait_for_item(item):
+    return wait_for(*item)
+
+
 class TaskError(Exception):
     pass
 
@@ -165,6 +169,26 @@ def test_map_items_that_time_out_fail_alone(release):
         out = list(pool.starmap(wait_for, items, task_timeout=0.5, chunksize=3, return_exceptions=True))
         assert out[0] == 0 and out[2] == 2
         assert isinstance(out[1], ironpool.TaskTimeout)
+
+
+def test_imap_unordered_waiting_on_blocked_items_wakes_for_a_timeout_and_gives_up_at_its_own(release):
+    # Every item in flight blocks, so the map waits for any of them
+    # (ThreadBackend.wait_any): the watch's TaskTimeout must end that wait,
+    # and the map's own timeout must end it when nothing finishes.
+    with ironpool.Pool(2, backend="threads") as pool:
+        started = threading.Event()
+        items = [(started, release, threading.Event(), "hung")]
+        results = pool.imap_unordered(wait_for_item, items, task_timeout=0.5, chunksize=1, return_exceptions=True)
+        out = list(results)
+        assert started.is_set() and len(out) == 1 and isinstance(out[0], ironpool.TaskTimeout), out
+
+        blocked = threading.Event()
+        stuck = pool.imap_unordered(
+            wait_for_item, [(threading.Event(), blocked, threading.Event(), "never")], chunksize=1, timeout=0.3
+        )
+        with pytest.raises(TimeoutError):
+            next(stuck)
+        blocked.set()
 
 
 def test_done_callbacks_run_in_the_worker_thread_with_no_hop():

@@ -49,6 +49,8 @@ from . import Call, WorkerInfo, no_counts, refuse_closed
 #: A map chunk aims to run this long (items of unknown duration go one at a time).
 _CHUNK_SECONDS = 2e-3
 _MAX_CHUNK = 1024
+#: Longest a map waiting for any entry sleeps before it looks again.
+_ANY_SLICE = 0.05
 #: Tells a worker thread to exit (one per worker, queued behind the work).
 _STOP: Any = object()
 
@@ -234,6 +236,9 @@ class ThreadBackend:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)  # the deadline watch's
+        #: Told of each task's end while a map waits for any of its entries.
+        self.ended = threading.Condition(threading.Lock())
+        self.waiting_any = 0
         self.pid = os.getpid()
         self.token = next(_pool_tokens)  # which pool a ThreadShared belongs to
         self.closed = False
@@ -353,7 +358,7 @@ class ThreadBackend:
                         return
                 future = task.future
                 if self.broken is not None or self.terminated:
-                    settle(future, error=self.broken or PoolClosed("the pool was terminated"))
+                    self._settle(future, error=self.broken or PoolClosed("the pool was terminated"))
                     task = future = None
                     continue
                 if not task.started:
@@ -381,12 +386,12 @@ class ThreadBackend:
                 if ok:
                     if task.use is not None and call.chunk and task.args:
                         self._measured(task.use, elapsed / len(task.args))
-                    settle(future, value)
+                    self._settle(future, value)
                 else:
                     if task.attempts:
                         value.add_note(attempts_text(task.attempts))
                     future._task_traceback = value.__traceback__
-                    settle(future, error=value)
+                    self._settle(future, error=value)
                 task = future = call = value = None
                 if self.max_tasks is not None and worker.tasks_done >= self.max_tasks:
                     with self.lock:
@@ -396,6 +401,29 @@ class ThreadBackend:
             task = future = call = value = None
             with self.lock:
                 self.threads.discard(threading.current_thread())
+
+    def _settle(self, future: TaskFuture, value: Any = None, error: BaseException | None = None) -> None:
+        settle(future, value, error)
+        if self.waiting_any:  # read after settling: a waiter counted later sees the future done
+            with self.ended:
+                self.ended.notify_all()
+
+    def wait_any(self, entries: Any, timeout: float | None) -> None:
+        """Returns once any of a map's ``(future, call)`` entries is done or
+        ``timeout`` passes: one wait, where the stdlib's ``wait`` would lock
+        every future of the window twice."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.ended:
+            self.waiting_any += 1
+            try:
+                while not any(future.done() for future, _ in entries):
+                    remaining = _ANY_SLICE if deadline is None else min(_ANY_SLICE, deadline - time.monotonic())
+                    if remaining <= 0:
+                        return
+                    # In slices: a future cancelled by another thread ends no task here.
+                    self.ended.wait(remaining)
+            finally:
+                self.waiting_any -= 1
 
     @staticmethod
     def _measured(use: _Use, per_item: float) -> None:
@@ -471,7 +499,7 @@ class ThreadBackend:
                     self.wake.wait(None if nearest == math.inf else nearest - now)
                     self.next_deadline = math.inf
             for future, error in expired:  # outside the lock: callbacks may submit
-                settle(future, error=error)
+                self._settle(future, error=error)
 
     def _abandon(self, worker: _Worker) -> tuple[TaskFuture, TaskTimeout] | None:
         """Leaves ``worker``'s thread to its task and starts another in its
@@ -560,7 +588,7 @@ class ThreadBackend:
             self._stop_workers()
             running = [w.current for w in self.slots if w.current is not None]
         for task in running:
-            settle(task.future, error=PoolClosed(
+            self._settle(task.future, error=PoolClosed(
                 "the pool was terminated while this task ran; its thread cannot be stopped, so it runs "
                 "the task to its end and the result is dropped"
             ))
