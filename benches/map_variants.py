@@ -24,6 +24,17 @@ def square(x: int) -> int:
     return x * x
 
 
+def total(row: dict) -> float:
+    return row["qty"] * row["price"]
+
+
+def priced(row: dict) -> dict:
+    return {"id": row["id"], "total": row["qty"] * row["price"]}
+
+
+ROWS = [{"id": i, "qty": i % 7, "price": 2.5} for i in range(N)]
+
+
 def _quiet(done: int, total: int | None) -> None:
     pass
 
@@ -34,6 +45,10 @@ VARIANTS = {
     "map_progress": lambda pool: list(pool.map(square, range(N), chunksize=1, progress=_quiet)),
     "map_dicts": lambda pool: list(pool.map(len, [{"a": i} for i in range(N)], chunksize=1)),
     "imap_unordered_dicts": lambda pool: list(pool.imap_unordered(len, [{"a": i} for i in range(N)], chunksize=1)),
+    "map_rows": lambda pool: list(pool.map(total, ROWS, chunksize=1)),
+    "map_rows_to_dicts": lambda pool: list(pool.map(priced, ROWS, chunksize=1)),
+    "imap_unordered_rows": lambda pool: list(pool.imap_unordered(total, ROWS, chunksize=1)),
+    "submit_rows": lambda pool: [f.result() for f in [pool.submit(total, row) for row in ROWS]],
     "map_default": lambda pool: list(pool.map(square, range(N))),
     "submit": lambda pool: [f.result() for f in [pool.submit(square, i) for i in range(N)]],
     "as_completed": lambda pool: [f.result() for f in as_completed([pool.submit(square, i) for i in range(N)])],

@@ -17,6 +17,7 @@ import pickle
 import signal
 import threading
 import time
+from collections import OrderedDict, defaultdict
 from concurrent.futures import CancelledError
 from decimal import Decimal
 
@@ -29,6 +30,11 @@ from ironpool.errors import PoolClosed
 
 def identity(x):
     return x
+
+
+def count_visits(d: dict) -> int:
+    d.setdefault("visits", []).append(1)
+    return len(d["visits"])
 
 
 def pack(*args):
@@ -126,6 +132,18 @@ EDGES = [
     None, True, False,
 ]
 TUPLES = [(), (1,), (1, "a"), (1, 2.0, None), (1, 2, 3, 4), (b"",), (b"ab", 1), (b"q" * 300, "s", True, None, 7)]
+CONTAINERS = [
+    [], {}, [1, "a", None], {"id": 7, "name": "x" * 40, "tags": ["a", "b"], "score": 0.5},
+    {1: (2, [3, {"k": None}]), (1, "t"): b"v", 2.5: [], False: {}}, (1, (2, (3, ((),)))), b"bare bytes",
+    [[[[[[[[[[[[[[[1]]]]]]]]]]]]]]],  # 15 deep: within the limit
+]
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def same(a: list, b: list) -> bool:
@@ -135,7 +153,7 @@ def same(a: list, b: list) -> bool:
     )
 
 
-@pytest.mark.parametrize("items", [EDGES, TUPLES, [-0.0]], ids=["atoms", "tuples", "one"])
+@pytest.mark.parametrize("items", [EDGES, TUPLES, CONTAINERS, [-0.0]], ids=["atoms", "tuples", "containers", "one"])
 def test_the_lane_pickle_unpickles_to_the_items_exactly(items):
     data = _core.lane_pickle(items, 1 << 16)
     assert data is not None
@@ -144,21 +162,57 @@ def test_the_lane_pickle_unpickles_to_the_items_exactly(items):
 
 @pytest.mark.parametrize(
     "items",
-    [[2**63], [-(2**63) - 1], ["\ud800"], [(1, (2,))], [[1]], [(b"x" * 16,)], [Colour.RED], [b"bare bytes"], [1.5, {}]],
-    ids=["int-above-64-bits", "int-below-64-bits", "lone-surrogate", "nested-tuple", "list", "bytes-at-threshold",
-         "int-subclass", "bytes-not-in-a-tuple", "dict-after-an-atom"],
+    [[2**63], [-(2**63) - 1], ["\ud800"], [(b"x" * 16,)], [Colour.RED], [1.5, {"k": [b"x" * 16]}],
+     [{1: Colour.RED}], [{Colour.RED: 1}], [[2**70]], [OrderedDict(a=1)], [defaultdict(list)], [{1}], [nested(17)]],
+    ids=["int-above-64-bits", "int-below-64-bits", "lone-surrogate", "bytes-at-threshold", "int-subclass",
+         "bytes-at-threshold-in-a-dict", "subclass-value", "subclass-key", "big-int-in-a-list", "ordered-dict",
+         "defaultdict", "set", "nested-beyond-the-limit"],
 )
 def test_the_lane_pickle_leaves_to_pickle_what_only_it_writes(items):
     assert _core.lane_pickle(items, 16) is None
+
+
+def test_the_lane_pickle_keeps_lists_and_dicts_that_appear_twice_or_in_themselves_one_object():
+    shared, loop, dloop = {"a": 1}, [1], {"k": 0}
+    loop.append(loop)
+    dloop["self"] = dloop
+    data = _core.lane_pickle([(shared, shared), shared, loop, dloop], 1 << 16)
+    assert data is not None
+    (a, b), c, back_loop, back_dloop = pickle.loads(data)
+    assert a is b is c and a == shared
+    assert back_loop[1] is back_loop and back_dloop["self"] is back_dloop
+    # A tuple inside itself (through a list): only pickle keeps it one object.
+    inner: list = []
+    cycle = (inner,)
+    inner.append(cycle)
+    assert _core.lane_pickle([cycle], 1 << 16) is None
+    back_inner = pickle.loads(_core.lane_pickle([inner], 1 << 16))[0]  # entered at the list: the memo closes it
+    assert back_inner[0][0] is back_inner
+    # A list that holds one list many times, many levels down, is walked once per object.
+    wide: list = [1]
+    for _ in range(12):
+        wide = [wide] * 8
+    assert _core.lane_pickle([wide], 1 << 16) is not None
+    assert not _core.plain_items([wide], 1 << 16)  # the check gives up, and the encoder sends it
 
 
 @pytest.mark.parametrize("chunksize", [1, 3])
 def test_plain_items_of_every_kind_come_back_as_sent(pool, chunksize):
     assert same(list(pool.map(identity, EDGES, chunksize=chunksize)), EDGES)
     assert list(pool.starmap(pack, TUPLES, chunksize=chunksize)) == TUPLES
+    assert list(pool.map(identity, CONTAINERS, chunksize=chunksize)) == CONTAINERS
     # Refused by the lane writer: the same map sends them as tickets.
-    odd = [2**70, "\ud800", (1, (2,)), Colour.RED, -(2**80)]
+    odd = [2**70, "\ud800", [Colour.RED], Colour.RED, -(2**80), OrderedDict(a=1), nested(20)]
     assert same(list(pool.map(identity, odd, chunksize=chunksize)), odd)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_a_dict_twice_in_a_chunk_is_one_object_in_the_worker_as_with_pickle(pool, chunksize):
+    # The stdlib pickles a chunk as one list: the worker sees one dict.
+    d: dict = {"id": 1}
+    expected = [1, 1, 1, 1] if chunksize == 1 else [1, 2, 1, 2]
+    assert list(pool.map(count_visits, [d, d, d, d], chunksize=chunksize)) == expected
+    assert d == {"id": 1}, "the caller's dict changed"
 
 
 @pytest.mark.parametrize("chunksize", [1, 2])
@@ -239,6 +293,7 @@ def test_closing_a_map_withdraws_the_lane_chunks_not_started(beacon, ordered):
 READABLE = [
     ([4], None), ([1, "a", "a", 2.5, None, True, (1, "x")], None), [2**40, -5, 2**63 - 1, -(2**63), 65536, -1],
     "é€😀", ("s",) * 5, (), [], [[1], [2]], "y" * 70_000, -0.0, [str(i) for i in range(300)] * 2,
+    {}, {"a": 1}, {"id": 3, "ok": True, "rows": [1, 2], "meta": {"k": None}}, [{"i": i} for i in range(1500)],
 ]
 
 
@@ -258,9 +313,10 @@ def test_the_lane_reader_reads_what_pickle_writes_for_plain_values(protocol):
 
 @pytest.mark.parametrize(
     "data",
-    [pickle.dumps(v, protocol=5) for v in (2**64, "\ud800", {1: 2}, {1}, 1 + 2j, [2**70], Colour.RED)]
+    [pickle.dumps(v, protocol=5) for v in (2**64, "\ud800", {1}, 1 + 2j, [2**70], Colour.RED, OrderedDict(a=1))]
     + [b"", b"\x80\x05", b"\x80\x05K", b"\x80\x05]K\x01", b"\x80\x05(K\x01e.", b"\x80\x05h\x05.",
-       b"\x80\x05N\x86.", b"\x80\x05NN.", b"\x80\x05Nr\xff\xff\xff\x7f."],
+       b"\x80\x05N\x86.", b"\x80\x05NN.", b"\x80\x05Nr\xff\xff\xff\x7f.",
+       b"\x80\x05}(K\x01u.", b"\x80\x05](K\x01K\x02u.", b"\x80\x05}(]]u.", b"\x80\x05K\x01K\x02s."],
 )
 def test_the_lane_reader_leaves_anything_else_to_pickle(data):
     """Other values, and malformed or hostile pickles (a memo index far

@@ -256,10 +256,11 @@ def test_p11_a_map_s_first_chunk_runs_while_the_rest_of_its_input_is_read(tmp_pa
         listener.close()
 
 
-def test_p11_only_exact_atoms_and_flat_tuples_skip_the_encoder():
+def test_p11_only_exact_atoms_and_containers_of_them_skip_the_encoder():
     """The per-item check of a chunk (in Rust, at memory speed) passes
-    exact atoms and tuples of atoms and small bytes, nothing else: a subclass
-    pickles its own way, and a large ``bytes`` is sent once."""
+    exact atoms, small bytes and exact tuples, lists and dicts of them,
+    nothing else: a subclass pickles its own way, and a large ``bytes`` is
+    sent once."""
     import enum
 
     class Colour(enum.IntEnum):
@@ -268,8 +269,10 @@ def test_p11_only_exact_atoms_and_flat_tuples_skip_the_encoder():
     assert _core.plain_items([1, 2.5, "s", None, True, (1, b"ab", None)], 16)
     assert not _core.plain_items([1, Colour.RED], 16)
     assert not _core.plain_items([(1, b"x" * 16)], 16)
-    assert not _core.plain_items([[1]], 16)
-    assert not _core.plain_items([((1,),)], 16)
+    assert _core.plain_items([[1], ((1,),), {"k": [1, (b"ab", None)]}, b"small"], 16)
+    assert not _core.plain_items([{"k": [b"x" * 16]}], 16)
+    assert not _core.plain_items([{Colour.RED: 1}], 16)
+    assert not _core.plain_items([[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]], 16)  # beyond the depth limit
     assert _core.atoms_only([1, "a", None, 0.5, False])
     assert not _core.atoms_only([1, (1,)])
     assert not _core.atoms_only([Colour.RED])
@@ -278,5 +281,7 @@ def test_p11_only_exact_atoms_and_flat_tuples_skip_the_encoder():
     assert _core.plain_call((1, "a", b"ab"), {"k": None}, 16)
     assert _core.plain_call((), None, 16)
     assert not _core.plain_call((1,), {"k": b"x" * 16}, 16)
+    assert _core.plain_call(({"rows": [1, 2]},), {"k": [None]}, 16)
+    assert not _core.plain_call(([Colour.RED],), None, 16)
     assert not _core.plain_call((Colour.RED,), None, 16)
     assert not _core.plain_call([1], None, 16)  # not a tuple: the full encoder decides

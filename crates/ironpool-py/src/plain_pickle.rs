@@ -7,7 +7,9 @@
 
 use ironpool_core::id_hash::IdMap;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+use crate::plain::{MAX_DEPTH, is_atom};
 
 /// What a map lane sends for a chunk of `items` (see [`pickle_chunk`]), or
 /// None where `pickle` must write it; for tests.
@@ -38,6 +40,9 @@ mod op {
     pub const SHORT_BINBYTES: u8 = b'C';
     pub const BINBYTES: u8 = b'B';
     pub const EMPTY_LIST: u8 = b']';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const SETITEM: u8 = b's';
+    pub const SETITEMS: u8 = b'u';
     pub const EMPTY_TUPLE: u8 = b')';
     pub const MARK: u8 = b'(';
     pub const APPENDS: u8 = b'e';
@@ -59,21 +64,23 @@ mod op {
 /// The pickle of a map chunk's list of `items` (what `pickle.dumps` of the
 /// list would unpickle to), written without the pickler's per-call set-up,
 /// which costs more than a tiny chunk's items; `None` if an item is not
-/// plain (see [`crate::plain::plain_items`]) or is an `int` beyond 64 bits, a `str` with
-/// lone surrogates or a size beyond 4 GiB, which `pickle` itself must write.
+/// plain (atoms, `bytes` under `threshold`, and exact tuples, lists and
+/// dicts of those, see [`crate::plain::plain_items`]), is nested deeper
+/// than [`MAX_DEPTH`], or holds an `int` beyond 64 bits, a `str` with lone
+/// surrogates or a size beyond 4 GiB, which `pickle` itself must write.
+/// Lists and dicts are memoized as `pickle` does, so one that appears twice
+/// (or inside itself) arrives as one object; a tuple reached again through
+/// its own contents is `pickle`'s to write (it alone keeps that one object).
 pub fn pickle_chunk(items: &[Bound<'_, PyAny>], threshold: usize) -> Option<Vec<u8>> {
     let mut w = Writer {
         out: Vec::with_capacity(8 + items.len() * 6),
         memo: IdMap::default(),
+        open_tuples: Vec::new(),
     };
     w.out
         .extend_from_slice(&[op::PROTO, 5, op::EMPTY_LIST, op::MARK]);
     for item in items {
-        if let Ok(t) = item.cast_exact::<PyTuple>() {
-            write_tuple(&mut w, t, threshold)?;
-        } else {
-            write_atom(&mut w, item)?;
-        }
+        write_value(&mut w, item, threshold, 0)?;
     }
     w.out.extend_from_slice(&[op::APPENDS, op::STOP]);
     Some(w.out)
@@ -88,6 +95,8 @@ struct Writer {
     out: Vec<u8>,
     /// Memo index by object address (the items hold the objects meanwhile).
     memo: IdMap<usize, u32>,
+    /// Tuples whose contents are being written, innermost last.
+    open_tuples: Vec<usize>,
 }
 
 impl Writer {
@@ -96,43 +105,122 @@ impl Writer {
         if data.len() < MEMO_MIN {
             return write_sized(&mut self.out, data, short, long);
         }
-        let key = v.as_ptr() as usize;
-        if let Some(&at) = self.memo.get(&key) {
-            match u8::try_from(at) {
-                Ok(b) => self.out.extend_from_slice(&[op::BINGET, b]),
-                Err(_) => {
-                    self.out.push(op::LONG_BINGET);
-                    self.out.extend_from_slice(&at.to_le_bytes());
-                }
-            }
+        if self.recall(v) {
             return Some(());
         }
         write_sized(&mut self.out, data, short, long)?;
+        self.remember(v)
+    }
+
+    /// Writes a reference to `v` if it was memoized: true then.
+    fn recall(&mut self, v: &Bound<'_, PyAny>) -> bool {
+        let Some(&at) = self.memo.get(&(v.as_ptr() as usize)) else {
+            return false;
+        };
+        match u8::try_from(at) {
+            Ok(b) => self.out.extend_from_slice(&[op::BINGET, b]),
+            Err(_) => {
+                self.out.push(op::LONG_BINGET);
+                self.out.extend_from_slice(&at.to_le_bytes());
+            }
+        }
+        true
+    }
+
+    /// Memoizes `v`, just written.
+    fn remember(&mut self, v: &Bound<'_, PyAny>) -> Option<()> {
         self.out.push(op::MEMOIZE);
         let at = u32::try_from(self.memo.len()).ok()?;
-        self.memo.insert(key, at);
+        self.memo.insert(v.as_ptr() as usize, at);
         Some(())
     }
 }
 
-fn write_tuple(w: &mut Writer, t: &Bound<'_, PyTuple>, threshold: usize) -> Option<()> {
+fn write_value(w: &mut Writer, v: &Bound<'_, PyAny>, threshold: usize, depth: usize) -> Option<()> {
+    if is_atom(v) {
+        return write_atom(w, v);
+    }
+    if let Ok(b) = v.cast_exact::<PyBytes>() {
+        let data = b.as_bytes();
+        return if data.len() < threshold {
+            w.sized(v, data, op::SHORT_BINBYTES, op::BINBYTES)
+        } else {
+            None // sent once, by the encoder
+        };
+    }
+    if depth >= MAX_DEPTH {
+        return None;
+    }
+    if let Ok(t) = v.cast_exact::<PyTuple>() {
+        write_tuple(w, t, threshold, depth + 1)
+    } else if let Ok(l) = v.cast_exact::<PyList>() {
+        write_list(w, l, threshold, depth + 1)
+    } else if let Ok(d) = v.cast_exact::<PyDict>() {
+        write_dict(w, d, threshold, depth + 1)
+    } else {
+        None
+    }
+}
+
+fn write_list(w: &mut Writer, l: &Bound<'_, PyList>, threshold: usize, depth: usize) -> Option<()> {
+    if w.recall(l) {
+        return Some(());
+    }
+    w.out.push(op::EMPTY_LIST);
+    w.remember(l)?; // before the items: a list holding itself refers to it
+    if l.is_empty() {
+        return Some(());
+    }
+    w.out.push(op::MARK);
+    for v in l.iter() {
+        write_value(w, &v, threshold, depth)?;
+    }
+    w.out.push(op::APPENDS);
+    Some(())
+}
+
+fn write_dict(w: &mut Writer, d: &Bound<'_, PyDict>, threshold: usize, depth: usize) -> Option<()> {
+    if w.recall(d) {
+        return Some(());
+    }
+    w.out.push(op::EMPTY_DICT);
+    w.remember(d)?;
+    if d.is_empty() {
+        return Some(());
+    }
+    w.out.push(op::MARK);
+    // No Python code runs while writing, so the dict cannot change meanwhile.
+    for (k, v) in d.iter() {
+        write_value(w, &k, threshold, depth)?;
+        write_value(w, &v, threshold, depth)?;
+    }
+    w.out.push(op::SETITEMS);
+    Some(())
+}
+
+fn write_tuple(
+    w: &mut Writer,
+    t: &Bound<'_, PyTuple>,
+    threshold: usize,
+    depth: usize,
+) -> Option<()> {
     let n = t.len();
     if n == 0 {
         w.out.push(op::EMPTY_TUPLE);
         return Some(());
     }
+    let at = t.as_ptr() as usize;
+    if w.open_tuples.contains(&at) {
+        return None;
+    }
     if n > 3 {
         w.out.push(op::MARK);
     }
+    w.open_tuples.push(at);
     for v in t.iter() {
-        match v.cast_exact::<PyBytes>() {
-            Ok(b) if b.as_bytes().len() < threshold => {
-                w.sized(&v, b.as_bytes(), op::SHORT_BINBYTES, op::BINBYTES)?
-            }
-            Ok(_) => return None,
-            Err(_) => write_atom(w, &v)?,
-        }
+        write_value(w, &v, threshold, depth)?;
     }
+    w.open_tuples.pop();
     w.out.push(match n {
         1 => op::TUPLE1,
         2 => op::TUPLE2,
@@ -211,7 +299,7 @@ pub fn lane_unpickle<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Option<Bound
 }
 
 /// The value of a pickle made only of the opcodes `pickle` writes for
-/// atoms, `bytes`, lists and tuples of them (protocol 2 to 5, with frames
+/// atoms, `bytes`, and lists, tuples and dicts of them (protocol 2 to 5, with frames
 /// and memo), or `None` if it holds anything else or is malformed (then
 /// `pickle.loads` reads it, or says what is wrong with it).
 pub fn read<'py>(py: Python<'py>, data: &[u8]) -> Option<Bound<'py, PyAny>> {
@@ -269,6 +357,26 @@ pub fn read<'py>(py: Python<'py>, data: &[u8]) -> Option<Bound<'py, PyAny>> {
                 let list = stack.last()?.as_ref()?.cast::<PyList>().ok()?;
                 for v in items {
                     list.append(v).ok()?;
+                }
+                continue;
+            }
+            op::EMPTY_DICT => PyDict::new(py).into_any(),
+            op::SETITEM => {
+                let v = stack.pop()??;
+                let k = stack.pop()??;
+                let dict = stack.last()?.as_ref()?.cast::<PyDict>().ok()?;
+                dict.set_item(k, v).ok()?; // an unhashable key: pickle says so
+                continue;
+            }
+            op::SETITEMS => {
+                let items = pop_to_mark(&mut stack)?;
+                if items.len() % 2 != 0 {
+                    return None;
+                }
+                let dict = stack.last()?.as_ref()?.cast::<PyDict>().ok()?;
+                let mut pairs = items.into_iter();
+                while let (Some(k), Some(v)) = (pairs.next(), pairs.next()) {
+                    dict.set_item(k, v).ok()?;
                 }
                 continue;
             }
