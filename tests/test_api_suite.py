@@ -317,6 +317,10 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started(make_pool, beacon)
     queued = [pool.submit(square, i) for i in range(8)]
     pool.shutdown(wait=False, cancel_futures=True)
     assert sum(f.cancelled() for f in queued) >= 7, [f.cancelled() for f in queued]
+    # The stdlib's wait and as_completed count them done, with the running tasks still held.
+    cancelled = [f for f in queued if f.cancelled()]
+    assert not cf.wait(cancelled, timeout=10).not_done
+    assert len(list(cf.as_completed(cancelled, timeout=10))) == len(cancelled)
     beacon.release(2)
     assert [f.result(timeout=30) for f in running] == [0, 1]
     for i, f in enumerate(queued):
@@ -339,6 +343,7 @@ def test_terminate_cancels_queued_and_fails_running(make_pool, beacon):
     queued = pool.submit(square, 2)
     pool.terminate()
     assert queued.cancelled()
+    assert not cf.wait([queued], timeout=10).not_done, "a cancelled future must count as done"
     # Unfinished either way (the processes backend cancels a future nobody marked running).
     assert running.cancelled() or isinstance(running.exception(timeout=30), ironpool.PoolClosed)
 

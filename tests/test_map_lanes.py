@@ -37,6 +37,15 @@ def count_visits(d: dict) -> int:
     return len(d["visits"])
 
 
+LAST_SEEN: list = [None]
+
+
+def is_previous(x: object) -> bool:
+    """Whether this item is the very object the worker's previous item was."""
+    same, LAST_SEEN[0] = x is LAST_SEEN[0], x
+    return same
+
+
 def pack(*args):
     return args
 
@@ -194,6 +203,24 @@ def test_the_lane_pickle_keeps_lists_and_dicts_that_appear_twice_or_in_themselve
         wide = [wide] * 8
     assert _core.lane_pickle([wide], 1 << 16) is not None
     assert not _core.plain_items([wide], 1 << 16)  # the check gives up, and the encoder sends it
+
+
+def test_the_lane_pickle_writes_a_tuple_held_many_times_once():
+    # Ten levels of a tuple holding one tuple four times: 4**10 paths, 11 objects.
+    dag: tuple = (1,)
+    for _ in range(10):
+        dag = (dag, dag, dag, dag)
+    data = _core.lane_pickle([dag, dag], 1 << 16)
+    assert data is not None and len(data) <= len(pickle.dumps([dag, dag], protocol=5))
+    first, second = pickle.loads(data)
+    assert first == dag and first is second and first[0] is first[3]
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_a_tuple_twice_in_a_chunk_is_one_object_in_the_worker_as_with_pickle(pool, chunksize):
+    row = ([0], "row")
+    expected = [False] * 4 if chunksize == 1 else [False, True, True, True]
+    assert list(pool.map(is_previous, [row] * 4, chunksize=chunksize)) == expected
 
 
 @pytest.mark.parametrize("chunksize", [1, 3])

@@ -68,9 +68,11 @@ mod op {
 /// dicts of those, see [`crate::plain::plain_items`]), is nested deeper
 /// than [`MAX_DEPTH`], or holds an `int` beyond 64 bits, a `str` with lone
 /// surrogates or a size beyond 4 GiB, which `pickle` itself must write.
-/// Lists and dicts are memoized as `pickle` does, so one that appears twice
-/// (or inside itself) arrives as one object; a tuple reached again through
-/// its own contents is `pickle`'s to write (it alone keeps that one object).
+/// Tuples, lists and dicts are memoized as `pickle` does, so one that
+/// appears twice (or a list or dict inside itself) is written once and
+/// arrives as one object, and the pickle grows with the distinct objects,
+/// not the paths to them; a tuple reached again through its own contents
+/// is `pickle`'s to write (it alone keeps that one object).
 pub fn pickle_chunk(items: &[Bound<'_, PyAny>], threshold: usize) -> Option<Vec<u8>> {
     let mut w = Writer {
         out: Vec::with_capacity(8 + items.len() * 6),
@@ -209,6 +211,9 @@ fn write_tuple(
         w.out.push(op::EMPTY_TUPLE);
         return Some(());
     }
+    if w.recall(t) {
+        return Some(());
+    }
     let at = t.as_ptr() as usize;
     if w.open_tuples.contains(&at) {
         return None;
@@ -227,7 +232,9 @@ fn write_tuple(
         3 => op::TUPLE3,
         _ => op::TUPLE,
     });
-    Some(())
+    // After its contents, as pickle does: a tuple held twice (a DAG of
+    // tuples) is written once and arrives as one object.
+    w.remember(t)
 }
 
 fn write_atom(w: &mut Writer, v: &Bound<'_, PyAny>) -> Option<()> {

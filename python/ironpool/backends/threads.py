@@ -552,7 +552,7 @@ class ThreadBackend:
             if task is _STOP:
                 stops += 1
             else:
-                task.future.cancel()
+                task.future.withdrawn()  # notified too: cf.wait and as_completed count it done
         for _ in range(stops):
             self.queue.put(_STOP)
 
